@@ -1,0 +1,61 @@
+# Sluiceway developer entry points. Every target installs what it needs, so a brand-new machine works.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# The project's local Redis for `make services` and the demo (tests start their own on free ports).
+SLUICEWAY_LOCAL_REDIS_PORT ?= 6390
+export SLUICEWAY_LOCAL_REDIS_PORT
+
+.PHONY: help deps venv system-deps services services-down test test-unit lint fmt bench demo clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, ...)
+	@bash scripts/system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -U pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed ## Create .venv with the package and dev tools
+
+deps: system-deps venv ## Everything a fresh machine needs for tests and the demo
+
+services: deps ## Start the local Redis on 127.0.0.1:$(SLUICEWAY_LOCAL_REDIS_PORT) (idempotent)
+	@bash scripts/services.sh up
+
+services-down: ## Stop the local services started by `make services`
+	@bash scripts/services.sh down
+
+test: deps cluster-bins ## Run every test; starts the real services it needs
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv ## Fast tests only: no Redis, no cluster
+	@$(PY) -m pytest -m "not redis and not cluster" $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy --strict
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy worker-image/sluiceway operator/sluiceway_operator
+
+fmt: venv ## Format the code
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+bench: deps ## Run the benchmarks (figures go in docs/benchmarks.md)
+	@$(PY) -m bench $(BENCH_ARGS)
+
+demo: services ## The local demo: a worker fleet under a fleet-wide QPS limit drains a burst, live
+	@$(PY) -m sluiceway.demo
+
+clean: services-down ## Remove local state
+	rm -rf .run
+
+include e2e/cluster.mk

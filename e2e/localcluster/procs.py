@@ -1,0 +1,223 @@
+"""Process bookkeeping: every process the harness starts is a process-group leader, recorded in a
+pid file in its run directory, and killed as a group on teardown.
+
+The pid file lets a later run reap what a hard-killed earlier run (SIGKILL, OOM, a CI timeout)
+left behind: a run whose owner pid is gone is swept before a new cluster starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+class ClusterError(RuntimeError):
+    """A control-plane failure whose message says what to do about it."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _proc_start_time(pid: int) -> str | None:
+    # Field 22 of /proc/PID/stat identifies a pid incarnation, so a recycled pid is never mistaken
+    # for one of ours.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited; it only waits to be reaped.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds while only zombies remain; look for a live member.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+class Registry:
+    """The pid file of one run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "pids.json"
+        self._lock = threading.Lock()
+        self._entries: dict[int, dict[str, object]] = {}
+        self._owner = {"pid": os.getpid(), "start": _proc_start_time(os.getpid())}
+        self._flush()
+
+    def _flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"owner": self._owner, "groups": list(self._entries.values())}))
+        tmp.replace(self.path)
+
+    def add(self, pid: int, name: str) -> None:
+        with self._lock:
+            self._entries[pid] = {"pgid": pid, "name": name, "start": _proc_start_time(pid)}
+            self._flush()
+
+    def remove(self, pid: int) -> None:
+        with self._lock:
+            self._entries.pop(pid, None)
+            self._flush()
+
+    def set_owner(self, pid: int) -> None:
+        with self._lock:
+            self._owner = {"pid": pid, "start": _proc_start_time(pid)}
+            self._flush()
+
+
+def sweep_stale(root: Path, log: Callable[[str], None]) -> None:
+    """Kill process groups of runs under ``root`` whose owner died, and remove those runs."""
+    if not root.is_dir():
+        return
+    for pidfile in root.glob("*/pids.json"):
+        try:
+            data = json.loads(pidfile.read_text())
+        except (OSError, ValueError):
+            continue
+        owner = data.get("owner", {})
+        if owner.get("pid") and _proc_start_time(int(owner["pid"])) == owner.get("start"):
+            continue
+        for entry in data.get("groups", []):
+            pgid = int(entry["pgid"])
+            if _proc_start_time(pgid) == entry.get("start"):
+                log(f"killing leftover {entry.get('name')} (pid {pgid}) of a dead run in {pidfile.parent}")
+                kill_group(pgid, signal.SIGKILL)
+        shutil.rmtree(pidfile.parent, ignore_errors=True)
+
+
+class ManagedProcess:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        registry: Registry,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.registry = registry
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+            )
+        registry.add(self.proc.pid, name)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        pgid = self.proc.pid
+        if self.alive() or group_alive(pgid):
+            kill_group(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children that outlived the leader (or ignored SIGTERM) go too.
+        kill_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.registry.remove(pgid)
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    *,
+    watch: Sequence[ManagedProcess] = (),
+    interval: float = 0.1,
+) -> None:
+    """Poll ``check``; fail at once, with the log tail, if a process in ``watch`` dies meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for p in watch:
+            if not p.alive():
+                raise ClusterError(
+                    f"{p.name} exited with code {p.proc.returncode} while waiting for {what}. "
+                    f"Last lines of {p.log_path}:\n{_indent(p.log_tail())}"
+                )
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())

@@ -1,0 +1,139 @@
+"""Message codec: pure functions between wire bytes and a decoded message.
+
+On the wire a message is a JSON object of the function's keyword arguments, so any language can
+publish one. Optional metadata travels under :data:`sluiceway.contract.META_KEY`. A plain kwargs
+object with no metadata is always valid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sluiceway.contract import META_KEY
+
+
+class DecodeError(ValueError):
+    """The payload is not a Sluiceway message; ``reason`` is a stable machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """Message metadata. ``attempt`` counts the executions already tried (0 for a new message)."""
+
+    id: str | None = None
+    published_at: float | None = None  # unix seconds, set by the publisher
+    attempt: int = 0
+    trace: str | None = None
+    # Reasons of earlier failed attempts, newest last, so the dead-letter entry tells the story.
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kwargs: dict[str, Any]
+    meta: Meta = field(default_factory=Meta)
+
+
+MAX_ERRORS_KEPT = 5
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
+    """Serialize a message. Raises ``TypeError``/``ValueError`` for what JSON cannot carry."""
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"a message is a dict of keyword arguments, not {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"keyword argument names must be strings, got {bad!r}")
+    if META_KEY in kwargs:
+        raise ValueError(f"{META_KEY!r} is reserved for metadata")
+    body: dict[str, Any] = dict(kwargs)
+    if meta is not None:
+        body[META_KEY] = _meta_to_json(meta)
+    # allow_nan=False: NaN/Infinity are not JSON, and other languages' decoders would reject them.
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def decode(payload: bytes | str) -> Message:
+    """Parse wire bytes into a :class:`Message` or raise :class:`DecodeError` with the reason."""
+    try:
+        body = json.loads(payload, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_encoding", f"payload is not UTF-8: {exc}") from None
+    except ValueError as exc:
+        raise DecodeError("invalid_json", str(exc)) from None
+    if not isinstance(body, dict):
+        raise DecodeError("not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}")
+    raw_meta = body.pop(META_KEY, None)
+    meta = _meta_from_json(raw_meta) if raw_meta is not None else Meta()
+    return Message(kwargs=body, meta=meta)
+
+
+def next_attempt(message: Message, error: str, *, assign_id: bool = True) -> Message:
+    """The message as it is re-queued after a failed attempt."""
+    errors = (*message.meta.errors, error[:500])[-MAX_ERRORS_KEPT:]
+    meta = replace(
+        message.meta,
+        attempt=message.meta.attempt + 1,
+        errors=errors,
+        id=message.meta.id or (new_id() if assign_id else None),
+    )
+    return replace(message, meta=meta)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _meta_to_json(meta: Meta) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if meta.id is not None:
+        out["id"] = meta.id
+    if meta.published_at is not None:
+        out["ts"] = meta.published_at
+    if meta.attempt:
+        out["attempt"] = meta.attempt
+    if meta.trace is not None:
+        out["trace"] = meta.trace
+    if meta.errors:
+        out["errors"] = list(meta.errors)
+    return out
+
+
+def _meta_from_json(raw: Any) -> Meta:
+    if not isinstance(raw, dict):
+        raise DecodeError("invalid_metadata", f"{META_KEY} must be an object, got {type(raw).__name__}")
+    msg_id = raw.get("id")
+    ts = raw.get("ts")
+    attempt = raw.get("attempt", 0)
+    trace = raw.get("trace")
+    errors = raw.get("errors", [])
+    if msg_id is not None and not isinstance(msg_id, str):
+        raise DecodeError("invalid_metadata", f"{META_KEY}.id must be a string")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
+        raise DecodeError("invalid_metadata", f"{META_KEY}.ts must be a number of unix seconds")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise DecodeError("invalid_metadata", f"{META_KEY}.attempt must be a non-negative integer")
+    if trace is not None and not isinstance(trace, str):
+        raise DecodeError("invalid_metadata", f"{META_KEY}.trace must be a string")
+    if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+        raise DecodeError("invalid_metadata", f"{META_KEY}.errors must be a list of strings")
+    return Meta(
+        id=msg_id,
+        published_at=float(ts) if ts is not None else None,
+        attempt=attempt,
+        trace=trace,
+        errors=tuple(errors),
+    )

@@ -1,0 +1,150 @@
+"""The contract between the operator, the workers and publishers.
+
+Everything that crosses a process boundary is named here and only here: the ``SLUICEWAY_*``
+environment variables the operator sets on worker pods, the Redis key scheme, the reserved
+metadata key of a message, and the shape of a worker heartbeat. The operator imports this module;
+it never imports the runtime's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, TypedDict
+
+# --- Environment variables: the operator configures workers through these and the pod spec only.
+ENV_FUNCTION: Final = "SLUICEWAY_FUNCTION"  # module:callable
+ENV_NAMESPACE: Final = "SLUICEWAY_NAMESPACE"  # the TaskQueue's namespace; scopes the Redis keys
+ENV_QUEUE: Final = "SLUICEWAY_QUEUE"  # the broker queue (Redis list, RabbitMQ queue, Kafka topic)
+ENV_TASKQUEUE: Final = "SLUICEWAY_TASKQUEUE"  # the TaskQueue's name, for logs and metrics only
+ENV_BROKER: Final = "SLUICEWAY_BROKER"  # redis | rabbitmq | kafka
+ENV_BROKER_URL: Final = "SLUICEWAY_BROKER_URL"
+ENV_REDIS_URL: Final = "SLUICEWAY_REDIS_URL"  # coordination: rate limit, heartbeats, leases
+ENV_QPS: Final = "SLUICEWAY_QPS"  # fleet-wide; unset or 0 = unlimited
+ENV_QPS_BURST: Final = "SLUICEWAY_QPS_BURST"
+ENV_CONCURRENCY: Final = "SLUICEWAY_CONCURRENCY"  # tasks at once per worker process
+ENV_CONCURRENCY_MODE: Final = "SLUICEWAY_CONCURRENCY_MODE"  # thread | asyncio
+ENV_PREFETCH: Final = "SLUICEWAY_PREFETCH"
+ENV_MAX_ATTEMPTS: Final = "SLUICEWAY_MAX_ATTEMPTS"
+ENV_BACKOFF_SECONDS: Final = "SLUICEWAY_BACKOFF_SECONDS"
+ENV_MAX_BACKOFF_SECONDS: Final = "SLUICEWAY_MAX_BACKOFF_SECONDS"
+ENV_TIMEOUT_SECONDS: Final = "SLUICEWAY_TIMEOUT_SECONDS"
+ENV_MAX_MESSAGE_AGE_SECONDS: Final = "SLUICEWAY_MAX_MESSAGE_AGE_SECONDS"
+ENV_LEASE_SECONDS: Final = "SLUICEWAY_LEASE_SECONDS"
+ENV_HEARTBEAT_SECONDS: Final = "SLUICEWAY_HEARTBEAT_SECONDS"
+ENV_DRAIN_SECONDS: Final = "SLUICEWAY_DRAIN_SECONDS"
+ENV_WORKER_ID: Final = "SLUICEWAY_WORKER_ID"
+ENV_POD_NAME: Final = "SLUICEWAY_POD_NAME"
+ENV_METRICS_PORT: Final = "SLUICEWAY_METRICS_PORT"  # 0 disables the Prometheus endpoint
+ENV_LOG_FORMAT: Final = "SLUICEWAY_LOG_FORMAT"  # json | console
+ENV_LOG_LEVEL: Final = "SLUICEWAY_LOG_LEVEL"
+
+DEFAULT_NAMESPACE: Final = "default"
+DEFAULT_METRICS_PORT: Final = 9464
+
+# --- Messages: a JSON object of keyword arguments. Metadata, when present, sits under this key;
+# it can never collide with a Python keyword argument because "$" is not valid in an identifier.
+META_KEY: Final = "$sluiceway"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Redis keys of one queue scope.
+
+    Every key shares the hash tag ``{namespace/queue}`` so a Lua script may touch all of them in a
+    Redis Cluster, and two queues never share a key.
+    """
+
+    namespace: str
+    queue: str
+
+    @property
+    def prefix(self) -> str:
+        return f"sluiceway:{{{self.namespace}/{self.queue}}}:"
+
+    @property
+    def ready(self) -> str:
+        """LIST of ready messages: publishers LPUSH, workers take from the right."""
+        return self.prefix + "queue"
+
+    @property
+    def delayed(self) -> str:
+        """ZSET of messages waiting for a retry, scored by the server time (ms) they become ready."""
+        return self.prefix + "delayed"
+
+    @property
+    def dead(self) -> str:
+        """LIST of dead-letter entries (JSON with the reason and the original payload)."""
+        return self.prefix + "dlq"
+
+    @property
+    def leased_workers(self) -> str:
+        """SET of worker ids that may hold leases; the reaper walks it."""
+        return self.prefix + "leased-workers"
+
+    def inflight(self, worker_id: str) -> str:
+        """ZSET of one worker's leased messages, scored by lease deadline (server ms)."""
+        return self.prefix + "inflight:" + worker_id
+
+    @property
+    def workers(self) -> str:
+        """ZSET of worker ids scored by their last heartbeat (server ms)."""
+        return self.prefix + "workers"
+
+    def heartbeat(self, worker_id: str) -> str:
+        """STRING holding one worker's latest heartbeat JSON, with a TTL."""
+        return self.prefix + "worker:" + worker_id
+
+    @property
+    def ratelimit(self) -> str:
+        """STRING: the theoretical arrival time (server µs) of the next rate-limit slot."""
+        return self.prefix + "ratelimit"
+
+    @property
+    def sequence(self) -> str:
+        """Counter that makes every lease unique, even for identical payloads."""
+        return self.prefix + "seq"
+
+    @property
+    def redeliveries(self) -> str:
+        """HASH payload-digest -> times its lease expired; bounds poison messages that kill workers."""
+        return self.prefix + "redeliveries"
+
+    @property
+    def stats(self) -> str:
+        """HASH of fleet-wide counters (acked, retried, dead, requeued)."""
+        return self.prefix + "stats"
+
+    def all_static(self) -> list[str]:
+        return [
+            self.ready,
+            self.delayed,
+            self.dead,
+            self.leased_workers,
+            self.workers,
+            self.ratelimit,
+            self.sequence,
+            self.redeliveries,
+            self.stats,
+        ]
+
+
+class Heartbeat(TypedDict):
+    """What a worker writes to ``Keys.heartbeat`` every heartbeat interval."""
+
+    worker: str
+    pod: str
+    state: str  # "running" | "draining"
+    started: float  # unix seconds
+    time: float  # unix seconds of this heartbeat
+    interval: float  # seconds between heartbeats
+    concurrency: int
+    busy: int  # tasks running now
+    in_flight: int  # leases held: running plus prefetched
+    processed: int  # succeeded since start
+    failed: int  # failed attempts since start (retried or dead-lettered)
+    dead_lettered: int
+    rate: float  # completions per second over the recent window
+    latency_p50: float  # seconds, recent window
+    latency_p95: float
+    latency_p99: float
+    version: str

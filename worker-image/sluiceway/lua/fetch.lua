@@ -1,0 +1,68 @@
+-- Atomically: promote due retries, take rate-limit slots, move messages into this worker's
+-- in-flight set with a lease deadline. One round trip per batch, on the server's clock.
+--
+-- KEYS: 1 ready  2 delayed  3 inflight(worker)  4 leased-workers  5 ratelimit  6 sequence
+--       7 redeliveries
+-- ARGV: 1 worker id  2 wanted  3 lease ms  4 qps (0 = unlimited)  5 burst  6 horizon µs
+--       7 promote limit
+-- Returns: {first_offset_us, interval_us, retry_after_us, new_tat, {redelivery counts}, member...}
+-- A member is "<lease seq>:<payload>"; the sequence keeps identical payloads distinct.
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+local wanted = tonumber(ARGV[2])
+local qps = tonumber(ARGV[4])
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[7]))
+if #due > 0 then
+  -- Retries go to the consumer end: they already waited their backoff.
+  redis.call('RPUSH', KEYS[1], unpack(due))
+  redis.call('ZREM', KEYS[2], unpack(due))
+end
+
+local depth = redis.call('LLEN', KEYS[1])
+local take = math.min(wanted, depth)
+local first_offset, step, retry_after, new_tat_s = 0, 0, 0, ''
+if qps > 0 and take > 0 then
+  step = 1000000 / qps
+  local tolerance = tonumber(ARGV[5]) * step
+  local start = now_us - tolerance
+  local tat = tonumber(redis.call('GET', KEYS[5]) or '')
+  if tat and tat > start then start = tat end
+  local latest = now_us + tonumber(ARGV[6])
+  first_offset = start - now_us
+  if start > latest then
+    take = 0
+    retry_after = start - latest
+  else
+    take = math.min(take, math.floor((latest - start) / step) + 1)
+    -- Slots are consumed only for messages actually taken, so nothing leased goes unused.
+    -- Stored as a string so the graceful hand-back can compare it exactly.
+    local new_tat = start + take * step
+    new_tat_s = string.format('%.3f', new_tat)
+    redis.call('SET', KEYS[5], new_tat_s, 'PX', math.ceil((new_tat - now_us) / 1000) + 60000)
+  end
+end
+
+local out = {string.format('%.3f', first_offset), string.format('%.3f', step),
+             string.format('%.3f', retry_after), new_tat_s, {}}
+if take <= 0 then return out end
+
+local payloads = redis.call('RPOP', KEYS[1], take)
+local n = #payloads
+local last = redis.call('INCRBY', KEYS[6], n)
+local deadline = now_ms + tonumber(ARGV[3])
+local zargs = {}
+local track = redis.call('HLEN', KEYS[7]) > 0
+for i = 1, n do
+  local member = tostring(last - n + i) .. ':' .. payloads[i]
+  zargs[#zargs + 1] = deadline
+  zargs[#zargs + 1] = member
+  out[#out + 1] = member
+  if track then
+    out[5][i] = tonumber(redis.call('HGET', KEYS[7], redis.sha1hex(payloads[i])) or '0')
+  end
+end
+redis.call('ZADD', KEYS[3], unpack(zargs))
+redis.call('SADD', KEYS[4], ARGV[1])
+return out
