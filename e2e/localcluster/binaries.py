@@ -362,9 +362,10 @@ def _build(work: Path, out: Path, kube: bool, etcd: bool, done: set[str], log: L
     elapsed = time.monotonic() - started
     largest_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     for name in sorted(done):
-        check = subprocess.run([str(out / name), "--version"], capture_output=True, text=True)
+        flags = ["version", "--client"] if name == "kubectl" else ["--version"]
+        check = subprocess.run([str(out / name), *flags], capture_output=True, text=True)
         if check.returncode != 0:
-            raise BinariesUnavailable(f"built {out / name} but `{name} --version` failed: {check.stderr.strip()}")
+            raise BinariesUnavailable(f"built {out / name} but `{name} {' '.join(flags)}` failed: {check.stderr.strip()}")
     stats = {
         "kube_version": KUBE_VERSION,
         "etcd_version": ETCD_VERSION,

@@ -16,6 +16,8 @@ repository ends with                               entrypoint                   
 ``python``                                         none                                        ``<kubelet's python>``
 =================================================  ==========================================  ============
 
+The Python rows also set ``PYTHONUNBUFFERED=1``, as Python images usually do.
+
 Tests add rows with :meth:`ImageTable.register`; a later row wins over an earlier one.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -33,6 +35,8 @@ class ImageEntry:
     entrypoint: tuple[str, ...]
     default_args: tuple[str, ...] = ()
     description: str = ""
+    # The image's own ENV, under the pod's env.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 class UnknownImage(LookupError):
@@ -52,12 +56,16 @@ def _matches(repo: str, suffix: str) -> bool:
     return repo == suffix or repo.endswith("/" + suffix)
 
 
+# Python images set this so `kubectl logs` shows output as it happens.
+_PY_ENV = (("PYTHONUNBUFFERED", "1"),)
+
+
 def default_entries(python: str = sys.executable) -> list[ImageEntry]:
     return [
-        ImageEntry(("sluiceway/worker", "sluiceway-worker"), (python, "-m", "sluiceway"), (), "the worker runtime"),
-        ImageEntry(("sluiceway/operator", "sluiceway-operator"), (python, "-m", "sluiceway_operator"), (), "the operator"),
+        ImageEntry(("sluiceway/worker", "sluiceway-worker"), (python, "-m", "sluiceway"), (), "the worker runtime", _PY_ENV),
+        ImageEntry(("sluiceway/operator", "sluiceway-operator"), (python, "-m", "sluiceway_operator"), (), "the operator", _PY_ENV),
         ImageEntry(("busybox", "alpine"), (), ("sh",), "shell tools from the host PATH"),
-        ImageEntry(("python",), (), (python,), "the kubelet's Python"),
+        ImageEntry(("python",), (), (python,), "the kubelet's Python", _PY_ENV),
     ]
 
 
@@ -67,10 +75,19 @@ class ImageTable:
         self._lock = threading.Lock()
 
     def register(
-        self, repository_suffix: str, entrypoint: Sequence[str], default_args: Sequence[str] = (), description: str = ""
+        self,
+        repository_suffix: str,
+        entrypoint: Sequence[str],
+        default_args: Sequence[str] = (),
+        description: str = "",
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """Map images whose repository is, or ends in ``/``, ``repository_suffix``."""
+        entry = ImageEntry(
+            (repository_suffix,), tuple(entrypoint), tuple(default_args), description, tuple((env or {}).items())
+        )
         with self._lock:
-            self._entries.append(ImageEntry((repository_suffix,), tuple(entrypoint), tuple(default_args), description))
+            self._entries.append(entry)
 
     def lookup(self, image: str) -> ImageEntry:
         repo = repository(image)

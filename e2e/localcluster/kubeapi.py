@@ -100,7 +100,14 @@ class KubeApi:
                     raise
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason, raw)
-        return json.loads(raw) if raw else {}
+        if not raw:
+            return {}
+        try:
+            parsed: Obj = json.loads(raw)
+        except ValueError:
+            # Health endpoints answer plain text ("ok").
+            return {"text": raw}
+        return parsed
 
     def get(self, path: str, **query: str) -> Obj:
         return self.request("GET", path, query=query or None)
