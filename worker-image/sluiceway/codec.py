@@ -68,14 +68,20 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
 
 def decode(payload: bytes | str) -> Message:
     """Parse wire bytes into a :class:`Message` or raise :class:`DecodeError` with the reason."""
+    if isinstance(payload, bytes | bytearray):
+        # JSON on the wire is UTF-8 (RFC 8259); json.loads would guess UTF-16/32 from the bytes.
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError("invalid_encoding", f"payload is not UTF-8: {exc}") from None
     try:
         body = json.loads(payload, parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise DecodeError("invalid_encoding", f"payload is not UTF-8: {exc}") from None
     except ValueError as exc:
         raise DecodeError("invalid_json", str(exc)) from None
     if not isinstance(body, dict):
-        raise DecodeError("not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}")
+        raise DecodeError(
+            "not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}"
+        )
     raw_meta = body.pop(META_KEY, None)
     meta = _meta_from_json(raw_meta) if raw_meta is not None else Meta()
     return Message(kwargs=body, meta=meta)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real Redis for the session, and real worker processes."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess, worker_env
+
+# TODO(lead): make unconditional once e2e/localcluster/pytest_plugin.py lands.
+pytest_plugins = ["localcluster.pytest_plugin"] if importlib.util.find_spec("localcluster.pytest_plugin") else []
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()  # a previous test restarted or stopped it
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+SpawnWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def spawn_worker(redis_url: str, tmp_path: Path) -> Iterator[SpawnWorker]:
+    """Start ``sluiceway worker`` processes; every one is killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def spawn(*args: str, **env: str) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        proc = WorkerProcess(list(args), worker_env(redis_url, TEST_RECORD_URL=redis_url, **env), log)
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sluiceway import codec
+from sluiceway.contract import META_KEY
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+kwargs_st = st.dictionaries(st.text(max_size=12).filter(lambda k: k != META_KEY), json_values, max_size=6)
+meta_st = st.builds(
+    codec.Meta,
+    id=st.none() | st.text(max_size=20),
+    published_at=st.none() | st.floats(min_value=0, max_value=4e9),
+    attempt=st.integers(min_value=0, max_value=1000),
+    trace=st.none() | st.text(max_size=20),
+    errors=st.lists(st.text(max_size=30), max_size=5).map(tuple),
+)
+
+
+@given(kwargs_st, st.none() | meta_st)
+def test_round_trip(kwargs: dict[str, Any], meta: codec.Meta | None) -> None:
+    decoded = codec.decode(codec.encode(kwargs, meta))
+    assert decoded.kwargs == kwargs
+    assert decoded.meta == (meta or codec.Meta())
+
+
+@given(kwargs_st)
+def test_plain_kwargs_object_is_a_valid_message(kwargs: dict[str, Any]) -> None:
+    """Any language can publish: a bare JSON object with no metadata decodes."""
+    msg = codec.decode(json.dumps(kwargs))
+    assert msg.kwargs == kwargs
+    assert msg.meta == codec.Meta()
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_decode_or_fail_with_a_reason(raw: bytes) -> None:
+    try:
+        codec.decode(raw)
+    except codec.DecodeError as exc:
+        assert exc.reason in {"invalid_json", "invalid_encoding", "not_an_object", "invalid_metadata"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "not_an_object"),
+        (b'"text"', "not_an_object"),
+        (b"\xff\xfe", "invalid_encoding"),
+        (b'{"a": NaN}', "invalid_json"),
+        (b'{"$sluiceway": 5}', "invalid_metadata"),
+        (b'{"$sluiceway": {"attempt": -1}}', "invalid_metadata"),
+        (b'{"$sluiceway": {"attempt": true}}', "invalid_metadata"),
+        (b'{"$sluiceway": {"id": 7}}', "invalid_metadata"),
+        (b'{"$sluiceway": {"ts": "yesterday"}}', "invalid_metadata"),
+    ],
+)
+def test_bad_payloads_name_their_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(codec.DecodeError) as info:
+        codec.decode(payload)
+    assert info.value.reason == reason
+
+
+def test_encode_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        codec.encode({META_KEY: 1})
+    with pytest.raises(ValueError, match="Out of range"):
+        codec.encode({"x": float("nan")})
+    with pytest.raises(TypeError):
+        codec.encode({"x": object()})
+    with pytest.raises(TypeError, match="dict"):
+        codec.encode([1, 2])  # type: ignore[arg-type]
+
+
+@given(kwargs_st, st.lists(st.text(max_size=600), min_size=1, max_size=10))
+def test_next_attempt_counts_up_and_keeps_recent_errors(kwargs: dict[str, Any], errors: list[str]) -> None:
+    msg = codec.Message(kwargs)
+    for e in errors:
+        msg = codec.next_attempt(msg, e)
+    assert msg.meta.attempt == len(errors)
+    assert msg.meta.id  # a retried message always has an id, so the logs can follow it
+    assert len(msg.meta.errors) == min(len(errors), codec.MAX_ERRORS_KEPT)
+    assert msg.meta.errors[-1] == errors[-1][:500]
+    assert codec.decode(codec.encode(msg.kwargs, msg.meta)) == msg

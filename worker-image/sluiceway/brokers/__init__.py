@@ -1,0 +1,72 @@
+"""The broker interface the worker runs on. Small on purpose: fetch, settle, renew, give back.
+
+A broker hands out *deliveries*: a payload plus an opaque token that settles it. Fetching already
+honours the fleet-wide rate limit: each delivery carries the earliest moment its task may start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    payload: bytes
+    token: bytes  # settles this delivery; opaque to the worker
+    start_after: float = 0.0  # seconds after the fetch returned; the rate-limit slot
+    redeliveries: int = 0  # times a lease on this payload expired without being settled
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLease:
+    """What a worker needs to hand unused rate-limit slots back."""
+
+    tat: str  # the limiter state right after this lease, compared exactly on hand-back
+    interval_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    deliveries: list[Delivery] = field(default_factory=list)
+    # When the rate limit granted nothing: seconds until a slot can be had.
+    retry_after: float = 0.0
+    slots: SlotLease | None = None
+
+
+class Broker(Protocol):
+    def fetch(self, wanted: int) -> Batch: ...
+
+    def ack(self, tokens: Sequence[bytes]) -> int:
+        """Settle successes; returns how many leases were still held."""
+        ...
+
+    def retry(self, token: bytes, payload: bytes, delay: float) -> bool: ...
+
+    def dead_letter(self, token: bytes, entry: bytes) -> bool: ...
+
+    def settle(
+        self,
+        acks: Sequence[bytes],
+        retries: Sequence[tuple[bytes, bytes, float]],
+        deads: Sequence[tuple[bytes, bytes]],
+    ) -> tuple[int, int, int]:
+        """All three kinds at once, in one round trip where the broker can."""
+        ...
+
+    def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
+        """Return unstarted or unfinished deliveries to the queue at once (graceful shutdown)."""
+        ...
+
+    def renew(self, tokens: Sequence[bytes]) -> int: ...
+
+    def recover(self) -> int:
+        """Return expired leases of any worker to the queue; returns how many."""
+        ...
+
+    def adopt_orphans(self) -> int:
+        """At start: return leases a previous process with our worker id left behind."""
+        ...
+
+    def close(self) -> None: ...

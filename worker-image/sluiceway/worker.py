@@ -1,0 +1,783 @@
+"""The worker: fetch under the fleet-wide rate limit, run the function, settle, heartbeat, drain.
+
+Threads, each with one job:
+- the fetcher leases messages (and their rate-limit slots) while there is free capacity;
+- the dispatcher starts each message at its slot time;
+- executors run the user's function (threads, or one asyncio loop for ``async def``);
+- the settler acknowledges, retries and dead-letters finished messages in batches;
+- the supervisor renews leases, writes heartbeats, returns expired leases of dead workers and
+  enforces task timeouts.
+The main thread waits for a signal and then drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import heapq
+import inspect
+import itertools
+import json
+import queue
+import random
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import redis as redis_lib
+
+from sluiceway import __version__, codec
+from sluiceway.backoff import retry_delay
+from sluiceway.brokers import Batch, Delivery, SlotLease
+from sluiceway.brokers.redis import RedisBroker
+from sluiceway.contract import Heartbeat, Keys
+from sluiceway.log import get_logger
+from sluiceway.metrics import WorkerMetrics
+from sluiceway.settings import WorkerSettings
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # unexpected error; see the log
+    USAGE = 2  # bad settings or flags
+    IMPORT = 3  # the function could not be imported
+    STUCK = 4  # too many tasks ignored their timeout; only a restart frees their threads
+
+
+class Reject(Exception):  # noqa: N818 - the name reads as an action in user code: raise Reject(...)
+    """Raise from a task to dead-letter its message at once, without retries."""
+
+
+class RetryLater(Exception):  # noqa: N818
+    """Raise from a task to retry after ``delay`` seconds (counts as an attempt)."""
+
+    def __init__(self, delay: float, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class TaskTimeout(Exception):  # noqa: N818
+    """Injected into a task thread that ran past its timeout."""
+
+
+class Outcome(IntEnum):
+    OK = 0
+    RETRY = 1
+    DEAD = 2
+
+
+@dataclass(slots=True)
+class Task:
+    delivery: Delivery
+    due: float  # monotonic time of its rate-limit slot
+    message: codec.Message | None = None
+    started: float = 0.0
+    thread: threading.Thread | None = None
+    finished: bool = False  # set once, under the worker's lock, by whoever settles it first
+    seq: int = field(default_factory=itertools.count().__next__)
+
+    def __lt__(self, other: Task) -> bool:
+        return (self.due, self.seq) < (other.due, other.seq)
+
+
+@dataclass(slots=True)
+class Settlement:
+    task: Task
+    outcome: Outcome
+    payload: bytes = b""  # RETRY: the next attempt; DEAD: the dead-letter entry
+    delay: float = 0.0
+    reason: str = ""
+
+
+_STOP = object()
+
+
+def load_function(ref: str) -> Callable[..., Any]:
+    """Import ``module:callable``; raises ``ImportError`` with a readable message."""
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ImportError(f"cannot import module {module_name!r}: {exc.__class__.__name__}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ImportError(f"{ref} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        function: Callable[..., Any],
+        client: redis_lib.Redis,
+        *,
+        install_signals: bool = True,
+    ) -> None:
+        self.s = settings
+        self.fn = function
+        self.is_async = inspect.iscoroutinefunction(function)
+        if settings.concurrency_mode == "asyncio" and not self.is_async:
+            raise ValueError("concurrency mode asyncio needs an async def function")
+        self.signature = _signature_or_none(function)
+        self.worker_id = settings.effective_worker_id
+        self.keys = Keys(settings.namespace, settings.queue)
+        self.client = client
+        self.broker = RedisBroker(
+            client,
+            self.keys,
+            self.worker_id,
+            lease_seconds=settings.lease_seconds,
+            qps=settings.qps,
+            burst=settings.qps_burst,
+            horizon_seconds=settings.qps_horizon,
+        )
+        self.log = get_logger(
+            taskqueue=settings.taskqueue or settings.queue, queue=settings.queue, worker=self.worker_id
+        )
+        self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
+        self.install_signals = install_signals
+
+        # With a rate limit, prefetching would hold granted slots idle; take only what can start.
+        self.capacity = settings.concurrency + (0 if settings.qps > 0 else settings.prefetch)
+        self.lock = threading.Lock()
+        self.capacity_freed = threading.Condition(self.lock)
+        self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
+        self.running: dict[int, Task] = {}  # thread ident (or id) -> task
+        self.scheduled: list[Task] = []  # heap by slot time
+        self.schedule_changed = threading.Condition(threading.Lock())
+        self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.last_slots: SlotLease | None = None
+        self.unstarted_slots = 0
+
+        self.stopping = threading.Event()  # stop fetching
+        self.stopped = threading.Event()  # everything settled or handed back
+        self.fatal: tuple[ExitCode, str] | None = None
+        self.state = "running"
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.processed = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished, duration)
+        self.executors: list[threading.Thread] = []
+        self.retired: set[int] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.async_slots: asyncio.Semaphore | None = None
+        self.threads: list[threading.Thread] = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> ExitCode:
+        if self.install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.log.info(
+            "worker starting",
+            function=self.s.function,
+            qps=self.s.qps or "unlimited",
+            concurrency=self.s.concurrency,
+            mode="asyncio" if self.is_async else "thread",
+            lease_seconds=self.s.lease_seconds,
+        )
+        self._call_with_backoff("adopt orphaned leases", self._adopt_orphans)
+        self._start_threads()
+        try:
+            while not self.stopping.wait(0.2):
+                pass
+        finally:
+            code = self._drain()
+        return code
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self.stopping.is_set():
+            self.log.info("stopping: no more fetches", reason=reason)
+            self.state = "draining"
+            self.stopping.set()
+            with self.capacity_freed:
+                self.capacity_freed.notify_all()
+            with self.schedule_changed:
+                self.schedule_changed.notify_all()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.request_stop(signal.Signals(signum).name)
+
+    def _adopt_orphans(self) -> None:
+        n = self.broker.adopt_orphans()
+        if n:
+            self.log.warning("returned leases left by a previous process with this worker id", count=n)
+
+    def _start_threads(self) -> None:
+        def spawn(name: str, target: Callable[[], None]) -> threading.Thread:
+            t = threading.Thread(target=self._guard(name, target), name=f"sluiceway-{name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+            return t
+
+        if self.is_async:
+            spawn("asyncio", self._async_main)
+        else:
+            for _ in range(self.s.concurrency):
+                self._spawn_executor()
+        spawn("settler", self._settle_loop)
+        spawn("supervisor", self._supervise_loop)
+        spawn("dispatcher", self._dispatch_loop)
+        spawn("fetcher", self._fetch_loop)
+
+    def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.log.exception("internal thread crashed", thread=name)
+                self.fatal = (ExitCode.FAILURE, f"thread {name} crashed: {exc!r}")
+                self.request_stop(f"{name} crashed")
+
+        return run
+
+    def _drain(self) -> ExitCode:
+        """Hand back what has not started, let running tasks finish within the grace period."""
+        self.request_stop("drain")
+        deadline = time.monotonic() + self.s.effective_drain_seconds
+        # A fetch already under way may still accept messages; let it land before collecting.
+        for thread in self.threads:
+            if thread.name in ("sluiceway-fetcher", "sluiceway-dispatcher"):
+                thread.join(timeout=15)
+        # Unstarted messages go back at once, so other workers can take them now.
+        with self.schedule_changed:
+            unstarted = list(self.scheduled)
+            self.scheduled.clear()
+        while True:
+            try:
+                item = self.ready.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Task):
+                unstarted.append(item)
+        self._give_back(unstarted, "not started before shutdown", return_slots=True)
+        # Wait for running tasks and for their settlements to reach Redis.
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.held:
+                    break
+            time.sleep(0.02)
+        with self.lock:
+            leftovers = [t for t in self.held.values() if not t.finished]
+            for t in leftovers:
+                t.finished = True
+        if leftovers:
+            self._give_back(leftovers, "still running at the end of the grace period", return_slots=False)
+        self.settlements.put(_STOP)
+        for _ in self.executors:
+            self.ready.put(_STOP)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        for thread in self.threads:
+            if thread.name == "sluiceway-settler":
+                thread.join(timeout=max(1.0, deadline - time.monotonic() + 5))
+        self.stopped.set()
+        try:
+            self.broker.deregister()
+        except redis_lib.RedisError as exc:
+            self.log.warning("could not remove heartbeat on exit", error=str(exc))
+        if self.fatal:
+            self.log.error(
+                "worker stopped on a fatal error", error=self.fatal[1], exit_code=int(self.fatal[0])
+            )
+            return self.fatal[0]
+        self.log.info("worker stopped", processed=self.processed, failed=self.failed)
+        return ExitCode.OK
+
+    def _give_back(self, tasks: Sequence[Task], why: str, *, return_slots: bool) -> None:
+        if not tasks and not (return_slots and self.last_slots):
+            return
+        tokens = [t.delivery.token for t in tasks]
+        # Only unstarted messages of the newest lease still own future slots worth handing back.
+        unused = sum(1 for t in tasks if t.started == 0.0) if return_slots else 0
+        slots = self.last_slots if return_slots else None
+        n = self._call_with_backoff(
+            "hand back messages",
+            lambda: self.broker.give_back(tokens, slots, unused),
+            deadline=time.monotonic() + max(5.0, self.s.lease_seconds),
+        )
+        with self.lock:
+            for t in tasks:
+                self.held.pop(t.delivery.token, None)
+            self.capacity_freed.notify_all()
+        if tasks:
+            self.log.info("handed messages back to the queue", count=n or 0, reason=why)
+
+    # --- fetching and dispatching ----------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        idle = 0.001
+        failures = 0
+        while not self.stopping.is_set():
+            with self.capacity_freed:
+                free = self.capacity - len(self.held)
+                if free <= 0:
+                    self.capacity_freed.wait(0.5)
+                    continue
+            try:
+                batch = self.broker.fetch(min(free, self.s.fetch_batch))
+                failures = 0
+            except redis_lib.RedisError as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                self.log.warning("fetch failed; retrying", error=str(exc), retry_in=round(delay, 2))
+                self.stopping.wait(delay)
+                continue
+            if not batch.deliveries:
+                # Empty queue: poll with backoff; rate-limited: wait for the next slot.
+                wait = batch.retry_after if batch.retry_after > 0 else idle
+                idle = min(idle * 2, 0.1) if batch.retry_after <= 0 else 0.001
+                self.stopping.wait(min(wait, 0.5))
+                continue
+            idle = 0.001
+            self._accept(batch)
+
+    def _accept(self, batch: Batch) -> None:
+        now = time.monotonic()
+        tasks = [Task(d, now + d.start_after) for d in batch.deliveries]
+        with self.lock:
+            for t in tasks:
+                self.held[t.delivery.token] = t
+            if batch.slots is not None:
+                self.last_slots = batch.slots
+        later = [t for t in tasks if t.due > now]
+        for t in tasks:
+            if t.due <= now:
+                self.ready.put(t)
+        if later:
+            with self.schedule_changed:
+                for t in later:
+                    heapq.heappush(self.scheduled, t)
+                self.schedule_changed.notify()
+
+    def _dispatch_loop(self) -> None:
+        while not self.stopping.is_set():
+            with self.schedule_changed:
+                if not self.scheduled:
+                    self.schedule_changed.wait(0.5)
+                    continue
+                wait = self.scheduled[0].due - time.monotonic()
+                if wait > 0:
+                    self.schedule_changed.wait(wait)
+                    continue
+                task = heapq.heappop(self.scheduled)
+            self.ready.put(task)
+
+    # --- running tasks ---------------------------------------------------------------------------
+
+    def _spawn_executor(self) -> None:
+        t = threading.Thread(
+            target=self._guard("executor", self._executor_loop), name="sluiceway-executor", daemon=True
+        )
+        self.executors.append(t)
+        t.start()
+
+    def _executor_loop(self) -> None:
+        me = threading.get_ident()
+        while me not in self.retired:
+            try:
+                item = self.ready.get()
+                if item is _STOP:
+                    return
+                task: Task = item
+                if self.stopping.is_set():
+                    # Drain hands unstarted messages back; this one slipped through the queue.
+                    self._give_back([task], "not started before shutdown", return_slots=False)
+                    continue
+                self._run_sync(task, me)
+            except TaskTimeout:
+                # The supervisor already settled the timed-out task and started our replacement;
+                # the injected exception surfaced outside the function, so just leave.
+                if me in self.retired:
+                    return
+                raise
+
+    def _prepare(self, task: Task) -> Settlement | None:
+        """Decode and vet a message; a Settlement means it must not run."""
+        d = task.delivery
+        try:
+            task.message = codec.decode(d.payload)
+        except codec.DecodeError as exc:
+            return self._dead(task, exc.reason, exc.detail)
+        msg = task.message
+        if self.s.max_message_age_seconds and msg.meta.published_at is not None:
+            age = time.time() - msg.meta.published_at
+            if age > self.s.max_message_age_seconds:
+                return self._dead(
+                    task, "expired", f"message is {age:.1f} s old, limit {self.s.max_message_age_seconds} s"
+                )
+        if msg.meta.attempt + d.redeliveries >= self.s.max_attempts and d.redeliveries:
+            return self._dead(
+                task,
+                "redelivered",
+                f"its lease expired {d.redeliveries} times without the task finishing (the worker died or hung)",
+            )
+        if self.signature is not None:
+            try:
+                self.signature.bind(**msg.kwargs)
+            except TypeError as exc:
+                return self._dead(task, "bad_arguments", str(exc))
+        return None
+
+    def _run_sync(self, task: Task, thread_id: int) -> None:
+        verdict = self._prepare(task)
+        if verdict is not None:
+            self._finish(verdict)
+            return
+        assert task.message is not None
+        task.thread = threading.current_thread()
+        task.started = time.monotonic()
+        with self.lock:
+            self.running[thread_id] = task
+        try:
+            self.fn(**task.message.kwargs)
+            error: BaseException | None = None
+        except BaseException as exc:
+            error = exc
+        finally:
+            with self.lock:
+                self.running.pop(thread_id, None)
+        self._complete(task, error)
+
+    def _async_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        self.async_slots = asyncio.Semaphore(self.s.concurrency)
+        pump = threading.Thread(
+            target=self._guard("async-pump", self._async_pump), name="sluiceway-async-pump", daemon=True
+        )
+        pump.start()
+        loop.run_forever()
+
+    def _async_pump(self) -> None:
+        assert self.loop is not None
+        while True:
+            item = self.ready.get()
+            if item is _STOP:
+                return
+            if self.stopping.is_set():
+                self._give_back([item], "not started before shutdown", return_slots=False)
+                continue
+            self.loop.call_soon_threadsafe(self._start_async, item)
+
+    def _start_async(self, task: Task) -> None:
+        self.loop.create_task(self._run_async(task))  # type: ignore[union-attr]
+
+    async def _run_async(self, task: Task) -> None:
+        assert self.async_slots is not None
+        async with self.async_slots:
+            verdict = self._prepare(task)
+            if verdict is not None:
+                self._finish(verdict)
+                return
+            assert task.message is not None
+            task.started = time.monotonic()
+            key = id(task)
+            with self.lock:
+                self.running[key] = task
+            try:
+                await asyncio.wait_for(self.fn(**task.message.kwargs), self.s.timeout_seconds)
+                error: BaseException | None = None
+            except TimeoutError:
+                error = TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
+            except BaseException as exc:
+                error = exc
+            finally:
+                with self.lock:
+                    self.running.pop(key, None)
+            self._complete(task, error)
+
+    def _complete(self, task: Task, error: BaseException | None) -> None:
+        duration = time.monotonic() - task.started
+        if error is None:
+            self._finish(Settlement(task, Outcome.OK), duration)
+            return
+        msg = task.message
+        assert msg is not None
+        if isinstance(error, Reject):
+            self._finish(
+                self._dead(task, "rejected", str(error) or "the function rejected the message"), duration
+            )
+            return
+        reason = "timeout" if isinstance(error, TaskTimeout) else "error"
+        text = f"{type(error).__name__}: {error}"
+        if msg.meta.attempt + 1 >= self.s.max_attempts:
+            self._finish(
+                self._dead(
+                    task,
+                    reason,
+                    text,
+                    tb=_short_traceback(error),
+                    final=f"after {msg.meta.attempt + 1} attempts",
+                ),
+                duration,
+            )
+            return
+        nxt = codec.next_attempt(msg, text)
+        if isinstance(error, RetryLater):
+            delay = error.delay
+        else:
+            delay = retry_delay(
+                nxt.meta.attempt,
+                base=self.s.backoff_seconds,
+                cap=self.s.max_backoff_seconds,
+                draw=random.random(),
+            )
+        payload = codec.encode(nxt.kwargs, nxt.meta)
+        self._finish(Settlement(task, Outcome.RETRY, payload, delay, reason), duration, error=text)
+
+    def _dead(self, task: Task, reason: str, detail: str, *, tb: str = "", final: str = "") -> Settlement:
+        entry: dict[str, Any] = {
+            "reason": reason,
+            "detail": detail + (f" ({final})" if final else ""),
+            "queue": self.s.queue,
+            "namespace": self.s.namespace,
+            "worker": self.worker_id,
+            "failed_at": time.time(),
+            "redeliveries": task.delivery.redeliveries,
+            "payload": task.delivery.payload.decode("utf-8", errors="replace"),
+        }
+        if task.message is not None:
+            entry["message_id"] = task.message.meta.id
+            entry["attempts"] = task.message.meta.attempt + (1 if task.started else 0)
+            entry["errors"] = list(task.message.meta.errors)
+        if tb:
+            entry["traceback"] = tb
+        return Settlement(task, Outcome.DEAD, json.dumps(entry).encode(), reason=reason)
+
+    def _finish(self, settlement: Settlement, duration: float = 0.0, error: str = "") -> None:
+        task = settlement.task
+        now = time.monotonic()
+        with self.lock:
+            if task.finished:
+                return  # the supervisor already settled it (timeout), or drain handed it back
+            task.finished = True
+            if settlement.outcome is Outcome.OK:
+                self.processed += 1
+            else:
+                self.failed += 1
+                self.dead_lettered += settlement.outcome is Outcome.DEAD
+        if task.started:
+            self.recent.append((now, duration))
+        if settlement.outcome is Outcome.OK:
+            self.metrics.observe(duration, "ok")
+        else:
+            outcome = "retried" if settlement.outcome is Outcome.RETRY else "dead_lettered"
+            self.metrics.observe(duration if task.started else None, outcome, settlement.reason)
+            msg_id = task.message.meta.id if task.message else None
+            self.log.warning(
+                "task failed" if settlement.outcome is Outcome.RETRY else "message dead-lettered",
+                message_id=msg_id,
+                reason=settlement.reason,
+                error=error or None,
+                retry_in=round(settlement.delay, 3) if settlement.outcome is Outcome.RETRY else None,
+            )
+        self.settlements.put(settlement)
+        with self.capacity_freed:
+            self.capacity_freed.notify()
+
+    # --- settling --------------------------------------------------------------------------------
+
+    def _settle_loop(self) -> None:
+        stop = False
+        failures = 0
+        pending: list[Settlement] = []
+        while not stop:
+            if not pending:
+                item = self.settlements.get()
+                if item is _STOP:
+                    break
+                pending.append(item)
+            while len(pending) < 1024:
+                try:
+                    item = self.settlements.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                pending.append(item)
+            acks = [p.task.delivery.token for p in pending if p.outcome is Outcome.OK]
+            retries = [
+                (p.task.delivery.token, p.payload, p.delay) for p in pending if p.outcome is Outcome.RETRY
+            ]
+            deads = [(p.task.delivery.token, p.payload) for p in pending if p.outcome is Outcome.DEAD]
+            try:
+                acked, _, _ = self.broker.settle(acks, retries, deads)
+            except redis_lib.RedisError as exc:
+                # Keep the outcomes and try again: dropping an ack would only cause a duplicate,
+                # but dropping a dead-letter entry would lose the reason.
+                failures += 1
+                delay = min(5.0, 0.05 * 2 ** min(failures, 7))
+                self.log.warning(
+                    "settling failed; retrying", error=str(exc), pending=len(pending), retry_in=delay
+                )
+                time.sleep(delay)
+                if stop:
+                    stop = False  # finish the pending ones before honouring the stop
+                    self.settlements.put(_STOP)
+                continue
+            failures = 0
+            if acked < len(acks):
+                self.log.warning(
+                    "leases were gone at ack; those messages were requeued and may run again",
+                    count=len(acks) - acked,
+                )
+            with self.lock:
+                for p in pending:
+                    self.held.pop(p.task.delivery.token, None)
+                self.capacity_freed.notify_all()
+            pending = []
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    def _supervise_loop(self) -> None:
+        next_beat = 0.0
+        while not self.stopped.is_set():
+            self._enforce_timeouts()
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.s.heartbeat_seconds
+                try:
+                    self._beat()
+                except redis_lib.RedisError as exc:
+                    self.log.warning("heartbeat failed; will retry", error=str(exc))
+            if self.fatal and not self.stopping.is_set():
+                self.request_stop(self.fatal[1])
+            self.stopped.wait(0.05)
+
+    def _beat(self) -> None:
+        with self.lock:
+            tokens = list(self.held)
+        for i in range(0, len(tokens), 1000):
+            self.broker.renew(tokens[i : i + 1000])
+        hb = self.heartbeat()
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(k.heartbeat(self.worker_id), json.dumps(hb), px=int(self.s.heartbeat_seconds * 3000))
+        pipe.zadd(k.workers, {self.worker_id: int(time.time() * 1000)})
+        # Forget workers silent for a long time, so the set does not grow with every pod ever run.
+        pipe.zremrangebyscore(k.workers, "-inf", int((time.time() - 3600) * 1000))
+        pipe.execute()
+        if not self.stopping.is_set():
+            n = self.broker.recover()
+            if n:
+                self.log.warning("returned expired leases of unresponsive workers to the queue", count=n)
+        self.metrics.set_state(busy=hb["busy"], in_flight=hb["in_flight"])
+
+    def heartbeat(self) -> Heartbeat:
+        now = time.monotonic()
+        window = [(t, d) for t, d in list(self.recent) if now - t <= 10.0]
+        durations = sorted(d for _, d in window)
+        span = max(min(10.0, now - self.started_mono), 0.001)
+        with self.lock:
+            busy = len(self.running)
+            in_flight = len(self.held)
+        return Heartbeat(
+            worker=self.worker_id,
+            pod=self.s.pod_name,
+            state=self.state,
+            started=self.started_at,
+            time=time.time(),
+            interval=self.s.heartbeat_seconds,
+            concurrency=self.s.concurrency,
+            busy=busy,
+            in_flight=in_flight,
+            processed=self.processed,
+            failed=self.failed,
+            dead_lettered=self.dead_lettered,
+            rate=len(window) / span,
+            latency_p50=_quantile(durations, 0.50),
+            latency_p95=_quantile(durations, 0.95),
+            latency_p99=_quantile(durations, 0.99),
+            version=__version__,
+        )
+
+    def _enforce_timeouts(self) -> None:
+        if self.is_async:
+            return  # asyncio.wait_for cancels the coroutine itself
+        now = time.monotonic()
+        with self.lock:
+            late = [
+                (ident, t) for ident, t in self.running.items() if now - t.started > self.s.timeout_seconds
+            ]
+        for ident, task in late:
+            with self.lock:
+                if self.running.get(ident) is not task:
+                    continue  # it finished while we looked
+                self.running.pop(ident)
+                # A thread cannot be killed; ask it to raise, and replace it so capacity is kept.
+                # Retire it first, so the thread knows to leave wherever the exception surfaces.
+                self.retired.add(ident)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
+                )
+            self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
+            self._complete(
+                task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
+            )
+            self._spawn_executor()
+            stuck = sum(1 for t in self.executors if t.ident in self.retired and t.is_alive())
+            if stuck > self.s.concurrency:
+                self.fatal = (
+                    ExitCode.STUCK,
+                    f"{stuck} task threads ignore their timeout; restarting the process is the only way to free them",
+                )
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _call_with_backoff(self, what: str, fn: Callable[[], Any], deadline: float | None = None) -> Any:
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except redis_lib.RedisError as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    self.log.error(
+                        f"{what} failed; giving up, the leases will expire instead", error=str(exc)
+                    )
+                    return None
+                self.log.warning(f"{what} failed; retrying", error=str(exc), retry_in=delay)
+                time.sleep(delay)
+
+
+def _signature_or_none(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    # A **kwargs function accepts anything; binding would only cost time.
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return sig
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _short_traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)[-8:])[-4000:]
