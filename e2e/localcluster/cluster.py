@@ -350,19 +350,20 @@ class LocalCluster:
         path = self.run_dir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
         return write_kubeconfig(path, self.server, self.pki.ca_crt, {"token": token}, name=f"sa-{namespace}-{name}")
 
-    def _kubelet(self) -> Kubelet:
+    def require_kubelet(self) -> Kubelet:
+        """The test kubelet (images table, processes, exits); fails if started without one."""
         if self.kubelet is None:
             raise ClusterError("this cluster was started without the test kubelet")
         return self.kubelet
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None, previous: bool = False) -> str:
         """What the pod's container wrote to stdout/stderr (like `kubectl logs`, `--previous` too)."""
-        return self._kubelet().pod_log(namespace, pod, container, previous)
+        return self.require_kubelet().pod_log(namespace, pod, container, previous)
 
     def pods_processes(self, namespace: str | None = None) -> dict[str, list[int]]:
         """Pod name -> pids of its running container processes (for `kill -9` tests)."""
         out: dict[str, list[int]] = {}
-        for p in self._kubelet().processes(namespace):
+        for p in self.require_kubelet().processes(namespace):
             out.setdefault(p.pod, []).append(p.pid)
         return out
 

@@ -117,24 +117,31 @@ class Registry:
             self._flush()
 
 
+def sweep_run(run_dir: Path, log: Callable[[str], None]) -> bool:
+    """Kill the process groups of ``run_dir`` if the run's owner died. True if it was stale."""
+    pidfile = run_dir / "pids.json"
+    try:
+        data = json.loads(pidfile.read_text())
+    except (OSError, ValueError):
+        return False
+    owner = data.get("owner", {})
+    if owner.get("pid") and _proc_start_time(int(owner["pid"])) == owner.get("start"):
+        return False
+    for entry in data.get("groups", []):
+        pgid = int(entry["pgid"])
+        if _proc_start_time(pgid) == entry.get("start"):
+            log(f"killing leftover {entry.get('name')} (pid {pgid}) of a dead run in {run_dir}")
+            kill_group(pgid, signal.SIGKILL)
+    return True
+
+
 def sweep_stale(root: Path, log: Callable[[str], None]) -> None:
     """Kill process groups of runs under ``root`` whose owner died, and remove those runs."""
     if not root.is_dir():
         return
     for pidfile in root.glob("*/pids.json"):
-        try:
-            data = json.loads(pidfile.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = data.get("owner", {})
-        if owner.get("pid") and _proc_start_time(int(owner["pid"])) == owner.get("start"):
-            continue
-        for entry in data.get("groups", []):
-            pgid = int(entry["pgid"])
-            if _proc_start_time(pgid) == entry.get("start"):
-                log(f"killing leftover {entry.get('name')} (pid {pgid}) of a dead run in {pidfile.parent}")
-                kill_group(pgid, signal.SIGKILL)
-        shutil.rmtree(pidfile.parent, ignore_errors=True)
+        if sweep_run(pidfile.parent, log):
+            shutil.rmtree(pidfile.parent, ignore_errors=True)
 
 
 class ManagedProcess:
