@@ -336,6 +336,8 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
         # Work waits and nobody reports: pods may be starting or wedged. Removing them cannot help;
         # replacing silent pods is the liveness check's job.
         desired, reason = current, Reason.NO_LIVE_WORKERS
+        if desired > policy.max_replicas:
+            desired, reason = policy.max_replicas, Reason.MAX_REPLICAS
     else:
         desired, reason = _scale_down(rec, reason, current, window, busy_workers, obs, policy, idle_seconds)
 

@@ -1,0 +1,229 @@
+"""Spec parsing: defaults, the field named in every error, and agreement with the CRD's defaults."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sluiceway_operator.spec import (
+    DEFAULTS,
+    BrokerType,
+    ConcurrencyMode,
+    SecretKeyRef,
+    SpecError,
+    cron_problem,
+    keys_for,
+    parse_spec,
+)
+
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "taskqueue.yaml"
+MINIMAL: dict[str, Any] = {"image": "img:1", "function": "thumbs.tasks:make", "broker": {"type": "redis"}}
+
+
+def parse(**changes: Any) -> Any:
+    raw = copy.deepcopy(MINIMAL)
+    raw.update(changes)
+    return parse_spec(raw, name="thumbs")
+
+
+def crd_schema() -> Mapping[str, Any]:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    (version,) = crd["spec"]["versions"]
+    schema: Mapping[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return schema
+
+
+def crd_defaults(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf ``default`` in the schema, by dotted path (``schedules[]`` for list items)."""
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        if "default" in prop and prop["default"] != {}:
+            yield path, prop["default"]
+        if prop.get("type") == "object":
+            yield from crd_defaults(prop, path + ".")
+        if prop.get("type") == "array" and "items" in prop:
+            yield from crd_defaults(prop["items"], path + "[].")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_crd_and_python_defaults_agree() -> None:
+    assert dict(crd_defaults(crd_schema())) == dict(flatten(DEFAULTS))
+
+
+def test_crd_objects_with_defaulted_children_default_to_empty_objects() -> None:
+    # Without `default: {}` on the parent, a spec that omits `scaling` would get no nested defaults.
+    props = crd_schema()["properties"]
+    for section in ("concurrency", "retry", "liveness", "scaling"):
+        assert props[section]["default"] == {}, section
+
+
+def test_minimal_spec_gets_every_default() -> None:
+    spec = parse()
+    assert spec.broker.type is BrokerType.REDIS
+    assert spec.broker.queue == "thumbs"  # defaults to the TaskQueue's name
+    assert spec.broker.url_secret_ref is None
+    assert spec.rate_limit.qps is None
+    assert spec.concurrency.mode is ConcurrencyMode.THREAD
+    assert spec.concurrency.per_pod == 8
+    assert spec.retry.max_attempts == 5
+    assert spec.timeout_seconds == 300
+    assert spec.scaling.min_replicas == 0
+    assert spec.scaling.max_replicas == 10
+    assert spec.scaling.qps_headroom == 0.1
+    assert spec.liveness.lease_seconds == 15
+    assert spec.replicas is None
+    assert spec.schedules == ()
+    assert spec.pod_template.automount_service_account_token is False
+
+
+def test_the_parsed_defaults_are_the_crd_defaults() -> None:
+    spec = parse()
+    scaling = DEFAULTS["scaling"]
+    assert spec.scaling.target_drain_seconds == scaling["targetDrainSeconds"]
+    assert spec.scaling.cooldown_seconds == scaling["cooldownSeconds"]
+    assert spec.scaling.scale_down_stabilization_seconds == scaling["scaleDownStabilizationSeconds"]
+    assert spec.scaling.poll_interval_seconds == scaling["pollIntervalSeconds"]
+    assert spec.scaling.assumed_task_seconds == scaling["assumedTaskSeconds"]
+
+
+def test_full_spec() -> None:
+    spec = parse(
+        broker={"type": "kafka", "queue": "thumbs.v1", "urlSecretRef": {"name": "kafka", "key": "url"}},
+        coordination={"urlSecretRef": {"name": "redis", "key": "url"}},
+        rateLimit={"qps": 50, "burst": 5},
+        replicas=3,
+        schedules=[
+            {"name": "nightly", "cron": "0 3 * * mon-fri", "timeZone": "Europe/Berlin", "message": {"a": 1}}
+        ],
+        podTemplate={"labels": {"team": "media"}, "securityContext": {"runAsUser": 1000}},
+    )
+    assert spec.broker.url_secret_ref == SecretKeyRef("kafka", "url")
+    assert spec.coordination_secret_ref == SecretKeyRef("redis", "url")
+    assert spec.rate_limit.qps == 50.0
+    assert spec.replicas == 3
+    assert spec.schedules[0].time_zone == "Europe/Berlin"
+    assert spec.schedules[0].suspend is False
+    assert spec.pod_template.security_context.run_as_user == 1000
+    assert keys_for("media", spec).prefix == "sluiceway:{media/thumbs.v1}:"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"function": "no_colon"}, "spec.function"),
+        ({"function": "a..b:c"}, "spec.function"),
+        ({"image": ""}, "spec.image"),
+        ({"broker": {"type": "sqs"}}, "spec.broker.type"),
+        ({"broker": {"type": "kafka"}}, "spec.broker.urlSecretRef"),
+        (
+            {"broker": {"type": "rabbitmq", "queue": "amq.x", "urlSecretRef": {"name": "a", "key": "b"}}},
+            "spec.broker.queue",
+        ),
+        ({"broker": {"type": "redis", "queue": "{braces}"}}, "spec.broker.queue"),
+        ({"broker": {"type": "redis", "urlSecretRef": {"name": "a"}}}, "spec.broker.urlSecretRef.key"),
+        ({"rateLimit": {"qps": 0}}, "spec.rateLimit.qps"),
+        ({"rateLimit": {}}, "spec.rateLimit.qps"),
+        ({"concurrency": {"perPod": 0}}, "spec.concurrency.perPod"),
+        ({"concurrency": {"mode": "process"}}, "spec.concurrency.mode"),
+        ({"retry": {"backoffSeconds": 10, "maxBackoffSeconds": 5}}, "spec.retry.maxBackoffSeconds"),
+        ({"liveness": {"heartbeatSeconds": 10}}, "spec.liveness.leaseSeconds"),
+        ({"scaling": {"minReplicas": 5, "maxReplicas": 4}}, "spec.scaling.minReplicas"),
+        ({"scaling": {"maxReplicas": 0}}, "spec.scaling.maxReplicas"),
+        ({"scaling": {"maxReplicas": True}}, "spec.scaling.maxReplicas"),
+        ({"scaling": {"qpsHeadroom": "lots"}}, "spec.scaling.qpsHeadroom"),
+        ({"replicas": -1}, "spec.replicas"),
+        ({"timeoutSeconds": 0}, "spec.timeoutSeconds"),
+        ({"schedules": [{"name": "x", "cron": "0 3 * *"}]}, "spec.schedules[0].cron"),
+        ({"schedules": [{"name": "x", "cron": "61 * * * *"}]}, "spec.schedules[0].cron"),
+        ({"schedules": [{"name": "Bad_Name", "cron": "* * * * *"}]}, "spec.schedules[0].name"),
+        (
+            {"schedules": [{"name": "x", "cron": "* * * * *", "timeZone": "../x"}]},
+            "spec.schedules[0].timeZone",
+        ),
+        (
+            {"schedules": [{"name": "x", "cron": "* * * * *"}, {"name": "x", "cron": "0 * * * *"}]},
+            "spec.schedules[1].name",
+        ),
+        ({"podTemplate": {"env": [{"name": "SLUICEWAY_QPS", "value": "1"}]}}, "spec.podTemplate.env[0].name"),
+        ({"podTemplate": {"labels": {"app.kubernetes.io/name": "x"}}}, "spec.podTemplate.labels"),
+        ({"podTemplate": {"labels": {"sluiceway.dev/taskqueue": "x"}}}, "spec.podTemplate.labels"),
+        (
+            {"podTemplate": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "1"}}},
+            "spec.podTemplate.annotations",
+        ),
+        (
+            {"podTemplate": {"securityContext": {"runAsUser": 0}}},
+            "spec.podTemplate.securityContext.runAsUser",
+        ),
+        ({"podTemplate": "nope"}, "spec.podTemplate"),
+    ],
+)
+def test_errors_name_the_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse(**changes)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ": ")
+
+
+def test_missing_required_fields() -> None:
+    for key in ("image", "function", "broker"):
+        raw = {k: v for k, v in MINIMAL.items() if k != key}
+        with pytest.raises(SpecError, match=f"spec.{key}: is required"):
+            parse_spec(raw, name="x")
+
+
+def test_name_must_fit_a_label() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(MINIMAL, name="x" * 64)
+    assert err.value.field == "metadata.name"
+
+
+@pytest.mark.parametrize(
+    "cron",
+    ["* * * * *", "0 3 * * *", "*/5 0-6,22-23 1,15 jan-jun mon-fri", "0 0 * * 7", "30 2 1 */3 SUN"],
+)
+def test_valid_cron(cron: str) -> None:
+    assert cron_problem(cron) is None
+
+
+@pytest.mark.parametrize(
+    ("cron", "fragment"),
+    [
+        ("* * * *", "5 fields"),
+        ("60 * * * *", "minute"),
+        ("* 24 * * *", "hour"),
+        ("* * 0 * *", "day of month"),
+        ("* * * 13 *", "month"),
+        ("* * * * 8", "day of week"),
+        ("*/0 * * * *", "step"),
+        ("5-1 * * * *", "backwards"),
+        ("@hourly", "5 fields"),
+        ("* * * foo *", "not a number"),
+    ],
+)
+def test_invalid_cron(cron: str, fragment: str) -> None:
+    problem = cron_problem(cron)
+    assert problem is not None
+    assert fragment in problem
+
+
+def test_parse_does_not_mutate_or_alias_the_input() -> None:
+    raw = copy.deepcopy(MINIMAL)
+    raw["podTemplate"] = {"env": [{"name": "A", "value": "1"}], "labels": {"a": "b"}}
+    before = copy.deepcopy(raw)
+    spec = parse_spec(raw, name="x")
+    assert raw == before
+    raw["podTemplate"]["labels"]["a"] = "changed"
+    assert spec.pod_template.labels == {"a": "b"}
