@@ -22,9 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 E2E = Path(__file__).resolve().parent
 
 GRACE = 10
-TRAP_SCRIPT = (
-    "trap 'echo got TERM; exit 0' TERM; echo started $POD_NAME; touch ready-$HOSTNAME; while true; do sleep 0.2; done"
-)
+TRAP_SCRIPT = "trap 'echo got TERM; exit 0' TERM; echo started $POD_NAME; touch ready-$HOSTNAME; while true; do sleep 0.2; done"
 
 
 def pods(cluster: LocalCluster, ns: str, selector: str = "") -> list[dict[str, Any]]:
@@ -54,7 +52,12 @@ def deployment(name: str, replicas: int) -> dict[str, Any]:
                             "name": "main",
                             "image": "busybox:1.36",
                             "command": ["sh", "-c", TRAP_SCRIPT],
-                            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                            "env": [
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                }
+                            ],
                             "readinessProbe": {
                                 "exec": {"command": ["sh", "-c", "test -f ready-$HOSTNAME"]},
                                 "periodSeconds": 1,
@@ -82,24 +85,30 @@ def test_deployment_runs_processes_scales_down_with_sigterm_and_is_garbage_colle
         assert pid_alive(pid)
         assert b"sh\x00-c\x00trap" in Path(f"/proc/{pid}/cmdline").read_bytes()
     listed = pods(c, ns, "app=web")
-    assert len(listed) == 3 and all(ready(p) for p in listed)
+    assert len(listed) == 3
+    assert all(ready(p) for p in listed)
     assert all(p["status"]["podIP"] == "127.0.0.1" for p in listed)
     # The ReplicaSet and pods were made by kube-controller-manager, owned by what made them.
     rs = c.get(f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"]
-    assert len(rs) == 1 and rs[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
+    assert len(rs) == 1
+    assert rs[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
     assert all(p["metadata"]["ownerReferences"][0]["name"] == rs[0]["metadata"]["name"] for p in listed)
     for pod in pids:
         c.wait_for(lambda pod=pod: "started " + pod in c.pod_log(ns, pod), 10, f"log of {pod}")
 
     c.kubectl("scale", "deployment/web", "--replicas=1", "-n", ns, check=True)
-    c.wait_for(lambda: len(pods(c, ns, "app=web")) == 1 and len(c.pods_processes(ns)) == 1, 30, "scale down to 1")
+    c.wait_for(
+        lambda: len(pods(c, ns, "app=web")) == 1 and len(c.pods_processes(ns)) == 1, 30, "scale down to 1"
+    )
     removed = [pod for pod in pids if pod not in c.pods_processes(ns)]
     assert len(removed) == 2
     exits = {e.pod: e for e in c.require_kubelet().exits(ns)}
     for pod in removed:
         e = exits[pod]
-        assert e.sigterm_sent and not e.sigkill_sent, e
-        assert e.exited_after_sigterm is not None and e.exited_after_sigterm < GRACE, e
+        assert e.sigterm_sent, e
+        assert not e.sigkill_sent, e
+        assert e.exited_after_sigterm is not None, e
+        assert e.exited_after_sigterm < GRACE, e
         assert e.exit_code == 0
         assert "got TERM" in c.pod_log(ns, pod)
         assert not pid_alive(pids[pod])
@@ -167,17 +176,22 @@ def widget(name: str, lo: int, hi: int) -> str:
 
 
 @pytest.mark.cluster
-def test_crd_cel_rule_rejects_a_bad_object_naming_the_field(kube_cluster: LocalCluster, kube_namespace: str) -> None:
+def test_crd_cel_rule_rejects_a_bad_object_naming_the_field(
+    kube_cluster: LocalCluster, kube_namespace: str
+) -> None:
     c, ns = kube_cluster, kube_namespace
     c.apply(CRD)
-    c.kubectl("wait", "--for=condition=Established", "crd/widgets.e2e.sluiceway.dev", "--timeout=30s", check=True)
+    c.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.e2e.sluiceway.dev", "--timeout=30s", check=True
+    )
 
     good = c.kubectl("apply", "-n", ns, "-f", "-", input=widget("good", 1, 3))
     assert good.returncode == 0, good.stderr
 
     bad = c.kubectl("apply", "-n", ns, "-f", "-", input=widget("bad", 5, 2))
     assert bad.returncode != 0
-    assert "spec.maxReplicas" in bad.stderr and "must be at least minReplicas" in bad.stderr, bad.stderr
+    assert "spec.maxReplicas" in bad.stderr, bad.stderr
+    assert "must be at least minReplicas" in bad.stderr, bad.stderr
 
     # The structural schema is enforced too, and also names the field.
     negative = c.kubectl("apply", "-n", ns, "-f", "-", input=widget("negative", -1, 2))
@@ -203,7 +217,11 @@ def test_serviceaccount_kubeconfig_is_denied_what_its_role_does_not_allow(
                 "apiVersion": "rbac.authorization.k8s.io/v1",
                 "kind": "RoleBinding",
                 "metadata": {"name": "reader"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-reader"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "configmap-reader",
+                },
                 "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
             },
         ],
@@ -219,18 +237,31 @@ def test_serviceaccount_kubeconfig_is_denied_what_its_role_does_not_allow(
     for args, what in [
         (("get", "secrets", "-n", ns), 'cannot list resource "secrets"'),
         (("create", "configmap", "x", "-n", ns), 'cannot create resource "configmaps"'),
-        (("get", "configmaps", "-n", "default"), 'cannot list resource "configmaps" in API group "" in the namespace "default"'),
+        (
+            ("get", "configmaps", "-n", "default"),
+            'cannot list resource "configmaps" in API group "" in the namespace "default"',
+        ),
     ]:
         denied = c.kubectl(*args, kubeconfig=kc)
         assert denied.returncode != 0
-        assert "forbidden" in denied.stderr.lower() and what in denied.stderr, denied.stderr
+        assert "forbidden" in denied.stderr.lower(), denied.stderr
+        assert what in denied.stderr, denied.stderr
 
 
 @pytest.mark.cluster
 def test_env_sources_exit_codes_and_restart_policy(kube_cluster: LocalCluster, kube_namespace: str) -> None:
     c, ns = kube_cluster, kube_namespace
     c.kubectl("create", "secret", "generic", "creds", "--from-literal=token=s3cret", "-n", ns, check=True)
-    c.kubectl("create", "configmap", "settings", "--from-literal=mode=fast", "--from-literal=level=3", "-n", ns, check=True)
+    c.kubectl(
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=mode=fast",
+        "--from-literal=level=3",
+        "-n",
+        ns,
+        check=True,
+    )
     c.apply(
         {
             "apiVersion": "v1",
@@ -243,14 +274,25 @@ def test_env_sources_exit_codes_and_restart_policy(kube_cluster: LocalCluster, k
                         "name": "main",
                         "image": "busybox",
                         "command": ["sh", "-c"],
-                        "args": ["echo token=$TOKEN mode=$MODE ns=$NS tier=$TIER ip=$IP cfg_level=$CFG_level greeting=$(GREETING) pwd=$(pwd)"],
+                        "args": [
+                            "echo token=$TOKEN mode=$MODE ns=$NS tier=$TIER ip=$IP cfg_level=$CFG_level greeting=$(GREETING) pwd=$(pwd)"
+                        ],
                         "workingDir": "/tmp",
                         "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
                         "env": [
-                            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
-                            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                            {
+                                "name": "TOKEN",
+                                "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}},
+                            },
+                            {
+                                "name": "MODE",
+                                "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}},
+                            },
                             {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                            {"name": "TIER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['tier']"}}},
+                            {
+                                "name": "TIER",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['tier']"}},
+                            },
                             {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                             {"name": "GREETING", "value": "hello-$(NS)"},
                         ],
@@ -260,7 +302,11 @@ def test_env_sources_exit_codes_and_restart_policy(kube_cluster: LocalCluster, k
         },
         ns,
     )
-    c.wait_for(lambda: c.get(f"/api/v1/namespaces/{ns}/pods/env")["status"].get("phase") == "Succeeded", 30, "pod env to succeed")
+    c.wait_for(
+        lambda: c.get(f"/api/v1/namespaces/{ns}/pods/env")["status"].get("phase") == "Succeeded",
+        30,
+        "pod env to succeed",
+    )
     assert c.pod_log(ns, "env").strip() == (
         f"token=s3cret mode=fast ns={ns} tier=backend ip=127.0.0.1 cfg_level=3 greeting=hello-{ns} pwd=/tmp"
     )
@@ -273,7 +319,9 @@ def test_env_sources_exit_codes_and_restart_policy(kube_cluster: LocalCluster, k
             "metadata": {"name": "flaky"},
             "spec": {
                 "restartPolicy": "OnFailure",
-                "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", "echo attempt; exit 3"]}],
+                "containers": [
+                    {"name": "main", "image": "busybox", "command": ["sh", "-c", "echo attempt; exit 3"]}
+                ],
             },
         },
         ns,
@@ -281,7 +329,10 @@ def test_env_sources_exit_codes_and_restart_policy(kube_cluster: LocalCluster, k
 
     def restarted() -> bool:
         st = c.get(f"/api/v1/namespaces/{ns}/pods/flaky")["status"].get("containerStatuses", [{}])[0]
-        return bool(st.get("restartCount", 0) >= 1 and st.get("lastState", {}).get("terminated", {}).get("exitCode") == 3)
+        return bool(
+            st.get("restartCount", 0) >= 1
+            and st.get("lastState", {}).get("terminated", {}).get("exitCode") == 3
+        )
 
     c.wait_for(restarted, 30, "pod flaky to restart after exit code 3")
     assert "attempt" in c.pod_log(ns, "flaky", previous=True)
@@ -345,7 +396,9 @@ def test_http_readiness_probe_gates_ready(kube_cluster: LocalCluster, kube_names
 
 
 @pytest.mark.cluster
-def test_unknown_image_is_reported_and_registered_images_run(kube_cluster: LocalCluster, kube_namespace: str) -> None:
+def test_unknown_image_is_reported_and_registered_images_run(
+    kube_cluster: LocalCluster, kube_namespace: str
+) -> None:
     c, ns = kube_cluster, kube_namespace
     image = f"example.test/tools/echoer-{ns}:1"
     c.apply(
@@ -353,7 +406,10 @@ def test_unknown_image_is_reported_and_registered_images_run(kube_cluster: Local
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": "echo"},
-            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": image, "args": ["registered"]}]},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": image, "args": ["registered"]}],
+            },
         },
         ns,
     )
@@ -364,7 +420,11 @@ def test_unknown_image_is_reported_and_registered_images_run(kube_cluster: Local
 
     c.wait_for(lambda: waiting_reason() == "ErrImagePull", 20, "ErrImagePull for an unknown image")
     c.require_kubelet().images.register(f"tools/echoer-{ns}", ["echo", "image"])
-    c.wait_for(lambda: c.get(f"/api/v1/namespaces/{ns}/pods/echo")["status"].get("phase") == "Succeeded", 20, "echo pod")
+    c.wait_for(
+        lambda: c.get(f"/api/v1/namespaces/{ns}/pods/echo")["status"].get("phase") == "Succeeded",
+        20,
+        "echo pod",
+    )
     assert c.pod_log(ns, "echo").strip() == "image registered"
 
 
@@ -380,7 +440,9 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.cluster
-def test_port_clash_is_one_clear_error_and_leaves_no_processes(kube_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_port_clash_is_one_clear_error_and_leaves_no_processes(
+    kube_cluster: LocalCluster, tmp_path: Path
+) -> None:
     # kube_cluster ensures the binaries exist; this test starts its own (failing) control plane.
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -388,16 +450,21 @@ def test_port_clash_is_one_clear_error_and_leaves_no_processes(kube_cluster: Loc
         port = squatter.getsockname()[1]
         started = time.monotonic()
         with pytest.raises(ClusterError) as err:
-            LocalCluster.start(tmp_path / "run", binaries=kube_cluster.binaries, apiserver_port=port, with_kubelet=False)
+            LocalCluster.start(
+                tmp_path / "run", binaries=kube_cluster.binaries, apiserver_port=port, with_kubelet=False
+            )
     message = str(err.value)
-    assert f"127.0.0.1:{port} is already in use" in message and "kube-apiserver" in message
+    assert f"127.0.0.1:{port} is already in use" in message
+    assert "kube-apiserver" in message
     assert time.monotonic() - started < 30
     # etcd had started before the clash; it must be gone.
     assert _processes_mentioning(str(tmp_path / "run")) == []
 
 
 @pytest.mark.cluster
-def test_stop_leaves_no_processes_and_warm_start_takes_seconds(kube_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_stop_leaves_no_processes_and_warm_start_takes_seconds(
+    kube_cluster: LocalCluster, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     started = time.monotonic()
     second = LocalCluster.start(run, binaries=kube_cluster.binaries)
@@ -409,7 +476,15 @@ def test_stop_leaves_no_processes_and_warm_start_takes_seconds(kube_cluster: Loc
                 "kind": "Pod",
                 "metadata": {"name": "stubborn"},
                 # Ignores SIGTERM, and starts a child in its process group: stop() must still end both.
-                "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", "trap '' TERM; sleep 3600 & wait"]}]},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "busybox",
+                            "command": ["sh", "-c", "trap '' TERM; sleep 3600 & wait"],
+                        }
+                    ]
+                },
             },
             "default",
         )
@@ -448,7 +523,8 @@ def test_missing_go_toolchain_is_one_actionable_message(tmp_path: Path) -> None:
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr
-    assert "Go toolchain not found" in errors[0] and "KUBEBUILDER_ASSETS" in errors[0]
+    assert "Go toolchain not found" in errors[0]
+    assert "KUBEBUILDER_ASSETS" in errors[0]
 
 
 def test_failed_build_is_one_actionable_message(tmp_path: Path) -> None:
@@ -469,8 +545,10 @@ def test_failed_build_is_one_actionable_message(tmp_path: Path) -> None:
     done = _binaries_cli(env)
     assert done.returncode == 2
     assert done.stderr.count("error:") == 1, done.stderr
-    assert "failed (go exited 1)" in done.stderr and "410 Gone" in done.stderr
-    assert "make cluster-bins" in done.stderr and "build.log" in done.stderr
+    assert "failed (go exited 1)" in done.stderr
+    assert "410 Gone" in done.stderr
+    assert "make cluster-bins" in done.stderr
+    assert "build.log" in done.stderr
 
 
 def test_kubebuilder_assets_are_preferred(tmp_path: Path) -> None:

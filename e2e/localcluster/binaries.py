@@ -50,7 +50,7 @@ MIN_GO = (1, 24)
 Log = Callable[[str], None]
 
 
-class BinariesUnavailable(RuntimeError):
+class BinariesUnavailableError(RuntimeError):
     """The binaries are neither available nor buildable; the message says what to do."""
 
 
@@ -114,7 +114,9 @@ def _go_env(go: Path) -> dict[str, str]:
 
 def staging_replaces(gomod_text: str) -> list[str]:
     """The module paths that k8s.io/kubernetes' go.mod maps to its local staging tree."""
-    return sorted(set(re.findall(r"^\s*(?:replace\s+)?(k8s\.io/[\w.\-]+)\s+=>\s+\./staging/", gomod_text, re.M)))
+    return sorted(
+        set(re.findall(r"^\s*(?:replace\s+)?(k8s\.io/[\w.\-]+)\s+=>\s+\./staging/", gomod_text, re.M))
+    )
 
 
 def sibling_replaces(gomod_text: str) -> list[str]:
@@ -133,7 +135,9 @@ def godebug_lines(gomod_text: str) -> list[str]:
     return re.findall(r"^godebug\s+.+$", gomod_text, re.M)
 
 
-def wrapper_gomod(module: str, gomod_text: str, require: str, version: str, replaces: Sequence[str], replace_version: str) -> str:
+def wrapper_gomod(
+    module: str, gomod_text: str, require: str, version: str, replaces: Sequence[str], replace_version: str
+) -> str:
     lines = [f"module {module}", "", f"go {go_directive(gomod_text)}", ""]
     lines += godebug_lines(gomod_text)
     lines += ["", f"require {require} {version}", "", "replace ("]
@@ -206,7 +210,7 @@ class _Runner:
             lf.write(out)
         if proc.returncode != 0:
             tail = self.logfile.read_text(errors="replace").splitlines()[-25:]
-            raise BinariesUnavailable(
+            raise BinariesUnavailableError(
                 f"{what} failed (go exited {proc.returncode}). Last lines of {self.logfile}:\n"
                 + "\n".join("    " + t for t in tail)
                 + "\nFix the cause above (network to the Go module proxy, disk space, Go version), then rerun "
@@ -218,7 +222,11 @@ class _Runner:
 
 def _download_gomod(runner: _Runner, module: str, version: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        out = runner.go_cmd(["mod", "download", "-json", f"{module}@{version}"], Path(tmp), f"fetching {module}@{version} go.mod")
+        out = runner.go_cmd(
+            ["mod", "download", "-json", f"{module}@{version}"],
+            Path(tmp),
+            f"fetching {module}@{version} go.mod",
+        )
     info = json.loads(out)
     return Path(info["GoMod"]).read_text()
 
@@ -229,11 +237,22 @@ def _build_kube(runner: _Runner, work: Path, out: Path, version: str) -> None:
     upstream = _download_gomod(runner, "k8s.io/kubernetes", f"v{version}")
     modules = staging_replaces(upstream)
     if not modules:
-        raise BinariesUnavailable(f"k8s.io/kubernetes v{version}'s go.mod has no staging replaces; is it a real release?")
+        raise BinariesUnavailableError(
+            f"k8s.io/kubernetes v{version}'s go.mod has no staging replaces; is it a real release?"
+        )
     staging_version = "v0." + version.split(".", 1)[1]
-    runner.log(f"  wrapper module: k8s.io/kubernetes v{version}, {len(modules)} staging modules -> {staging_version}")
+    runner.log(
+        f"  wrapper module: k8s.io/kubernetes v{version}, {len(modules)} staging modules -> {staging_version}"
+    )
     (src / "go.mod").write_text(
-        wrapper_gomod("sluiceway.local/controlplane-build", upstream, "k8s.io/kubernetes", f"v{version}", modules, staging_version)
+        wrapper_gomod(
+            "sluiceway.local/controlplane-build",
+            upstream,
+            "k8s.io/kubernetes",
+            f"v{version}",
+            modules,
+            staging_version,
+        )
     )
     (src / "go.sum").touch()
     pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_BINARIES]
@@ -252,7 +271,11 @@ def _build_kube(runner: _Runner, work: Path, out: Path, version: str) -> None:
         ]
     )
     runner.log("  compiling kube-apiserver, kube-controller-manager, kubectl (the long step)")
-    runner.go_cmd(["build", "-p", "2", "-trimpath", "-ldflags", ldflags, "-o", f"{out}/", *pkgs], src, "compiling Kubernetes")
+    runner.go_cmd(
+        ["build", "-p", "2", "-trimpath", "-ldflags", ldflags, "-o", f"{out}/", *pkgs],
+        src,
+        "compiling Kubernetes",
+    )
 
 
 def _build_etcd(runner: _Runner, work: Path, out: Path, version: str) -> None:
@@ -261,12 +284,29 @@ def _build_etcd(runner: _Runner, work: Path, out: Path, version: str) -> None:
     upstream = _download_gomod(runner, "go.etcd.io/etcd/server/v3", f"v{version}")
     modules = sibling_replaces(upstream)
     (src / "go.mod").write_text(
-        wrapper_gomod("sluiceway.local/etcd-build", upstream, "go.etcd.io/etcd/server/v3", f"v{version}", modules, f"v{version}")
+        wrapper_gomod(
+            "sluiceway.local/etcd-build",
+            upstream,
+            "go.etcd.io/etcd/server/v3",
+            f"v{version}",
+            modules,
+            f"v{version}",
+        )
     )
     (src / "go.sum").touch()
     runner.go_cmd(["get", f"go.etcd.io/etcd/server/v3@v{version}"], src, "downloading etcd modules")
     runner.go_cmd(
-        ["build", "-p", "2", "-trimpath", "-ldflags", "-s -w", "-o", str(out / ETCD_BINARY), "go.etcd.io/etcd/server/v3"],
+        [
+            "build",
+            "-p",
+            "2",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            "-o",
+            str(out / ETCD_BINARY),
+            "go.etcd.io/etcd/server/v3",
+        ],
         src,
         "compiling etcd",
     )
@@ -313,12 +353,15 @@ def ensure_binaries(log: Log = _log, *, build: bool = True) -> Binaries:
     with _locked(work / ".lock"):
         stamp = out / ".complete"
         stamp_data: dict[str, object] = json.loads(stamp.read_text()) if stamp.is_file() else {}
-        done = set(stamp_data.get("built", []) if isinstance(stamp_data.get("built"), list) else [])  # type: ignore[arg-type]
+        built = stamp_data.get("built")
+        done = {str(b) for b in built} if isinstance(built, list) else set()
         todo_kube = bool(need_kube) and not (set(KUBE_BINARIES) <= done and _cached(out, KUBE_BINARIES))
         todo_etcd = need_etcd and not (ETCD_BINARY in done and _cached(out, [ETCD_BINARY]))
         if todo_kube or todo_etcd:
             if not build:
-                raise BinariesUnavailable(f"control-plane binaries are not built yet in {out}: run `make cluster-bins`.")
+                raise BinariesUnavailableError(
+                    f"control-plane binaries are not built yet in {out}: run `make cluster-bins`."
+                )
             _build(work, out, todo_kube, todo_etcd, done, log)
         else:
             log(f"cached: Kubernetes v{KUBE_VERSION} + etcd v{ETCD_VERSION} in {out}")
@@ -334,14 +377,14 @@ def ensure_binaries(log: Log = _log, *, build: bool = True) -> Binaries:
 def _build(work: Path, out: Path, kube: bool, etcd: bool, done: set[str], log: Log) -> None:
     go = find_go()
     if go is None:
-        raise BinariesUnavailable(
+        raise BinariesUnavailableError(
             "Go toolchain not found (needed once to build kube-apiserver, kube-controller-manager, kubectl "
             f"and etcd into {out}). Install Go >= {MIN_GO[0]}.{MIN_GO[1]} and put `go` on PATH (or set "
             "SLUICEWAY_GO=/path/to/go), or set KUBEBUILDER_ASSETS to a directory holding those binaries."
         )
     have = _go_version(go)
     if have < MIN_GO:
-        raise BinariesUnavailable(
+        raise BinariesUnavailableError(
             f"{go} is Go {have[0]}.{have[1]}; building Kubernetes v{KUBE_VERSION} needs Go >= {MIN_GO[0]}.{MIN_GO[1]}. "
             "Install a newer Go, or set SLUICEWAY_GO to one."
         )
@@ -349,8 +392,10 @@ def _build(work: Path, out: Path, kube: bool, etcd: bool, done: set[str], log: L
     logfile = work / "build.log"
     logfile.write_text("")
     runner = _Runner(go, logfile, log)
-    what = " + ".join(x for x, on in ((f"Kubernetes v{KUBE_VERSION}", kube), (f"etcd v{ETCD_VERSION}", etcd)) if on)
-    log(f"building {what} with {go} into {out} (first run only; ~20-30 min on 2 cores; log: {logfile})")
+    what = " + ".join(
+        x for x, on in ((f"Kubernetes v{KUBE_VERSION}", kube), (f"etcd v{ETCD_VERSION}", etcd)) if on
+    )
+    log(f"building {what} with {go} into {out} (first run only; about 5 min on 2 cores; log: {logfile})")
     started = time.monotonic()
     with _MemorySampler() as mem:
         if etcd:
@@ -365,7 +410,9 @@ def _build(work: Path, out: Path, kube: bool, etcd: bool, done: set[str], log: L
         flags = ["version", "--client"] if name == "kubectl" else ["--version"]
         check = subprocess.run([str(out / name), *flags], capture_output=True, text=True)
         if check.returncode != 0:
-            raise BinariesUnavailable(f"built {out / name} but `{name} {' '.join(flags)}` failed: {check.stderr.strip()}")
+            raise BinariesUnavailableError(
+                f"built {out / name} but `{name} {' '.join(flags)}` failed: {check.stderr.strip()}"
+            )
     stats = {
         "kube_version": KUBE_VERSION,
         "etcd_version": ETCD_VERSION,
@@ -383,13 +430,17 @@ def _build(work: Path, out: Path, kube: bool, etcd: bool, done: set[str], log: L
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m localcluster.binaries", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--print-dir", action="store_true", help="print only the directory of the built binaries")
+    parser = argparse.ArgumentParser(
+        prog="python -m localcluster.binaries", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--print-dir", action="store_true", help="print only the directory of the built binaries"
+    )
     parser.add_argument("--no-build", action="store_true", help="fail instead of building")
     args = parser.parse_args(argv)
     try:
         bins = ensure_binaries(build=not args.no_build)
-    except BinariesUnavailable as exc:
+    except BinariesUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_dir:

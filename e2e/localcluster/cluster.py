@@ -55,7 +55,9 @@ class Ports:
         return cls(free_port(), free_port(), apiserver or free_port(), free_port())
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, user: Mapping[str, str], name: str = "localcluster") -> Path:
+def write_kubeconfig(
+    path: Path, server: str, ca: Path, user: Mapping[str, str], name: str = "localcluster"
+) -> Path:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -99,7 +101,9 @@ class LocalCluster:
     @property
     def api(self) -> KubeApi:
         return KubeApi(
-            Credentials(self.server, self.pki.ca_crt, self.pki.client_crt("admin"), self.pki.client_key("admin"))
+            Credentials(
+                self.server, self.pki.ca_crt, self.pki.client_crt("admin"), self.pki.client_key("admin")
+            )
         )
 
     # ------------------------------------------------------------------ start / stop
@@ -128,7 +132,9 @@ class LocalCluster:
         # retry such races with fresh ports. An explicitly requested port is not retried.
         for attempt in range(3 if apiserver_port is None else 1):
             registry = Registry(run_dir)
-            cluster = cls(run_dir, bins, create_pki(run_dir / "pki"), Ports.pick(apiserver_port), registry, log)
+            cluster = cls(
+                run_dir, bins, create_pki(run_dir / "pki"), Ports.pick(apiserver_port), registry, log
+            )
             try:
                 cluster._start_all(with_kubelet, images)
             except ClusterError as exc:
@@ -141,12 +147,16 @@ class LocalCluster:
             except BaseException:
                 cluster.stop()
                 raise
-            log(f"control plane up in {time.monotonic() - started:.1f}s at {cluster.server} (run dir {run_dir})")
+            log(
+                f"control plane up in {time.monotonic() - started:.1f}s at {cluster.server} (run dir {run_dir})"
+            )
             return cluster
         assert last_error is not None
         raise last_error
 
-    def _launch(self, name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None) -> ManagedProcess:
+    def _launch(
+        self, name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
         if not port_free(port):
             err = ClusterError(
                 f"cannot start {name}: 127.0.0.1:{port} is already in use by another process. "
@@ -237,7 +247,12 @@ class LocalCluster:
         proc = self._launch("kube-apiserver", argv, p.apiserver)
         creds = Credentials(self.server, pki.ca_crt, pki.client_crt("admin"), pki.client_key("admin"))
         api = KubeApi(creds, timeout=5)
-        self._wait(proc, p.apiserver, lambda: api.request("GET", "/readyz") is not None, f"kube-apiserver /readyz on port {p.apiserver}")
+        self._wait(
+            proc,
+            p.apiserver,
+            lambda: api.request("GET", "/readyz") is not None,
+            f"kube-apiserver /readyz on port {p.apiserver}",
+        )
         write_kubeconfig(
             self.kubeconfig,
             self.server,
@@ -292,7 +307,8 @@ class LocalCluster:
             with contextlib.suppress(Exception):
                 self.kubelet.stop()
         for proc in reversed(self.processes):
-            proc.stop(grace=5.0)
+            # Test state is disposable: no need to wait long for graceful shutdowns.
+            proc.stop(grace=1.0)
 
     def cleanup(self) -> None:
         self.stop()
@@ -301,18 +317,30 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # ------------------------------------------------------------------ helpers for tests
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60, kubeconfig: Path | None = None
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = False,
+        timeout: float = 60,
+        kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run the matching kubectl against this cluster (admin unless ``kubeconfig`` is given)."""
         env = {**os.environ, "KUBECONFIG": str(kubeconfig or self.kubeconfig)}
         done = subprocess.run(
-            [str(self.binaries.kubectl), *args], input=input, capture_output=True, text=True, env=env, timeout=timeout
+            [str(self.binaries.kubectl), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
         )
         if check and done.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -322,14 +350,18 @@ class LocalCluster:
         if not isinstance(manifest, str):
             docs = [manifest] if isinstance(manifest, dict) else list(manifest)
             manifest = yaml.safe_dump_all(docs)
-        self.kubectl("apply", "-f", "-", *(["-n", namespace] if namespace else []), input=manifest, check=True)
+        self.kubectl(
+            "apply", "-f", "-", *(["-n", namespace] if namespace else []), input=manifest, check=True
+        )
 
     def fresh_namespace(self, prefix: str = "t") -> str:
         """Create a new namespace and wait until it can run pods (its `default` ServiceAccount exists)."""
         self._ns_counter += 1
         name = f"{prefix}-{self._ns_counter}-{secrets.token_hex(3)}"
         api = self.api
-        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        api.create(
+            "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )
         wait_until(
             lambda: bool(api.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")),
             30,
@@ -340,7 +372,11 @@ class LocalCluster:
     def serviceaccount_token(self, namespace: str, name: str, expiration_seconds: int = 3600) -> str:
         resp = self.api.create(
             f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": expiration_seconds}},
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
         )
         return str(resp["status"]["token"])
 
@@ -348,7 +384,9 @@ class LocalCluster:
         """A kubeconfig that acts as ServiceAccount ``namespace/name``, with exactly its RBAC permissions."""
         token = self.serviceaccount_token(namespace, name, expiration_seconds)
         path = self.run_dir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
-        return write_kubeconfig(path, self.server, self.pki.ca_crt, {"token": token}, name=f"sa-{namespace}-{name}")
+        return write_kubeconfig(
+            path, self.server, self.pki.ca_crt, {"token": token}, name=f"sa-{namespace}-{name}"
+        )
 
     def require_kubelet(self) -> Kubelet:
         """The test kubelet (images table, processes, exits); fails if started without one."""

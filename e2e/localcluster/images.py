@@ -39,7 +39,7 @@ class ImageEntry:
     env: tuple[tuple[str, str], ...] = ()
 
 
-class UnknownImage(LookupError):
+class UnknownImageError(LookupError):
     pass
 
 
@@ -62,8 +62,20 @@ _PY_ENV = (("PYTHONUNBUFFERED", "1"),)
 
 def default_entries(python: str = sys.executable) -> list[ImageEntry]:
     return [
-        ImageEntry(("sluiceway/worker", "sluiceway-worker"), (python, "-m", "sluiceway"), (), "the worker runtime", _PY_ENV),
-        ImageEntry(("sluiceway/operator", "sluiceway-operator"), (python, "-m", "sluiceway_operator"), (), "the operator", _PY_ENV),
+        ImageEntry(
+            ("sluiceway/worker", "sluiceway-worker"),
+            (python, "-m", "sluiceway"),
+            (),
+            "the worker runtime",
+            _PY_ENV,
+        ),
+        ImageEntry(
+            ("sluiceway/operator", "sluiceway-operator"),
+            (python, "-m", "sluiceway_operator"),
+            (),
+            "the operator",
+            _PY_ENV,
+        ),
         ImageEntry(("busybox", "alpine"), (), ("sh",), "shell tools from the host PATH"),
         ImageEntry(("python",), (), (python,), "the kubelet's Python", _PY_ENV),
     ]
@@ -84,7 +96,11 @@ class ImageTable:
     ) -> None:
         """Map images whose repository is, or ends in ``/``, ``repository_suffix``."""
         entry = ImageEntry(
-            (repository_suffix,), tuple(entrypoint), tuple(default_args), description, tuple((env or {}).items())
+            (repository_suffix,),
+            tuple(entrypoint),
+            tuple(default_args),
+            description,
+            tuple((env or {}).items()),
         )
         with self._lock:
             self._entries.append(entry)
@@ -95,7 +111,7 @@ class ImageTable:
             for entry in reversed(self._entries):
                 if any(_matches(repo, s) for s in entry.suffixes):
                     return entry
-        raise UnknownImage(
+        raise UnknownImageError(
             f"image {image!r} is not in the test kubelet's image table (e2e/localcluster/images.py); "
             "add a row there or call kube_cluster.kubelet.images.register(...)"
         )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,32 @@ class KubeApi:
     def delete(self, path: str, body: Mapping[str, Any] | None = None) -> Obj:
         return self.request("DELETE", path, body)
 
-    def watch(self, path: str, resource_version: str, timeout_seconds: int = 60) -> Iterator[Obj]:
-        """Yield watch events until the server ends the stream (after ``timeout_seconds``)."""
+    def watch(
+        self,
+        path: str,
+        resource_version: str,
+        timeout_seconds: int = 60,
+        on_connect: Callable[[socket.socket | None], None] | None = None,
+    ) -> Iterator[Obj]:
+        """Yield watch events until the server ends the stream (after ``timeout_seconds``).
+
+        ``on_connect`` receives the socket, so another thread can shut it down to end the watch now.
+        """
         query = urllib.parse.urlencode(
-            {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+            {
+                "watch": "1",
+                "resourceVersion": resource_version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": str(timeout_seconds),
+            }
         )
-        conn = http.client.HTTPSConnection(self._host, self._port, context=self._ctx, timeout=timeout_seconds + 15)
+        conn = http.client.HTTPSConnection(
+            self._host, self._port, context=self._ctx, timeout=timeout_seconds + 15
+        )
         try:
             conn.request("GET", f"{path}?{query}", headers=self._headers(None))
+            if on_connect is not None:
+                on_connect(conn.sock)
             resp = conn.getresponse()
             if resp.status >= 400:
                 raise ApiError(resp.status, resp.reason, resp.read().decode())

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .images import ImageTable, UnknownImage
+from .images import ImageTable, UnknownImageError
 from .kubeapi import ApiError, KubeApi, Obj
 from .procs import Registry, group_alive, kill_group
 
@@ -225,14 +225,21 @@ class Kubelet:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._probes = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubelet-probe")
+        self._probes = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="kubelet-probe"
+        )
         self._errors: list[str] = []
+        self._watch_sock: socket.socket | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         self._register_node()
-        for target, name in ((self._watch_loop, "kubelet-watch"), (self._main_loop, "kubelet"), (self._lease_loop, "kubelet-lease")):
+        for target, name in (
+            (self._watch_loop, "kubelet-watch"),
+            (self._main_loop, "kubelet"),
+            (self._lease_loop, "kubelet-lease"),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -240,6 +247,11 @@ class Kubelet:
     def stop(self, grace: float = 3.0) -> None:
         """Stop the loops and end every pod process (SIGTERM, then SIGKILL after ``grace``)."""
         self._stop.set()
+        sock = self._watch_sock
+        if sock is not None:
+            # Wakes the watch thread from its blocking read instead of waiting for the stream's timeout.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5)
         with self._lock:
@@ -275,13 +287,17 @@ class Kubelet:
         for p in self.processes(namespace):
             if p.pod == pod and (container is None or p.container == container):
                 return p.pid
-        raise LookupError(f"no running process for pod {namespace}/{pod}" + (f" container {container}" if container else ""))
+        raise LookupError(
+            f"no running process for pod {namespace}/{pod}" + (f" container {container}" if container else "")
+        )
 
     def exits(self, namespace: str | None = None) -> list[ContainerExit]:
         with self._lock:
             return [e for e in self._exits if namespace is None or e.namespace == namespace]
 
-    def log_path(self, namespace: str, pod: str, container: str | None = None, previous: bool = False) -> Path:
+    def log_path(
+        self, namespace: str, pod: str, container: str | None = None, previous: bool = False
+    ) -> Path:
         with self._lock:
             uid = self._by_name.get((namespace, pod))
             run = self._runs.get(uid) if uid else None
@@ -289,7 +305,9 @@ class Kubelet:
                 raise LookupError(f"the test kubelet never ran pod {namespace}/{pod}")
             if container is None:
                 if len(run.containers) != 1:
-                    raise LookupError(f"pod {namespace}/{pod} has several containers; name one of {sorted(run.containers)}")
+                    raise LookupError(
+                        f"pod {namespace}/{pod} has several containers; name one of {sorted(run.containers)}"
+                    )
                 container = next(iter(run.containers))
             c = run.containers[container]
         return c.log_path.with_suffix(".previous.log") if previous else c.log_path
@@ -332,7 +350,11 @@ class Kubelet:
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {"name": self.node_name, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now_micro()},
+            "spec": {
+                "holderIdentity": self.node_name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": now_micro(),
+            },
         }
         try:
             self.api.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
@@ -353,10 +375,20 @@ class Kubelet:
         resources = {"cpu": cpus, "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
         status = {
             "conditions": [
-                {"type": t, "status": s, "reason": r, "message": m, "lastHeartbeatTime": now, "lastTransitionTime": now}
+                {
+                    "type": t,
+                    "status": s,
+                    "reason": r,
+                    "message": m,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
                 for t, s, r, m in conds
             ],
-            "addresses": [{"type": "InternalIP", "address": POD_IP}, {"type": "Hostname", "address": self.node_name}],
+            "addresses": [
+                {"type": "InternalIP", "address": POD_IP},
+                {"type": "Hostname", "address": self.node_name},
+            ],
             "capacity": resources,
             "allocatable": resources,
             "nodeInfo": {
@@ -402,7 +434,9 @@ class Kubelet:
                         self._events.put(("MODIFIED", pod))
                     self._events.put(("RESYNC", {"uids": sorted(seen)}))
                     rv = listing["metadata"]["resourceVersion"]
-                for event in self.api.watch("/api/v1/pods", rv, timeout_seconds=30):
+                for event in self.api.watch(
+                    "/api/v1/pods", rv, timeout_seconds=30, on_connect=self._set_watch_sock
+                ):
                     if self._stop.is_set():
                         return
                     obj = event.get("object", {})
@@ -418,6 +452,12 @@ class Kubelet:
                 self._note(f"pod watch: {exc}")
                 rv = ""
                 self._stop.wait(0.5)
+
+    def _set_watch_sock(self, sock: socket.socket | None) -> None:
+        self._watch_sock = sock
+        if self._stop.is_set() and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ---------------------------------------------------------------- reconcile
 
@@ -469,7 +509,9 @@ class Kubelet:
         meta, spec = pod["metadata"], pod.get("spec", {})
         node = spec.get("nodeName")
         if not node:
-            if spec.get("schedulerName", "default-scheduler") == "default-scheduler" and not meta.get("deletionTimestamp"):
+            if spec.get("schedulerName", "default-scheduler") == "default-scheduler" and not meta.get(
+                "deletionTimestamp"
+            ):
                 self._bind(pod)
             return
         if node != self.node_name:
@@ -511,9 +553,17 @@ class Kubelet:
         d = self.run_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         (d / "work").mkdir(parents=True, exist_ok=True)
         containers = {
-            c["name"]: Container(name=c["name"], spec=c, log_path=d / f"{c['name']}.log") for c in pod["spec"].get("containers", [])
+            c["name"]: Container(name=c["name"], spec=c, log_path=d / f"{c['name']}.log")
+            for c in pod["spec"].get("containers", [])
         }
-        run = PodRun(uid=meta["uid"], namespace=meta["namespace"], name=meta["name"], pod=pod, dir=d, containers=containers)
+        run = PodRun(
+            uid=meta["uid"],
+            namespace=meta["namespace"],
+            name=meta["name"],
+            pod=pod,
+            dir=d,
+            containers=containers,
+        )
         with self._lock:
             self._runs[run.uid] = run
             self._by_name[(run.namespace, run.name)] = run.uid
@@ -539,7 +589,7 @@ class Kubelet:
             env = self._resolve_env(run.pod, c.spec, dict(entry.env))
             argv = self.images.argv(c.spec["image"], c.spec.get("command"), c.spec.get("args"))
             argv = [expand(a, env) for a in argv]
-        except UnknownImage as exc:
+        except UnknownImageError as exc:
             c.waiting = ("ErrImagePull", str(exc))
             c.next_start = time.monotonic() + 2
             return
@@ -623,10 +673,15 @@ class Kubelet:
             c.probe_future.cancel()
             c.probe_future = None
         policy = self._restart_policy(run)
-        restart = run.terminating_since is None and (policy == "Always" or (policy == "OnFailure" and code != 0))
+        restart = run.terminating_since is None and (
+            policy == "Always" or (policy == "OnFailure" and code != 0)
+        )
         if restart:
             c.last_terminated = terminated
-            c.waiting = ("CrashLoopBackOff", f"back-off {c.backoff:.0f}s restarting failed container={c.name}")
+            c.waiting = (
+                "CrashLoopBackOff",
+                f"back-off {c.backoff:.0f}s restarting failed container={c.name}",
+            )
             c.next_start = time.monotonic() + c.backoff
             c.backoff = min(c.backoff * 2, BACKOFF_MAX)
         else:
@@ -637,7 +692,9 @@ class Kubelet:
         ns = pod["metadata"]["namespace"]
         env: dict[str, str] = {
             # The host PATH, with the interpreter's bin dir first so .venv tools resolve.
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
+            "PATH": os.pathsep.join(
+                [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
+            ),
             "HOSTNAME": pod["metadata"]["name"],
             "HOME": str(self.run_dir / "pods" / "home"),
         }
@@ -684,7 +741,11 @@ class Kubelet:
             if "fieldRef" in vf:
                 env[name] = field_value(pod, vf["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in vf or "configMapKeyRef" in vf:
-                kind, ref = ("secrets", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("configmaps", vf["configMapKeyRef"])
+                kind, ref = (
+                    ("secrets", vf["secretKeyRef"])
+                    if "secretKeyRef" in vf
+                    else ("configmaps", vf["configMapKeyRef"])
+                )
                 optional = bool(ref.get("optional"))
                 obj = source(kind, ref["name"], optional)
                 if obj is None:
@@ -694,7 +755,8 @@ class Kubelet:
                     env[name] = data[ref["key"]]
                 elif not optional:
                     raise ConfigError(
-                        "CreateContainerConfigError", f"couldn't find key {ref['key']} in {kind[:-1]} {ns}/{ref['name']}"
+                        "CreateContainerConfigError",
+                        f"couldn't find key {ref['key']} in {kind[:-1]} {ns}/{ref['name']}",
                     )
             elif "resourceFieldRef" in vf:
                 res = vf["resourceFieldRef"]["resource"]
@@ -763,7 +825,12 @@ class Kubelet:
         try:
             self.api.delete(
                 f"/api/v1/namespaces/{run.namespace}/pods/{run.name}",
-                {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": run.uid}},
+                {
+                    "apiVersion": "v1",
+                    "kind": "DeleteOptions",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": run.uid},
+                },
             )
         except ApiError as exc:
             if exc.status not in (404, 409):
@@ -867,7 +934,9 @@ class Kubelet:
         if status == run.last_status:
             return
         try:
-            self.api.merge_patch(f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status", {"status": status})
+            self.api.merge_patch(
+                f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status", {"status": status}
+            )
             run.last_status = status
         except ApiError as exc:
             if exc.status == 404:
@@ -906,7 +975,11 @@ def run_probe(probe: Obj, container: Obj, env: Mapping[str, str], cwd: str) -> b
         get = probe["httpGet"]
         host = get.get("host") or POD_IP
         port = _port(get["port"], container)
-        cls = http.client.HTTPSConnection if get.get("scheme", "HTTP").upper() == "HTTPS" else http.client.HTTPConnection
+        cls = (
+            http.client.HTTPSConnection
+            if get.get("scheme", "HTTP").upper() == "HTTPS"
+            else http.client.HTTPConnection
+        )
         conn = cls(host, port, timeout=timeout)
         try:
             headers = {h["name"]: h["value"] for h in get.get("httpHeaders", [])}
@@ -919,7 +992,9 @@ def run_probe(probe: Obj, container: Obj, env: Mapping[str, str], cwd: str) -> b
     if "tcpSocket" in probe:
         sock_probe = probe["tcpSocket"]
         try:
-            with socket.create_connection((sock_probe.get("host") or POD_IP, _port(sock_probe["port"], container)), timeout=timeout):
+            with socket.create_connection(
+                (sock_probe.get("host") or POD_IP, _port(sock_probe["port"], container)), timeout=timeout
+            ):
                 return True
         except OSError:
             return False

@@ -54,7 +54,9 @@ class Pki:
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     path.chmod(0o600)
 
@@ -108,10 +110,14 @@ def create_pki(directory: Path) -> Pki:
                 x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
             )
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
         )
         if server:
             builder = builder.add_extension(
@@ -134,7 +140,12 @@ def create_pki(directory: Path) -> Pki:
 
     issue(pki.serving_crt, pki.serving_key, _name("kube-apiserver"), server=True)
     # system:masters bypasses RBAC: this identity is for the harness, kubectl and the test kubelet only.
-    issue(pki.client_crt("admin"), pki.client_key("admin"), _name("localcluster-admin", "system:masters"), server=False)
+    issue(
+        pki.client_crt("admin"),
+        pki.client_key("admin"),
+        _name("localcluster-admin", "system:masters"),
+        server=False,
+    )
     # KCM authenticates as itself so the bootstrap RBAC roles, not system:masters, govern it.
     issue(
         pki.client_crt("kube-controller-manager"),
@@ -147,6 +158,8 @@ def create_pki(directory: Path) -> Pki:
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki.sa_key, sa_key)
     pki.sa_pub.write_bytes(
-        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return pki

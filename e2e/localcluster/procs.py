@@ -190,10 +190,8 @@ class ManagedProcess:
         pgid = self.proc.pid
         if self.alive() or group_alive(pgid):
             kill_group(pgid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         # Children that outlived the leader (or ignored SIGTERM) go too.
         kill_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -20,7 +20,7 @@ from types import FrameType
 
 import pytest
 
-from .binaries import BinariesUnavailable, ensure_binaries
+from .binaries import BinariesUnavailableError, ensure_binaries
 from .cluster import LocalCluster
 from .procs import ClusterError
 
@@ -44,7 +44,7 @@ def kube_cluster() -> Iterator[LocalCluster]:
     """etcd + kube-apiserver + kube-controller-manager + the test kubelet, for the whole session."""
     try:
         binaries = ensure_binaries()
-    except BinariesUnavailable as exc:
+    except BinariesUnavailableError as exc:
         pytest.fail(f"local Kubernetes control plane unavailable: {exc}", pytrace=False)
     try:
         cluster = LocalCluster.start(binaries=binaries)

@@ -1,0 +1,19 @@
+# Local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, test kubelet).
+# Included by the top-level Makefile, which defines PY and VENV. See docs/local-cluster.md.
+
+LOCALCLUSTER := PYTHONPATH=e2e $(PY) -m localcluster
+CLUSTER_RUN_DIR ?= .run/cluster
+
+.PHONY: cluster-bins cluster-up cluster-down cluster-status
+
+cluster-bins: venv ## Build (first run only) or locate etcd, kube-apiserver, kube-controller-manager, kubectl
+	@PYTHONPATH=e2e $(PY) -m localcluster.binaries
+
+cluster-up: cluster-bins ## Start a local cluster in the background and print the KUBECONFIG to export
+	@$(LOCALCLUSTER) up --run-dir $(CLUSTER_RUN_DIR)
+
+cluster-down: ## Stop the cluster started by `make cluster-up` (and anything it left behind)
+	@$(LOCALCLUSTER) down --run-dir $(CLUSTER_RUN_DIR)
+
+cluster-status: ## Print the KUBECONFIG of the running local cluster, if any
+	@$(LOCALCLUSTER) status --run-dir $(CLUSTER_RUN_DIR)
