@@ -558,3 +558,21 @@ def test_property_idle_pods_cost_less_than_busy_ones(fleet: list[WorkerSample]) 
         if w.live and w.busy == 0 and w.pod in costs:
             busy_costs = [costs[x.pod] for x in fleet if x.live and x.busy > 0 and x.pod != w.pod]
             assert all(costs[w.pod] <= c for c in busy_costs)
+
+
+def test_policy_from_spec() -> None:
+    from sluiceway_operator.spec import parse_spec
+
+    raw = {
+        "image": "i",
+        "function": "m:f",
+        "broker": {"type": "redis"},
+        "rateLimit": {"qps": 50},
+        "concurrency": {"perPod": 16},
+        "scaling": {"minReplicas": 1, "maxReplicas": 20, "cooldownSeconds": 30},
+        "replicas": 4,
+    }
+    p = Policy.from_spec(parse_spec(raw, name="q"))
+    assert (p.min_replicas, p.max_replicas, p.per_pod, p.qps, p.pinned) == (1, 20, 16, 50.0, 4)
+    assert (p.cooldown_seconds, p.stabilization_seconds, p.target_drain_seconds) == (30, 60, 30)
+    assert (p.qps_headroom, p.assumed_task_seconds) == (0.1, 1.0)
