@@ -77,3 +77,21 @@ def noop(n: int = 0) -> None:
 
 async def noop_async(n: int = 0) -> None:
     return None
+
+
+def misbehave(n: int, mode: str = "ok") -> None:
+    """One function, many ways to fail, chosen by the message."""
+    started = time.time()
+    _r().rpush("test:starts", f"{started:.6f}")
+    attempts = _r().hincrby("test:attempts", str(n), 1)
+    if mode == "raise":
+        raise ValueError(f"message {n} always fails")
+    if mode == "hang":
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+    if mode == "reject":
+        raise sluiceway.Reject(f"message {n} is poison")
+    if mode == "flaky" and attempts == 1:
+        raise RuntimeError("first attempt fails")
+    _r().hincrby("test:done", str(n), 1)

@@ -33,8 +33,12 @@ def simulate(qps: float, burst: int, horizon_us: float, calls: list[tuple[float,
 
 
 @settings(max_examples=300)
-@given(qps_st, st.integers(min_value=0, max_value=5), st.floats(min_value=1_000, max_value=1_000_000), calls_st)
-def test_no_window_holds_more_than_rate_plus_burst(qps: float, burst: int, horizon: float, calls: list[tuple[float, int]]) -> None:
+@given(
+    qps_st, st.integers(min_value=0, max_value=5), st.floats(min_value=1_000, max_value=1_000_000), calls_st
+)
+def test_no_window_holds_more_than_rate_plus_burst(
+    qps: float, burst: int, horizon: float, calls: list[tuple[float, int]]
+) -> None:
     starts = simulate(qps, burst, horizon, calls)
     window = 1_000_000.0
     # Slots are spaced exactly one interval apart, apart from the burst let through after idling.
@@ -95,7 +99,10 @@ def test_backoff_is_bounded_and_grows(attempt: int, base: float, extra: float, d
     d = retry_delay(attempt, base=base, cap=cap, draw=draw)
     nominal = min(cap, base * 2 ** min(attempt - 1, 60))
     assert nominal / 2 - 1e-9 <= d <= nominal + 1e-9
-    assert retry_delay(attempt + 1, base=base, cap=cap, draw=1.0) >= retry_delay(attempt, base=base, cap=cap, draw=1.0) - 1e-9
+    assert (
+        retry_delay(attempt + 1, base=base, cap=cap, draw=1.0)
+        >= retry_delay(attempt, base=base, cap=cap, draw=1.0) - 1e-9
+    )
 
 
 def test_backoff_examples() -> None:

@@ -24,7 +24,9 @@ class RedisServer:
     def __init__(self, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed: run `make system-deps` (Debian package redis-server)")
+            raise RuntimeError(
+                "redis-server is not installed: run `make system-deps` (Debian package redis-server)"
+            )
         self.binary = binary
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-redis-"))
@@ -38,13 +40,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.dir),
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--save", "",
-                "--logfile", str(self.dir / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--logfile",
+                str(self.dir / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,8 @@ class WorkerProcess:
             self._log_file.close()
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
@@ -69,3 +71,6 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.05, what: st
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+SpawnWorker = Callable[..., WorkerProcess]

@@ -38,6 +38,13 @@ class WorkerMetrics:
             ["taskqueue", "queue"],
             registry=self.registry,
         ).labels(**labels)
+        self.start_lag = Histogram(
+            "sluiceway_start_lag_seconds",
+            "How late a task started after its rate-limit slot (scheduling latency; never negative).",
+            ["taskqueue", "queue"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=self.registry,
+        ).labels(**labels)
         self._ok = self.messages.labels(taskqueue=taskqueue, queue=queue, outcome="ok", reason="")
         self._labels = labels
 

@@ -76,6 +76,7 @@ class Outcome(IntEnum):
 class Task:
     delivery: Delivery
     due: float  # monotonic time of its rate-limit slot
+    slots: SlotLease | None = None  # the rate-limit lease its slot came from
     message: codec.Message | None = None
     started: float = 0.0
     thread: threading.Thread | None = None
@@ -162,7 +163,6 @@ class Worker:
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.last_slots: SlotLease | None = None
-        self.unstarted_slots = 0
 
         self.stopping = threading.Event()  # stop fetching
         self.stopped = threading.Event()  # everything settled or handed back
@@ -303,12 +303,13 @@ class Worker:
         return ExitCode.OK
 
     def _give_back(self, tasks: Sequence[Task], why: str, *, return_slots: bool) -> None:
-        if not tasks and not (return_slots and self.last_slots):
+        slots = self.last_slots if return_slots else None
+        # Only the newest lease's slots can go back, and only its unstarted tail: tasks start in
+        # slot order, so its unstarted tasks are exactly the last slots of that lease.
+        unused = sum(1 for t in tasks if t.slots is slots and t.started == 0.0) if slots else 0
+        if not tasks and not unused:
             return
         tokens = [t.delivery.token for t in tasks]
-        # Only unstarted messages of the newest lease still own future slots worth handing back.
-        unused = sum(1 for t in tasks if t.started == 0.0) if return_slots else 0
-        slots = self.last_slots if return_slots else None
         n = self._call_with_backoff(
             "hand back messages",
             lambda: self.broker.give_back(tokens, slots, unused),
@@ -352,7 +353,7 @@ class Worker:
 
     def _accept(self, batch: Batch) -> None:
         now = time.monotonic()
-        tasks = [Task(d, now + d.start_after) for d in batch.deliveries]
+        tasks = [Task(d, now + d.start_after, batch.slots) for d in batch.deliveries]
         with self.lock:
             for t in tasks:
                 self.held[t.delivery.token] = t
@@ -445,6 +446,8 @@ class Worker:
         assert task.message is not None
         task.thread = threading.current_thread()
         task.started = time.monotonic()
+        if task.slots is not None:
+            self.metrics.start_lag.observe(task.started - task.due)
         with self.lock:
             self.running[thread_id] = task
         try:
@@ -491,6 +494,8 @@ class Worker:
                 return
             assert task.message is not None
             task.started = time.monotonic()
+            if task.slots is not None:
+                self.metrics.start_lag.observe(task.started - task.due)
             key = id(task)
             with self.lock:
                 self.running[key] = task

@@ -1,0 +1,301 @@
+"""The worker against a real Redis and real worker processes: the guarantees users rely on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+import sluiceway
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from sluiceway.ratelimit import max_in_window
+from tests.support.redis_server import RedisServer
+from tests.support.workers import SpawnWorker, wait_for
+
+pytestmark = pytest.mark.redis
+
+KEYS = Keys("default", "jobs")
+FAST = ["--lease", "3", "--heartbeat", "0.5"]
+
+
+def publish(url: str, n: int, start: int = 0, **extra: object) -> None:
+    pub = sluiceway.Publisher(url)
+    pub.publish_batch("jobs", ({"n": i, **extra} for i in range(start, start + n)))
+    pub.close()
+
+
+def counts(r: redis.Redis, key: str) -> dict[int, int]:
+    return {int(k): int(v) for k, v in r.hgetall(key).items()}
+
+
+def all_done(r: redis.Redis, n: int) -> bool:
+    return int(r.hlen("test:done")) >= n
+
+
+def test_worker_killed_mid_run_loses_nothing_and_its_messages_return_within_a_lease(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    total = 10_000
+    publish(redis_url, total, sleep=0.002)
+    victim = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", "16", "--worker-id", "victim", *FAST
+    )
+    others = [
+        spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "-c", "8", "--worker-id", f"w{i}", *FAST)
+        for i in range(2)
+    ]
+    wait_for(lambda: r.hlen("test:done") > 1500, 60, what="progress before the kill")
+    held = r.zcard(KEYS.inflight("victim"))
+    assert held > 0, "the victim should hold leases when it is killed"
+    victim.kill()
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: r.zcard(KEYS.inflight("victim")) == 0, 10, interval=0.02, what="the victim's leases to return"
+    )
+    recovered_after = time.monotonic() - killed_at
+    # The leases were renewed at most one heartbeat before the kill; a reaper runs every heartbeat.
+    assert recovered_after <= 3.0 + 0.5 + 0.5
+    wait_for(lambda: all_done(r, total), 120, what="all messages done")
+    seen = counts(r, "test:seen")
+    done = counts(r, "test:done")
+    assert set(done) == set(range(total)), "every message completed at least once"
+    duplicates = sum(v - 1 for v in seen.values())
+    assert duplicates <= held  # only what the victim held may run twice
+    stats = fleet.queue_stats(r, KEYS)
+    assert (stats.ready, stats.delayed, stats.in_flight, stats.dead) == (0, 0, 0, 0)
+    print(f"\nkill -9: victim held {held}, returned in {recovered_after:.2f} s, duplicates {duplicates}")
+    for w in others:
+        w.terminate()
+        assert w.wait() == 0
+
+
+def test_sigterm_finishes_running_tasks_and_returns_prefetched_at_once(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    publish(redis_url, 60, sleep=3)
+    w = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--prefetch", "20", "--worker-id", "w", *FAST
+    )
+    wait_for(
+        lambda: r.hlen("test:seen") == 4 and r.zcard(KEYS.inflight("w")) == 24,
+        15,
+        what="4 running, 20 prefetched",
+    )
+    w.terminate()
+    # Prefetched messages go back at once, long before the running tasks finish.
+    wait_for(
+        lambda: r.zcard(KEYS.inflight("w")) <= 4, 1.0, interval=0.01, what="prefetched messages returned"
+    )
+    started = set(counts(r, "test:seen"))
+    assert len(started) == 4
+    assert r.llen(KEYS.ready) == 60 - 4
+    assert w.wait(10) == 0
+    assert set(counts(r, "test:done")) == started, "running tasks finished, none was interrupted"
+    assert r.zcard(KEYS.inflight("w")) == 0
+    # Nothing lost: another worker drains the rest.
+    w2 = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "-c", "60", *FAST)
+    wait_for(lambda: all_done(r, 60), 30, what="the rest drained")
+    assert max(counts(r, "test:seen").values()) == 1
+    w2.terminate()
+    assert w2.wait() == 0
+
+
+def test_sigterm_returns_unfinished_tasks_after_the_grace_period(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    publish(redis_url, 2, sleep=30)
+    w = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", "2", "--drain", "1", "--worker-id", "w", *FAST
+    )
+    wait_for(lambda: r.hlen("test:seen") == 2, 15, what="both running")
+    w.terminate()
+    assert w.wait(10) == 0
+    assert r.llen(KEYS.ready) == 2, "tasks still running at the end of the grace period go back to the queue"
+    assert r.zcard(KEYS.inflight("w")) == 0
+
+
+@pytest.mark.slow
+def test_fleet_wide_qps_is_exact_while_workers_join_and_leave(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    qps, duration = 20, 30
+    publish(redis_url, qps * (duration + 10))
+    args = ["-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--qps", str(qps), *FAST]
+    fleet_ = [spawn_worker(*args) for _ in range(2)]
+    wait_for(lambda: r.llen("test:starts") > 0, 15, what="first start")
+    t0 = time.monotonic()
+    joined = left = False
+    while time.monotonic() - t0 < duration + 1:
+        elapsed = time.monotonic() - t0
+        if elapsed > 8 and not joined:
+            fleet_ += [spawn_worker(*args) for _ in range(2)]  # join mid-run
+            joined = True
+        if elapsed > 18 and not left:
+            fleet_[0].terminate()  # leave gracefully mid-run
+            fleet_[1].kill()  # and one dies
+            left = True
+        time.sleep(0.2)
+    starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
+    first = starts[0]
+    window = [s for s in starts if s < first + duration]
+    worst = max_in_window(window, 1.0)
+    mean = len(window) / duration
+    print(f"\nqps {qps}: mean {mean:.2f} ({mean / qps:.4f} of target), worst 1-s window {worst}")
+    assert worst <= qps + 1  # stated allowance: +1 for scheduling jitter (burst 0)
+    assert abs(mean - qps) / qps <= 0.02
+
+
+def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    pub = sluiceway.Publisher(redis_url)
+    r.lpush(KEYS.ready, b"{malformed json")
+    r.lpush(KEYS.ready, b"[1, 2, 3]")
+    pub.publish("jobs", {"n": 1, "unexpected": True})
+    pub.publish("jobs", {"n": 2, "mode": "raise"})
+    pub.publish("jobs", {"n": 3, "mode": "hang"})
+    pub.publish("jobs", {"n": 4, "mode": "reject"})
+    pub.publish("jobs", {"n": 5, "mode": "flaky"})
+    pub.publish("jobs", {"n": 6, "mode": "ok"})
+    w = spawn_worker(
+        "-f", "tests.tasks:misbehave", "-q", "jobs", "-c", "4", "--max-attempts", "3",
+        "--backoff", "0.05", "--max-backoff", "0.2", "--timeout", "0.5", *FAST,
+    )  # fmt: skip
+    wait_for(lambda: r.llen(KEYS.dead) == 6 and r.hlen("test:done") == 2, 30, what="all outcomes")
+    by_reason: dict[str, list[dict[str, object]]] = {}
+    for e in fleet.dead_letters(r, KEYS):
+        by_reason.setdefault(str(e["reason"]), []).append(e)
+    assert {k: len(v) for k, v in by_reason.items()} == {
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "bad_arguments": 1,
+        "error": 1,
+        "timeout": 1,
+        "rejected": 1,
+    }
+    raised = by_reason["error"][0]
+    assert "ValueError" in str(raised["detail"]) and "after 3 attempts" in str(raised["detail"])
+    assert raised["attempts"] == 3
+    assert "unexpected" in str(by_reason["bad_arguments"][0]["detail"])
+    assert "timeout" in str(by_reason["timeout"][0]["detail"])
+    attempts = counts(r, "test:attempts")
+    assert attempts[2] == 3 and attempts[3] == 3 and attempts[4] == 1 and attempts[5] == 2
+    assert counts(r, "test:done") == {5: 1, 6: 1}
+    w.terminate()
+    assert w.wait(15) == 0
+
+
+def test_reject_dead_letters_without_retry(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    sluiceway.Publisher(redis_url).publish("jobs", {"n": 4, "mode": "reject"})
+    w = spawn_worker("-f", "tests.tasks:misbehave", "-q", "jobs", "--max-attempts", "5", *FAST)
+    wait_for(lambda: r.llen(KEYS.dead) == 1, 15, what="dead letter")
+    (entry,) = fleet.dead_letters(r, KEYS)
+    assert entry["reason"] == "rejected" and "poison" in str(entry["detail"])
+    assert counts(r, "test:attempts") == {4: 1}
+    w.terminate()
+    w.wait()
+
+
+def test_redis_restart_mid_run_loses_nothing(
+    r: redis.Redis, redis_server: RedisServer, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    total = 3000
+    publish(redis_url, total, sleep=0.003)
+    workers = [spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "-c", "8", *FAST) for _ in range(2)]
+    wait_for(lambda: r.hlen("test:done") > 300, 30, what="progress")
+    redis_server.restart(down_for=2.0)
+    r2 = redis.Redis.from_url(redis_url)
+    wait_for(lambda: all_done(r2, total), 120, what="all done after the restart")
+    assert set(counts(r2, "test:done")) == set(range(total))
+    for w in workers:
+        assert w.proc.poll() is None, "an outage must not kill a worker"
+        w.terminate()
+        assert w.wait(15) == 0
+    assert "retrying" in workers[0].output() + workers[1].output()
+
+
+def test_long_task_keeps_its_lease(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    """A task running for several lease periods is never redelivered to another worker."""
+    publish(redis_url, 1, sleep=5)
+    ws = [
+        spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "--lease", "1", "--heartbeat", "0.25")
+        for _ in range(2)
+    ]
+    wait_for(lambda: all_done(r, 1), 20, what="the long task")
+    assert counts(r, "test:seen") == {0: 1}
+    for w in ws:
+        w.terminate()
+        w.wait()
+
+
+def test_heartbeats_describe_each_worker(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    publish(redis_url, 200, sleep=0.01)
+    w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--worker-id", "hb", *FAST)
+    wait_for(lambda: all_done(r, 200), 30, what="work done")
+    time.sleep(0.6)
+    (hb,) = fleet.heartbeats(r, KEYS)
+    assert hb["worker"] == "hb" and hb["state"] == "running" and hb["concurrency"] == 4
+    assert hb["processed"] == 200 and hb["busy"] == 0
+    assert 0.01 <= hb["latency_p50"] < 0.5 and hb["latency_p99"] >= hb["latency_p50"]
+    assert hb["rate"] > 0
+    assert r.pttl(KEYS.heartbeat("hb")) > 0, "a heartbeat expires if the worker stops writing it"
+    w.terminate()
+    assert w.wait() == 0
+    assert fleet.heartbeats(r, KEYS) == [], "a clean exit removes the heartbeat at once"
+
+
+def test_async_functions_run_on_an_event_loop(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    publish(redis_url, 100, sleep=0.5)
+    w = spawn_worker("-f", "tests.tasks:record_async", "-q", "jobs", "-c", "100", *FAST)
+    t0 = time.monotonic()
+    wait_for(lambda: all_done(r, 100), 20, what="async tasks")
+    assert time.monotonic() - t0 < 5, "100 sleeping coroutines run concurrently"
+    w.terminate()
+    assert w.wait() == 0
+
+
+def test_retries_draw_from_the_rate_limit(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i, "mode": "flaky"} for i in range(20)))
+    w = spawn_worker(
+        "-f",
+        "tests.tasks:misbehave",
+        "-q",
+        "jobs",
+        "--qps",
+        "10",
+        "--backoff",
+        "0",
+        "--max-backoff",
+        "0",
+        *FAST,
+    )
+    wait_for(lambda: r.hlen("test:done") == 20, 30, what="flaky messages done")
+    starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
+    assert len(starts) == 40  # each message failed once: 40 starts, all under one budget
+    assert max_in_window(starts, 1.0) <= 11
+    w.terminate()
+    w.wait()
+
+
+def test_unimportable_function_exits_with_a_clear_code(redis_url: str, spawn_worker: SpawnWorker) -> None:
+    w = spawn_worker("-f", "tests.nowhere:nothing", "-q", "jobs")
+    assert w.wait(15) == 3
+    assert "cannot import module 'tests.nowhere'" in w.output()
+
+
+def test_invalid_settings_exit_2_naming_the_problem(redis_url: str, spawn_worker: SpawnWorker) -> None:
+    w = spawn_worker("-f", "not a ref", "-q", "jobs", "--concurrency", "0")
+    assert w.wait(15) == 2
+    out = w.output()
+    assert "function 'not a ref' must look like" in out and "concurrency must be >= 1" in out
+
+
+def test_dead_letters_can_be_replayed(r: redis.Redis, redis_url: str) -> None:
+    r.lpush(KEYS.dead, json.dumps({"reason": "error", "payload": '{"n":1}'}))
+    assert fleet.replay_dead_letters(r, KEYS, 5) == 1
+    assert r.lrange(KEYS.ready, 0, -1) == [b'{"n":1}']
