@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency-mode", choices=["thread", "asyncio"], help=f"how tasks run [{c.ENV_CONCURRENCY_MODE}]"
     )
     w.add_argument(
-        "--prefetch", type=int, help=f"extra messages held ready beyond concurrency [{c.ENV_PREFETCH}]"
+        "--prefetch",
+        type=int,
+        help=f"extra messages held ready beyond concurrency; -1 = about 100 ms of work (default) [{c.ENV_PREFETCH}]",
     )
     w.add_argument("--max-attempts", type=int, help=f"attempts before dead-lettering [{c.ENV_MAX_ATTEMPTS}]")
     w.add_argument(

@@ -36,7 +36,7 @@ class WorkerSettings:
     qps_horizon: float = 0.1
     concurrency: int = 8
     concurrency_mode: str = "thread"
-    prefetch: int = 0
+    prefetch: int = -1  # < 0 = automatic: about 100 ms of work at the measured rate
     max_attempts: int = 5
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 300.0
@@ -149,8 +149,6 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append("concurrency must be >= 1")
     if s.concurrency_mode not in ("thread", "asyncio"):
         out.append(f"concurrency mode {s.concurrency_mode!r} must be thread or asyncio")
-    if s.prefetch < 0:
-        out.append("prefetch must be >= 0")
     if s.max_attempts < 1:
         out.append("max attempts must be >= 1")
     if s.backoff_seconds < 0 or s.max_backoff_seconds < s.backoff_seconds:

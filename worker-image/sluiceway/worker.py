@@ -134,6 +134,7 @@ class Worker:
         if settings.concurrency_mode == "asyncio" and not self.is_async:
             raise ValueError("concurrency mode asyncio needs an async def function")
         self.signature = _signature_or_none(function)
+        self.arg_names, self.required_args = _argument_sets(self.signature)
         self.worker_id = settings.effective_worker_id
         self.keys = Keys(settings.namespace, settings.queue)
         self.client = client
@@ -152,8 +153,8 @@ class Worker:
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
         self.install_signals = install_signals
 
-        # With a rate limit, prefetching would hold granted slots idle; take only what can start.
-        self.capacity = settings.concurrency + (0 if settings.qps > 0 else settings.prefetch)
+        self.capacity = settings.concurrency + self._prefetch(0.0)
+        self.fetcher_waiting = False
         self.lock = threading.Lock()
         self.capacity_freed = threading.Condition(self.lock)
         self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
@@ -324,14 +325,36 @@ class Worker:
 
     # --- fetching and dispatching ----------------------------------------------------------------
 
+    def _prefetch(self, rate: float) -> int:
+        """Messages to hold beyond the running ones.
+
+        With a rate limit, none: a prefetched message would sit on a granted slot. Otherwise the
+        configured number, or by default about 100 ms of work at the measured rate: enough to
+        amortize round trips for fast tasks, yet a slow task is never hoarded away from other
+        workers (and a draining worker hands prefetched messages back at once anyway).
+        """
+        if self.s.qps > 0:
+            return 0
+        if self.s.prefetch >= 0:
+            return self.s.prefetch
+        return min(self.s.fetch_batch, int(rate * 0.1))
+
     def _fetch_loop(self) -> None:
         idle = 0.001
         failures = 0
+        rate_at, rate_count, rate = time.monotonic(), 0, 0.0
         while not self.stopping.is_set():
+            now = time.monotonic()
+            if now - rate_at >= 0.25:
+                rate = 0.5 * rate + 0.5 * (self.processed + self.failed - rate_count) / (now - rate_at)
+                rate_at, rate_count = now, self.processed + self.failed
+                self.capacity = self.s.concurrency + self._prefetch(rate)
             with self.capacity_freed:
                 free = self.capacity - len(self.held)
                 if free <= 0:
-                    self.capacity_freed.wait(0.5)
+                    self.fetcher_waiting = True
+                    self.capacity_freed.wait(0.25)
+                    self.fetcher_waiting = False
                     continue
             try:
                 batch = self.broker.fetch(min(free, self.s.fetch_batch))
@@ -432,10 +455,14 @@ class Worker:
                 f"its lease expired {d.redeliveries} times without the task finishing (the worker died or hung)",
             )
         if self.signature is not None:
-            try:
-                self.signature.bind(**msg.kwargs)
-            except TypeError as exc:
-                return self._dead(task, "bad_arguments", str(exc))
+            names = msg.kwargs.keys()
+            # Set checks cover plain keyword functions in well under a microsecond; binding
+            # is the exact rule and also phrases the error, so it runs when those fail.
+            if self.arg_names is None or not (names <= self.arg_names and self.required_args <= names):
+                try:
+                    self.signature.bind(**msg.kwargs)
+                except TypeError as exc:
+                    return self._dead(task, "bad_arguments", str(exc))
         return None
 
     def _run_sync(self, task: Task, thread_id: int) -> None:
@@ -580,7 +607,9 @@ class Worker:
                 self.processed += 1
             else:
                 self.failed += 1
-                self.dead_lettered += settlement.outcome is Outcome.DEAD
+                if settlement.outcome is Outcome.DEAD:
+                    self.dead_lettered += 1
+            self.settlements.put(settlement)
         if task.started:
             self.recent.append((now, duration))
         if settlement.outcome is Outcome.OK:
@@ -596,9 +625,6 @@ class Worker:
                 error=error or None,
                 retry_in=round(settlement.delay, 3) if settlement.outcome is Outcome.RETRY else None,
             )
-        self.settlements.put(settlement)
-        with self.capacity_freed:
-            self.capacity_freed.notify()
 
     # --- settling --------------------------------------------------------------------------------
 
@@ -776,6 +802,19 @@ def _signature_or_none(fn: Callable[..., Any]) -> inspect.Signature | None:
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return sig
+
+
+def _argument_sets(sig: inspect.Signature | None) -> tuple[frozenset[str] | None, frozenset[str]]:
+    """Names a call may pass by keyword, and the ones it must; ``None`` when sets cannot decide."""
+    if sig is None:
+        return None, frozenset()
+    params = sig.parameters.values()
+    if any(p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in params):
+        return None, frozenset()
+    return (
+        frozenset(p.name for p in params),
+        frozenset(p.name for p in params if p.default is p.empty),
+    )
 
 
 def _quantile(ordered: list[float], q: float) -> float:

@@ -1,0 +1,203 @@
+"""Worker benchmarks. Every figure is a ratio to a reference measured in the same run.
+
+- throughput: one worker process, no-op task, at-least-once, against two bare redis-py loops
+- qps: achieved / target rate and the worst 1-second window, for 10/100/1000 QPS x 1/4/8 workers
+- round trips per message at the default settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+import sluiceway
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from sluiceway.ratelimit import max_in_window
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = Keys("default", "bench")
+
+
+def _server() -> tuple[subprocess.Popen[bytes], str]:
+    sys.path.insert(0, str(REPO))
+    from tests.support.redis_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, url
+
+
+def _env(url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO),
+        SLUICEWAY_REDIS_URL=url,
+        BENCH_RECORD_URL=url,
+        SLUICEWAY_METRICS_PORT="0",
+        SLUICEWAY_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def _fill(url: str, n: int) -> None:
+    pub = sluiceway.Publisher(url)
+    pub.publish_batch("bench", ({"n": i} for i in range(n)))
+    pub.close()
+
+
+def bare_one_round_trip(client: redis.Redis, n: int) -> float:
+    """Messages/s taking one message per round trip (at-most-once: the cheapest possible)."""
+    t0 = time.perf_counter()
+    while client.rpop(KEYS.ready) is not None:
+        pass
+    return n / (time.perf_counter() - t0)
+
+
+def bare_batched(client: redis.Redis, n: int, batch: int = 500) -> float:
+    """Messages/s taking 500 messages per round trip: the physical limit of one client here."""
+    t0 = time.perf_counter()
+    while client.rpop(KEYS.ready, batch):
+        pass
+    return n / (time.perf_counter() - t0)
+
+
+def bare_pipelined(client: redis.Redis, n: int, depth: int = 100) -> float:
+    """Messages/s with pipelines of 100 single-message pops per round trip."""
+    t0 = time.perf_counter()
+    while True:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(depth):
+            pipe.rpop(KEYS.ready)
+        if pipe.execute()[-1] is None:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+def worker_throughput(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """Messages/s of one worker process on a no-op task, and Redis commands per message."""
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    _fill(url, n)
+    calls0 = _script_calls(client)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sluiceway",
+            "worker",
+            "-f",
+            "bench.tasks:noop",
+            "-q",
+            "bench",
+            "-c",
+            str(concurrency),
+        ],
+        env=_env(url),
+    )
+    # Time from the first ack to the last, so process start-up does not count.
+    while fleet.queue_stats(client, KEYS).acked == 0:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    first = fleet.queue_stats(client, KEYS).acked
+    while (done := fleet.queue_stats(client, KEYS).acked) < n:
+        time.sleep(0.005)
+    rate = (done - first) / (time.perf_counter() - t0)
+    # Every worker round trip carries at least one script call, so this bounds round trips.
+    calls = _script_calls(client) - calls0
+    proc.terminate()
+    proc.wait()
+    return rate, calls / n
+
+
+def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[float, int]:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    _fill(url, int(qps * (seconds + 5)) + 100)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:stamp", "-q", "bench", "-c", "16",
+             "--qps", str(qps)],
+            env=_env(url),
+        )
+        for _ in range(workers)
+    ]  # fmt: skip
+    while client.llen("bench:starts") == 0:
+        time.sleep(0.01)
+    time.sleep(seconds + 1.5)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait()
+    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
+    # Skip the first second: workers are still starting and the bucket fills from empty.
+    t0 = starts[0] + 1.0
+    window = [s for s in starts if t0 <= s < t0 + seconds]
+    return len(window) / seconds / qps, max_in_window(window, 1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--qps-seconds", type=float, default=10.0)
+    p.add_argument("--skip-qps", action="store_true")
+    args = p.parse_args(argv)
+    proc, url = _server()
+    try:
+        client = redis.Redis.from_url(url)
+        n = args.messages
+        _fill(url, n)
+        one = bare_one_round_trip(client, n)
+        _fill(url, n)
+        batched = bare_pipelined(client, n)
+        _fill(url, n)
+        bulk = bare_batched(client, n)
+        print(f"reference: bare redis-py, 1 round trip/message:   {one:,.0f} msg/s")
+        print(f"reference: bare redis-py, pipelines of 100 pops:  {batched:,.0f} msg/s")
+        print(f"reference: bare redis-py, RPOP count=500 (no per-message client work): {bulk:,.0f} msg/s")
+        for c in (1, 8):
+            rate, rtt = worker_throughput(url, n, c)
+            print(
+                f"worker (-c {c}), no-op, at-least-once: {rate:,.0f} msg/s = {rate / one:.2f}x the 1-RTT loop, "
+                f"{rate / batched:.1%} of the pipelined loop, {rate / bulk:.1%} of bulk pops; "
+                f"<= {rtt:.3f} round trips/message"
+            )
+        if not args.skip_qps:
+            print(
+                f"QPS precision over {args.qps_seconds:.0f} s (achieved/target, worst 1-s window vs target):"
+            )
+            for qps in (10, 100, 1000):
+                for workers in (1, 4, 8):
+                    ratio, worst = qps_precision(url, qps, workers, args.qps_seconds)
+                    print(
+                        f"  qps {qps:>4} x {workers} workers: achieved {ratio:.4f}, worst window {worst} ({worst / qps:.3f})"
+                    )
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
