@@ -93,8 +93,7 @@ def test_deployment_runs_processes_scales_down_with_sigterm_and_is_garbage_colle
     assert len(rs) == 1
     assert rs[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
     assert all(p["metadata"]["ownerReferences"][0]["name"] == rs[0]["metadata"]["name"] for p in listed)
-    for pod in pids:
-        c.wait_for(lambda pod=pod: "started " + pod in c.pod_log(ns, pod), 10, f"log of {pod}")
+    c.wait_for(lambda: all(f"started {pod}" in c.pod_log(ns, pod) for pod in pids), 10, "each pod's log")
 
     c.kubectl("scale", "deployment/web", "--replicas=1", "-n", ns, check=True)
     c.wait_for(

@@ -154,6 +154,15 @@ def create_pki(directory: Path) -> Pki:
         server=False,
     )
 
+    # The aggregation layer's identity when it proxies to extension apiservers; configuring it also
+    # gives delegated authenticators (KCM's) the request-header CA they look for.
+    issue(
+        pki.client_crt("front-proxy-client"),
+        pki.client_key("front-proxy-client"),
+        _name("front-proxy-client"),
+        server=False,
+    )
+
     # The service-account token signer; kube-apiserver verifies with the public half.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(pki.sa_key, sa_key)
