@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-
 from tests.support.redis_server import RedisServer
 from tests.support.workers import SpawnWorker, WorkerProcess, worker_env
 
-# TODO(lead): make unconditional once e2e/localcluster/pytest_plugin.py lands.
-pytest_plugins = (
-    ["localcluster.pytest_plugin"] if importlib.util.find_spec("localcluster.pytest_plugin") else []
-)
+pytest_plugins = ["localcluster.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,22 @@
+"""`make bench`: every benchmark, each printing ratios to a reference measured in the same run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+def main() -> int:
+    print("== worker (bench/worker_bench.py) ==", flush=True)
+    importlib.import_module("bench.worker_bench").main(sys.argv[1:])
+    try:
+        operator_bench = importlib.import_module("bench.operator_bench")
+    except ModuleNotFoundError:
+        return 0
+    print("\n== operator (bench/operator_bench.py) ==", flush=True)
+    operator_bench.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The publishing SDK, the CLI and the metrics endpoint, against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import redis
+
+import sluiceway
+from sluiceway import codec, fleet
+from sluiceway.contract import Keys
+from sluiceway.publish import resolve_queue
+from tests.support.redis_server import free_port
+from tests.support.workers import SpawnWorker, wait_for
+
+pytestmark = pytest.mark.redis
+KEYS = Keys("default", "jobs")
+
+
+def test_publish_sync_batch_and_delayed(r: redis.Redis, redis_url: str) -> None:
+    pub = sluiceway.Publisher(redis_url)
+    msg_id = pub.publish("jobs", {"n": 1})
+    ids = pub.publish_batch("jobs", ({"n": i} for i in range(2, 2502)))
+    pub.publish("jobs", {"n": 0}, delay=30)
+    assert r.llen(KEYS.ready) == 2501
+    assert r.zcard(KEYS.delayed) == 1
+    first = codec.decode(r.lindex(KEYS.ready, -1))  # the consumer end: published first
+    assert first.kwargs == {"n": 1}
+    assert first.meta.id == msg_id
+    assert first.meta.published_at is not None
+    assert len(set(ids)) == 2500
+    last = codec.decode(r.lindex(KEYS.ready, 0))
+    assert last.kwargs == {"n": 2501}, "a batch keeps its order"
+
+
+async def test_publish_async(r: redis.Redis, redis_url: str) -> None:
+    pub = sluiceway.AsyncPublisher(redis_url, namespace="media")
+    await pub.publish("thumbs", {"path": "a.png"})
+    await pub.publish_batch("thumbs", [{"path": "b.png"}, {"path": "c.png"}])
+    await pub.aclose()
+    assert r.llen(Keys("media", "thumbs").ready) == 3
+
+
+def test_queue_names_resolve_to_a_namespace() -> None:
+    assert resolve_queue("media/thumbs") == Keys("media", "thumbs")
+    assert resolve_queue("thumbs", "media") == Keys("media", "thumbs")
+    assert resolve_queue("thumbs").namespace == "default"
+    with pytest.raises(ValueError, match="names namespace"):
+        resolve_queue("a/b", "c")
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sluiceway", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_publish_stats_and_dlq(r: redis.Redis, redis_url: str) -> None:
+    out = _cli("publish", "-q", "jobs", "--redis-url", redis_url, '{"n": 1}', '{"n": 2}', "--repeat", "2")
+    assert out.returncode == 0, out.stderr
+    assert "published 4 message(s) to default/jobs" in out.stdout
+    out = _cli("publish", "-q", "jobs", "--redis-url", redis_url, "-", stdin='{"n": 3}\n\n{"n": 4}\n')
+    assert "published 2" in out.stdout
+    bad = _cli("publish", "-q", "jobs", "--redis-url", redis_url, "[1]")
+    assert bad.returncode == 2
+    assert "must be a JSON object" in bad.stderr
+    stats = json.loads(_cli("stats", "-q", "jobs", "--redis-url", redis_url, "--json").stdout)
+    assert stats["stats"]["ready"] == 6
+    r.lpush(KEYS.dead, json.dumps({"reason": "error", "detail": "x", "payload": '{"n": 9}'}))
+    listed = _cli("dlq", "-q", "jobs", "--redis-url", redis_url)
+    assert json.loads(listed.stdout.splitlines()[0])["reason"] == "error"
+    assert "replayed 1" in _cli("dlq", "-q", "jobs", "--redis-url", redis_url, "--replay", "5").stdout
+    assert r.llen(KEYS.ready) == 7
+
+
+def test_cli_help_reads_well() -> None:
+    out = _cli("worker", "--help")
+    assert out.returncode == 0
+    for text in ("--function", "--qps", "SLUICEWAY_QPS", "Exit codes", "module:callable"):
+        assert text in out.stdout
+    assert _cli("--version").stdout.startswith("sluiceway ")
+    assert _cli("stats").returncode == 2
+
+
+def test_metrics_and_health_endpoint(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(20)))
+    port = free_port()
+    w = spawn_worker(
+        "-f",
+        "tests.tasks:record",
+        "-q",
+        "jobs",
+        "--metrics-port",
+        str(port),
+        SLUICEWAY_METRICS_PORT=str(port),
+    )
+    wait_for(lambda: r.hlen("test:done") == 20, 20, what="work done")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            return resp.read().decode()
+
+    wait_for(lambda: 'outcome="ok"' in scrape(), 10, what="metrics")
+    body = scrape()
+    assert 'sluiceway_messages_total{outcome="ok",queue="jobs",reason="",taskqueue="jobs"} 20.0' in body
+    assert "sluiceway_task_duration_seconds_count" in body
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+        assert resp.status == 200
+    w.terminate()
+    assert w.wait() == 0
+
+
+def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(50)))
+    w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs")
+    wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 50, 20, what="acks")
+    time.sleep(0.1)
+    s = fleet.queue_stats(r, KEYS)
+    assert (s.ready, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0)
+    w.terminate()
+    w.wait()
