@@ -182,15 +182,18 @@ def pod_template(meta: Mapping[str, Any], spec: TaskQueueSpec, settings: Operato
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["sluiceway", "worker"],
         "env": worker_env(meta, spec, settings),
-        "ports": [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}],
-        "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": "metrics"},
-            "periodSeconds": 5,
-            "failureThreshold": 3,
-        },
         "securityContext": copy.deepcopy(dict(CONTAINER_SECURITY_CONTEXT)),
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
+    if settings.metrics_port:
+        container["ports"] = [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}]
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        }
+    # metrics_port 0: no endpoint, so no port and no probe (pods are ready once running). Only for
+    # clusters whose pods share one network, like the local test cluster.
     if pt.resources:
         container["resources"] = copy.deepcopy(dict(pt.resources))
     if pt.env_from:

@@ -1,0 +1,480 @@
+"""The operator against the real local control plane, a real Redis and real worker processes.
+
+The operator runs as its own process (``python -m sluiceway_operator``) with the kubeconfig of its
+own ServiceAccount, bound only to the ClusterRole in ``rbac.yaml``: every call it makes is checked by
+the real RBAC authorizer. Intervals are short (loop 1 s, cooldown 3 s) so the module stays quick;
+every wait has a generous timeout and assertions are on final states and recorded maxima.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from localcluster.cluster import LocalCluster
+from localcluster.procs import free_port
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from sluiceway.publish import Publisher
+from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION, deployment_name, operator_rbac
+
+pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "crds" / "taskqueue.yaml"
+TQ_PATH = "/apis/sluiceway.dev/v1alpha1/namespaces/{ns}/taskqueues/{name}"
+
+
+class Operator:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, namespace: str, http_port: int) -> None:
+        self.proc, self.log, self.namespace, self.http_port = proc, log, namespace, http_port
+
+    def tail(self, n: int = 80) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    c = kube_cluster
+    c.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
+    c.kubectl(
+        "wait", "--for=condition=Established", "crd/taskqueues.sluiceway.dev", "--timeout=60s", check=True
+    )
+    ns = c.fresh_namespace("op")
+    c.apply(operator_rbac(ns))
+    kubeconfig = c.serviceaccount_kubeconfig(ns, "sluiceway-operator")
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    args = ["-A", "--worker-metrics-port", "0", "--http-port", str(port), "--log-format", "console"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluiceway_operator", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    yield Operator(proc, log, ns, port)
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def until(op: Operator, check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until truthy; on timeout fail with the operator's log, so failures explain."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # a transient API error is just another poll
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        if op.proc.poll() is not None:
+            pytest.fail(f"operator exited ({op.proc.returncode}) waiting for {what}\n{op.tail()}")
+        time.sleep(0.3)
+    pytest.fail(
+        f"timed out after {timeout} s waiting for {what} (last: {last!r})\n--- operator log ---\n{op.tail()}"
+    )
+
+
+@pytest.fixture
+def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
+    """A namespace with the default coordination Secret (users create it: see docs/operator.md)."""
+    name = kube_cluster.fresh_namespace("tq")
+    kube_cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "sluiceway-redis", "namespace": name},
+            "data": {"url": base64.b64encode(redis_url.encode()).decode()},
+        }
+    )
+    return name
+
+
+def taskqueue(name: str, redis_url: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "image": "sluiceway/worker:test",
+        "function": "tests.tasks:record",
+        "broker": {"type": "redis"},
+        "concurrency": {"perPod": 2},
+        "liveness": {"heartbeatSeconds": 0.5, "leaseSeconds": 60},
+        "timeoutSeconds": 5,
+        "scaling": {
+            "pollIntervalSeconds": 1,
+            "cooldownSeconds": 3,
+            "scaleDownStabilizationSeconds": 2,
+            "targetDrainSeconds": 10,
+            "assumedTaskSeconds": 0.5,
+            "maxReplicas": 5,
+        },
+        "podTemplate": {
+            "env": [
+                {"name": "PYTHONPATH", "value": str(ROOT)},
+                {"name": "TEST_RECORD_URL", "value": redis_url},
+            ]
+        },
+    }
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return {
+        "apiVersion": "sluiceway.dev/v1alpha1",
+        "kind": "TaskQueue",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def get_tq(c: LocalCluster, ns: str, name: str) -> dict[str, Any]:
+    return c.get(TQ_PATH.format(ns=ns, name=name))
+
+
+def get_dep(c: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return c.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment_name(name)}")
+    except Exception:
+        return None
+
+
+def cond(tq: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in tq.get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+class MaxReplicas:
+    """Samples the Deployment's spec.replicas in the background and remembers every value seen."""
+
+    def __init__(self, c: LocalCluster, ns: str, name: str) -> None:
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(c, ns, name), daemon=True)
+        self._t.start()
+
+    def _run(self, c: LocalCluster, ns: str, name: str) -> None:
+        while not self._stop.is_set():
+            dep = get_dep(c, ns, name)
+            if dep is not None:
+                value = int(dep["spec"].get("replicas", 0))
+                if not self.seen or self.seen[-1] != value:
+                    self.seen.append(value)
+            time.sleep(0.1)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._t.join(5)
+        return self.seen
+
+
+def test_taskqueue_creates_rolls_repairs_and_cleans_up(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str, r: redis.Redis
+) -> None:
+    c = kube_cluster
+    c.apply(taskqueue("alpha", redis_url), ns)
+    dep = until(operator, lambda: get_dep(c, ns, "alpha"), 30, "the worker Deployment")
+    assert dep["spec"]["replicas"] == 0
+    assert dep["metadata"]["ownerReferences"][0]["kind"] == "TaskQueue"
+    assert dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "sluiceway-operator"
+    assert any(f["manager"] == "sluiceway-operator" for f in dep["metadata"]["managedFields"])
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SLUICEWAY_CONCURRENCY"]["value"] == "2"
+    assert env["SLUICEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "sluiceway-redis"
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 5 + 15
+    tq = until(operator, lambda: (t := get_tq(c, ns, "alpha")) and cond(t, "Ready") and t, 30, "status")
+    assert cond(tq, "Ready")["reason"] == "IdleAtZero"
+    assert tq["status"]["selector"] == "app.kubernetes.io/name=sluiceway-worker,sluiceway.dev/taskqueue=alpha"
+    hash1 = dep["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+
+    # A spec change rolls the pod template (new config hash, new env).
+    c.kubectl(
+        "patch",
+        "taskqueue",
+        "alpha",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"concurrency":{"perPod":3}}}',
+        check=True,
+    )
+    dep = until(
+        operator,
+        lambda: (
+            (d := get_dep(c, ns, "alpha"))
+            and d["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] != hash1
+            and d
+        ),
+        30,
+        "the rolled Deployment",
+    )
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SLUICEWAY_CONCURRENCY"]["value"] == "3"
+
+    # An edit made outside the operator is repaired; a deleted Deployment is recreated.
+    c.kubectl(
+        "set",
+        "env",
+        f"deployment/{deployment_name('alpha')}",
+        "-n",
+        ns,
+        "SLUICEWAY_CONCURRENCY=99",
+        check=True,
+    )
+    until(
+        operator,
+        lambda: (
+            {
+                e["name"]: e.get("value")
+                for e in get_dep(c, ns, "alpha")["spec"]["template"]["spec"]["containers"][0]["env"]
+            }[  # type: ignore[index]
+                "SLUICEWAY_CONCURRENCY"
+            ]
+            == "3"
+        ),
+        30,
+        "the edit repaired",
+    )
+    uid = get_dep(c, ns, "alpha")["metadata"]["uid"]  # type: ignore[index]
+    c.kubectl("delete", "deployment", deployment_name("alpha"), "-n", ns, "--wait=false", check=True)
+    until(
+        operator,
+        lambda: (d := get_dep(c, ns, "alpha")) and d["metadata"]["uid"] != uid,
+        30,
+        "the Deployment recreated",
+    )
+
+    # Deletion purges the queue's Redis keys through the finalizer.
+    keys = Keys(ns, "alpha")
+    Publisher(redis_url).publish(f"{ns}/alpha", {"n": 1})
+    assert r.exists(keys.ready)
+    tq = get_tq(c, ns, "alpha")
+    assert "sluiceway.dev/cleanup" in tq["metadata"].get("finalizers", [])
+    c.kubectl("delete", "taskqueue", "alpha", "-n", ns, "--wait=false", check=True)
+    until(
+        operator,
+        lambda: c.kubectl("get", "taskqueue", "alpha", "-n", ns).returncode != 0,
+        30,
+        "TaskQueue gone",
+    )
+    assert not list(r.scan_iter(match=f"sluiceway:{{{ns}/alpha}}:*"))
+
+
+def test_backlog_scales_up_in_one_step_and_drains_to_zero(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str, r: redis.Redis
+) -> None:
+    c = kube_cluster
+    c.apply(taskqueue("burst", redis_url), ns)
+    until(operator, lambda: get_dep(c, ns, "burst"), 30, "the worker Deployment")
+    sampler = MaxReplicas(c, ns, "burst")
+    # need = ceil(200 * 0.5 s / (2 per pod * 10 s)) = 5 = maxReplicas
+    Publisher(redis_url).publish_batch(f"{ns}/burst", ({"n": i, "sleep": 0.2} for i in range(200)))
+    until(
+        operator,
+        lambda: (get_dep(c, ns, "burst") or {}).get("spec", {}).get("replicas") == 5,
+        30,
+        "5 replicas",
+    )
+    tq = get_tq(c, ns, "burst")
+    assert tq["status"]["lastScale"]["from"] == 0
+    assert tq["status"]["lastScale"]["reason"] == "WakeFromZero"
+    until(operator, lambda: r.hlen("test:done") == 200, 120, "every message done")
+    until(
+        operator,
+        lambda: (get_dep(c, ns, "burst") or {}).get("spec", {}).get("replicas") == 0,
+        60,
+        "zero replicas",
+    )
+    seen = sampler.stop()
+    assert seen[:2] == [0, 5], f"not one step from 0: {seen}"
+    assert max(seen) == 5
+    assert seen[-2:] == [1, 0], f"not N -> 1 -> 0: {seen}"
+    events = c.get(f"/api/v1/namespaces/{ns}/events")["items"]
+    reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "burst"}
+    assert "WakeFromZero" in reasons
+    assert cond(get_tq(c, ns, "burst"), "Ready")["reason"] == "IdleAtZero"
+
+
+def test_qps_ceiling_holds_and_kubectl_scale_pins(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str
+) -> None:
+    c = kube_cluster
+    # ceiling = ceil(qps 4 * 0.5 s / 1 per pod) = 2 pods, though 300 messages "need" maxReplicas.
+    c.apply(
+        taskqueue(
+            "capped",
+            redis_url,
+            rateLimit={"qps": 4},
+            concurrency={"perPod": 1},
+            scaling={
+                "qpsHeadroom": 0,
+                "maxReplicas": 6,
+                "pollIntervalSeconds": 1,
+                "assumedTaskSeconds": 0.5,
+                "targetDrainSeconds": 10,
+                "cooldownSeconds": 3,
+                "scaleDownStabilizationSeconds": 2,
+            },
+        ),
+        ns,
+    )
+    until(operator, lambda: get_dep(c, ns, "capped"), 30, "the worker Deployment")
+    sampler = MaxReplicas(c, ns, "capped")
+    Publisher(redis_url).publish_batch(f"{ns}/capped", ({"n": i, "sleep": 0.5} for i in range(300)))
+    tq = until(
+        operator,
+        lambda: (t := get_tq(c, ns, "capped")) and cond(t, "Throttled").get("status") == "True" and t,
+        30,
+        "Throttled",
+    )
+    assert cond(tq, "Throttled")["reason"] == "QPSCeiling"
+    until(
+        operator,
+        lambda: (get_dep(c, ns, "capped") or {}).get("spec", {}).get("replicas") == 2,
+        30,
+        "2 replicas",
+    )
+    time.sleep(4)  # several ticks with live, measured workers
+    assert max(sampler.stop()) <= 2 + 1
+
+    # kubectl scale on the TaskQueue pins the fleet; removing the pin hands it back to the loop.
+    c.kubectl("scale", "taskqueue", "capped", "-n", ns, "--replicas=4", check=True)
+    until(
+        operator,
+        lambda: (get_dep(c, ns, "capped") or {}).get("spec", {}).get("replicas") == 4,
+        30,
+        "pinned at 4",
+    )
+    until(
+        operator,
+        lambda: cond(get_tq(c, ns, "capped"), "Scaling").get("reason") == "Pinned",
+        30,
+        "Pinned condition",
+    )
+    time.sleep(3)
+    assert get_dep(c, ns, "capped")["spec"]["replicas"] == 4  # type: ignore[index]
+    c.kubectl(
+        "patch",
+        "taskqueue",
+        "capped",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        '[{"op":"remove","path":"/spec/replicas"}]',
+        check=True,
+    )
+    until(
+        operator,
+        lambda: (get_dep(c, ns, "capped") or {}).get("spec", {}).get("replicas", 9) <= 2,
+        30,
+        "unpinned",
+    )
+    c.kubectl("delete", "taskqueue", "capped", "-n", ns, "--wait=false")
+
+
+def test_deleted_worker_pods_messages_return_before_lease_expiry(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str, r: redis.Redis
+) -> None:
+    c = kube_cluster
+    # Leases last 60 s; the messages must come back long before that.
+    c.apply(
+        taskqueue("lease", redis_url, timeoutSeconds=120, scaling={"minReplicas": 2, "maxReplicas": 2}),
+        ns,
+    )
+    Publisher(redis_url).publish_batch(f"{ns}/lease", ({"n": i, "sleep": 60} for i in range(4)))
+    until(operator, lambda: sum(int(v) for v in r.hvals("test:seen")) == 4, 60, "4 messages started")
+    keys = Keys(ns, "lease")
+    beats = fleet.heartbeats(r, keys)
+    victim = next(b["pod"] for b in beats if b["busy"] > 0)
+    deleted_at = time.monotonic()
+    c.kubectl("delete", "pod", victim, "-n", ns, "--grace-period=0", "--force", check=True)
+    # The victim ran 2 messages; they start again on the replacement pod.
+    until(
+        operator,
+        lambda: sum(int(v) for v in r.hvals("test:seen")) >= 6,
+        45,
+        "the victim's messages restarted",
+    )
+    assert time.monotonic() - deleted_at < 45  # well inside the 60 s lease
+    assert int(r.hget(keys.stats, "requeued") or 0) + int(r.hget(keys.stats, "reaped") or 0) >= 0
+    c.kubectl("delete", "taskqueue", "lease", "-n", ns, "--wait=false")
+
+
+def test_bad_input_is_rejected_or_reported_and_isolated(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str
+) -> None:
+    c = kube_cluster
+    bad = taskqueue("broken", redis_url, function="not a function")
+    done = c.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(bad))
+    assert done.returncode != 0
+    assert "spec.function" in done.stderr
+
+    # Admission cannot check cron ranges: the operator reports it on Ready, with the field path.
+    c.apply(
+        taskqueue(
+            "cron", redis_url, schedules=[{"name": "nightly", "cron": "99 * * * *", "message": {"n": 1}}]
+        ),
+        ns,
+    )
+    tq = until(
+        operator,
+        lambda: (t := get_tq(c, ns, "cron")) and cond(t, "Ready").get("reason") == "InvalidSpec" and t,
+        30,
+        "InvalidSpec",
+    )
+    assert "spec.schedules[0].cron" in cond(tq, "Ready")["message"]
+    assert get_dep(c, ns, "cron") is None
+
+    # A missing Secret degrades that TaskQueue only.
+    c.apply(
+        taskqueue("nosecret", redis_url, coordination={"urlSecretRef": {"name": "missing", "key": "url"}}), ns
+    )
+    tq = until(
+        operator,
+        lambda: (
+            (t := get_tq(c, ns, "nosecret")) and cond(t, "Degraded").get("reason") == "SecretMissing" and t
+        ),
+        30,
+        "SecretMissing",
+    )
+    assert "missing" in cond(tq, "Degraded")["message"]
+    c.apply(taskqueue("fine", redis_url), ns)
+    until(
+        operator,
+        lambda: cond(get_tq(c, ns, "fine"), "Ready").get("reason") == "IdleAtZero",
+        30,
+        "the healthy one Ready",
+    )
+
+    # The operator runs least-privilege: it may read one Secret but never list them.
+    sa = f"system:serviceaccount:{operator.namespace}:sluiceway-operator"
+    assert c.kubectl("auth", "can-i", "get", "secrets", "-n", ns, "--as", sa).stdout.strip() == "yes"
+    assert c.kubectl("auth", "can-i", "list", "secrets", "-n", ns, "--as", sa).stdout.strip() == "no"
+    assert c.kubectl("auth", "can-i", "delete", "deployments", "-n", ns, "--as", sa).stdout.strip() == "no"
+    # Health and metrics.
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.http_port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.http_port}/metrics", timeout=5) as resp:
+        assert b"sluiceway_operator_decision_seconds" in resp.read()
+    for name in ("cron", "nosecret", "fine"):
+        c.kubectl("delete", "taskqueue", name, "-n", ns, "--wait=false")
+    assert operator.proc.poll() is None

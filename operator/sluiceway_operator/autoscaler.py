@@ -1,0 +1,336 @@
+"""One control loop per TaskQueue: observe, decide (``scaling.decide``), apply, explain.
+
+Every write to a TaskQueue's Deployment happens in its loop, one tick at a time, so reconciling and
+scaling can never race. Spec changes wake the loop at once; otherwise it ticks every
+``spec.scaling.pollIntervalSeconds``. A failing tick sets Degraded on this TaskQueue only and backs
+off exponentially; nothing propagates to other loops.
+
+Restart safety: the in-memory ``ScalingState`` starts empty, and ``decide`` treats the first tick as
+activity, so a restart can delay a scale-to-zero by one cooldown but never causes one early. The
+current size is read back from the Deployment, so a restart neither re-scales nor recreates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+
+from sluiceway.contract import Keys
+
+from . import events, metrics
+from .conditions import ConditionReason, rfc3339, status_patch
+from .kube import ApiError, Kube, taskqueue_status_path
+from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
+from .observe import ObservationError, RedisPool, read_queue, requeue_worker, secret_value
+from .observe import observation as make_observation
+from .reconcile import apply_deployment, cost_changes, delete_pod, get_deployment, render, set_deletion_costs
+from .scaling import Decision, PodInfo, Policy, ScalingState, decide, deletion_costs, silent_pods
+from .settings import Config
+from .spec import SecretKeyRef, SpecError, TaskQueueSpec, keys_for, parse_spec
+from .status import Fault, conditions_for, fault_status, observed_status
+
+log = structlog.get_logger("sluiceway_operator")
+
+SECRET_TTL = 60.0  # re-read a coordination Secret this often, and at once after a Redis error
+
+
+@dataclass(frozen=True, slots=True)
+class PodView:
+    name: str
+    running_since: float | None  # unix s the container started; None = not running
+    ready: bool
+    deleting: bool
+    cost: str | None  # current pod-deletion-cost annotation
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentView:
+    replicas: int
+    generation: int
+    ready_replicas: int
+    config_hash: str | None
+
+
+@dataclass
+class Deps:
+    kube: Kube
+    config: Config
+    redis: RedisPool = field(default_factory=RedisPool)
+
+    @property
+    def settings(self) -> OperatorSettings:
+        return self.config.operator_settings()
+
+
+PodsFn = Callable[[], Sequence[PodView]]
+DeploymentFn = Callable[[], DeploymentView | None]
+
+
+def deployment_view(obj: Mapping[str, Any]) -> DeploymentView:
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    return DeploymentView(
+        replicas=int(spec.get("replicas", 1)),
+        generation=int(meta.get("generation", 0)),
+        ready_replicas=int(status.get("readyReplicas", 0)),
+        config_hash=(meta.get("annotations") or {}).get(CONFIG_HASH_ANNOTATION),
+    )
+
+
+class TaskQueueLoop:
+    def __init__(
+        self, namespace: str, name: str, deps: Deps, *, pods: PodsFn, deployment: DeploymentFn | None = None
+    ) -> None:
+        self.namespace, self.name, self.deps = namespace, name, deps
+        self.pods = pods
+        self.deployment = deployment
+        self.wake = asyncio.Event()
+        self.state = ScalingState()
+        self.status: dict[str, Any] | None = None  # what we last wrote (the watch may lag behind)
+        self.applied_hash: str | None = None
+        self.applied_generation = 0
+        self.failures = 0
+        self.last_fault: str | None = None
+        self.last_reason: str | None = None
+        self.alarm_since: float | None = None
+        self.seen_generation: int | None = None
+        self.client: redis.Redis | None = None
+        self.keys: Keys | None = None
+        self._secret: tuple[str, float] | None = None
+        self._acked: tuple[int, float] | None = None
+        self.log = log.bind(namespace=namespace, taskqueue=name)
+
+    # --- The loop ---------------------------------------------------------------------------------
+
+    async def run(self, body: Callable[[], Mapping[str, Any]], stopped: Callable[[], bool]) -> None:
+        while not stopped():
+            self.wake.clear()
+            delay = await self.safe_tick(body())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=delay)
+
+    async def safe_tick(self, body: Mapping[str, Any]) -> float:
+        """One tick that never raises: a fault becomes Degraded and a backoff."""
+        started = time.perf_counter()
+        try:
+            delay = await self.tick(body)
+            self.failures = 0
+            self.last_fault = None
+            return delay
+        except asyncio.CancelledError:
+            raise
+        except SpecError as exc:
+            return await self._fault(body, Fault(ConditionReason.INVALID_SPEC, str(exc)))
+        except ObservationError as exc:
+            self._secret = None  # maybe the Secret changed: read it again next time
+            return await self._fault(body, Fault(exc.reason, exc.message))
+        except ApiError as exc:
+            return await self._fault(body, Fault(ConditionReason.RECONCILE_FAILED, f"API: {exc}"))
+        except Exception as exc:
+            self.log.exception("tick failed")
+            return await self._fault(body, Fault("InternalError", f"{type(exc).__name__}: {exc}"))
+        finally:
+            metrics.DECISION_LATENCY.observe(time.perf_counter() - started)
+
+    def interval(self, body: Mapping[str, Any]) -> float:
+        raw = ((body.get("spec") or {}).get("scaling") or {}).get("pollIntervalSeconds", 2)
+        try:
+            return max(float(raw), self.deps.config.min_poll_interval)
+        except (TypeError, ValueError):
+            return 2.0
+
+    async def tick(self, body: Mapping[str, Any]) -> float:
+        meta = body["metadata"]
+        generation = int(meta.get("generation", 0))
+        self.seen_generation = generation
+        now = time.time()
+        spec = parse_spec(body.get("spec") or {}, name=self.name)
+        settings = self.deps.settings
+        interval = max(spec.scaling.poll_interval_seconds, self.deps.config.min_poll_interval)
+        # Render first: a TaskQueue without a coordination Secret (and no operator default) is a
+        # spec error, reported before anything is observed.
+        render(meta, spec, 0, settings)
+
+        client, keys = await self._redis(spec)
+        view = await read_queue(client, keys, spec)
+        dep = self._deployment_view() or await self._fetch_deployment()
+        current = dep.replicas if dep is not None else 0
+        pods = [p for p in self.pods() if not p.deleting]
+        ready = sum(1 for p in pods if p.ready)
+        obs = make_observation(view, now=now, current=current, pods=len(pods), ready=ready)
+        decision = decide(obs, Policy.from_spec(spec), self.state)
+        self.state = decision.state
+
+        if decision.desired < current:
+            # Just before a scale-in, so the ReplicaSet removes silent and idle pods first.
+            changes = cost_changes(deletion_costs(view.workers), {p.name: p.cost for p in pods})
+            await set_deletion_costs(self.deps.kube, self.namespace, changes)
+
+        deployment = render(meta, spec, decision.desired, settings)
+        digest = config_hash(deployment)
+        drifted = dep is None or dep.generation > self.applied_generation or dep.replicas != decision.desired
+        if digest != self.applied_hash or drifted:
+            applied = await apply_deployment(self.deps.kube, deployment)
+            self.applied_hash = digest
+            self.applied_generation = int(applied.get("metadata", {}).get("generation", 0))
+
+        last_scale = None
+        if decision.changed:
+            last_scale = decision.last_scale(rfc3339(now))
+            metrics.DECISIONS.labels(self.namespace, self.name, str(decision.reason)).inc()
+            await events.post(self.deps.kube, meta, "Normal", str(decision.reason), decision.message)
+            self.log.info(
+                "scaled", reason=str(decision.reason), to=decision.desired, message=decision.message
+            )
+
+        silent = await self._replace_silent(spec, pods, view.heartbeat_times, now)
+        await self._write_status(
+            body,
+            decision,
+            spec,
+            generation=generation,
+            now=now,
+            ready=ready,
+            replicas=dep.replicas if dep is not None else decision.desired,
+            silent=silent,
+            acked=view.acked,
+            last_scale=last_scale,
+        )
+        self._record_metrics(decision, obs.current_replicas)
+        return interval
+
+    # --- Pieces -----------------------------------------------------------------------------------
+
+    async def _redis(self, spec: TaskQueueSpec) -> tuple[redis.Redis, Keys]:
+        ref: SecretKeyRef | None = spec.coordination_secret_ref or self.deps.config.default_secret
+        if ref is None:  # render() already rejected this; keep mypy and readers sure
+            raise SpecError("spec.coordination.urlSecretRef", "is required")
+        now = time.monotonic()
+        if self._secret is None or now - self._secret[1] > SECRET_TTL:
+            url = await secret_value(self.deps.kube, self.namespace, ref)
+            self._secret = (url, now)
+        self.client = self.deps.redis.get(self._secret[0])
+        self.keys = keys_for(self.namespace, spec)
+        return self.client, self.keys
+
+    def _deployment_view(self) -> DeploymentView | None:
+        return self.deployment() if self.deployment is not None else None
+
+    async def _fetch_deployment(self) -> DeploymentView | None:
+        obj = await get_deployment(self.deps.kube, self.namespace, self.name)
+        return deployment_view(obj) if obj is not None else None
+
+    async def _replace_silent(
+        self, spec: TaskQueueSpec, pods: Sequence[PodView], beats: Mapping[str, float], now: float
+    ) -> list[str]:
+        running = [PodInfo(p.name, p.running_since) for p in pods if p.running_since is not None]
+        silent = silent_pods(
+            running, beats, now=now, replace_after_seconds=spec.liveness.replace_after_seconds
+        )
+        for pod in silent:
+            self.log.warning("replacing a pod that runs but does not heartbeat", pod=pod)
+            await delete_pod(self.deps.kube, self.namespace, pod)
+        return silent
+
+    async def _write_status(
+        self,
+        body: Mapping[str, Any],
+        decision: Decision,
+        spec: TaskQueueSpec,
+        *,
+        generation: int,
+        now: float,
+        ready: int,
+        replicas: int,
+        silent: Sequence[str],
+        acked: int,
+        last_scale: Mapping[str, Any] | None,
+    ) -> None:
+        old = self.status if self.status is not None else dict(body.get("status") or {})
+        # The alarm is normal while new pods start; it is Degraded only once it outlasts a start-up.
+        grace = max(30.0, 3 * spec.liveness.missed_heartbeats * spec.liveness.heartbeat_seconds)
+        if decision.no_live_workers_alarm and decision.desired > 0:
+            self.alarm_since = self.alarm_since or now
+        else:
+            self.alarm_since = None
+        conds = conditions_for(
+            decision,
+            generation=generation,
+            now=now,
+            ready_replicas=ready,
+            qps=spec.rate_limit.qps,
+            silent=silent,
+            no_live_alarm=self.alarm_since is not None and now - self.alarm_since > grace,
+        )
+        new = observed_status(
+            old,
+            decision,
+            conds,
+            generation=generation,
+            queue=spec.broker.queue,
+            selector=status_selector(self.name),
+            replicas=replicas,
+            ready_replicas=ready,
+            observed_qps=self._observed_qps(acked, now),
+            last_scale=last_scale,
+        )
+        await self._patch_status(old, new)
+
+    def _observed_qps(self, acked: int, now: float) -> float | None:
+        prev, self._acked = self._acked, (acked, now)
+        if prev is None or now <= prev[1]:
+            return None
+        return max(0.0, (acked - prev[0]) / (now - prev[1]))
+
+    async def _patch_status(self, old: Mapping[str, Any], new: dict[str, Any]) -> None:
+        patch = status_patch(old, new)
+        if patch is None:
+            return
+        await self.deps.kube.merge_patch(
+            taskqueue_status_path(self.namespace, self.name), {"status": patch}, MANAGER
+        )
+        metrics.STATUS_WRITES.labels(self.namespace, self.name).inc()
+        self.status = new
+
+    async def _fault(self, body: Mapping[str, Any], fault: Fault) -> float:
+        self.failures += 1
+        metrics.ERRORS.labels(self.namespace, self.name, fault.reason).inc()
+        meta = body.get("metadata") or {}
+        generation = int(meta.get("generation", 0))
+        if fault.message != self.last_fault:
+            self.last_fault = fault.message
+            self.log.warning("taskqueue degraded", reason=fault.reason, message=fault.message)
+            await events.post(self.deps.kube, meta, "Warning", fault.reason, fault.message)
+        old = self.status if self.status is not None else dict(body.get("status") or {})
+        try:
+            await self._patch_status(old, fault_status(old, fault, generation=generation, now=time.time()))
+        except Exception as exc:
+            self.log.warning("status not written", error=str(exc))
+        base = self.interval(body)
+        return float(min(self.deps.config.max_backoff, base * 2 ** min(self.failures - 1, 16)))
+
+    def _record_metrics(self, decision: Decision, current: int) -> None:
+        ns, name = self.namespace, self.name
+        metrics.DESIRED.labels(ns, name).set(decision.desired)
+        metrics.CURRENT.labels(ns, name).set(current)
+        metrics.BACKLOG.labels(ns, name).set(decision.backlog)
+        metrics.record_reason(ns, name, str(decision.reason), self.last_reason)
+        self.last_reason = str(decision.reason)
+
+    # --- Pod deletion -----------------------------------------------------------------------------
+
+    async def pod_deleted(self, pod: str) -> int:
+        """Return a deleted pod's leases at once: the worker id is the pod name."""
+        if self.client is None or self.keys is None:
+            return 0
+        n = await requeue_worker(self.client, self.keys, pod)
+        if n:
+            metrics.REQUEUED.labels(self.namespace, self.name).inc(n)
+            self.log.info("returned the leases of a deleted pod", pod=pod, messages=n)
+        return n

@@ -1,0 +1,107 @@
+"""Observation: the coordination Redis URL from the TaskQueue's Secret, and the queue from Redis.
+
+Redis is read only through ``sluiceway.fleet`` (synchronous redis-py), run in a worker thread so a
+slow Redis never blocks the event loop that serves every other TaskQueue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+
+import redis
+
+from sluiceway import connection, fleet
+from sluiceway.contract import Keys
+
+from .kube import Kube, secret_path
+from .scaling import Observation, WorkerSample, worker_sample
+from .spec import SecretKeyRef, TaskQueueSpec
+
+
+class ObservationError(Exception):
+    """A fault outside the spec: a missing Secret or key, an unreachable Redis. ``reason`` is CamelCase."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+async def secret_value(kube: Kube, namespace: str, ref: SecretKeyRef) -> str:
+    secret = await kube.get(secret_path(namespace, ref.name))
+    if secret is None:
+        raise ObservationError("SecretMissing", f"Secret {namespace}/{ref.name} not found")
+    raw = (secret.get("data") or {}).get(ref.key)
+    if raw is None:
+        raise ObservationError("SecretMissing", f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
+    return base64.b64decode(raw).decode()
+
+
+class RedisPool:
+    """One client per URL, shared by every TaskQueue that uses the same Redis."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, redis.Redis] = {}
+
+    def get(self, url: str) -> redis.Redis:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = connection.client(url)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    backlog: int
+    in_flight: int
+    workers: tuple[WorkerSample, ...]
+    heartbeat_times: dict[str, float]  # pod -> latest heartbeat (unix s), for silent-pod detection
+    acked: int  # fleet-wide completions counter, for the observed QPS
+
+
+def _read(client: redis.Redis, keys: Keys, missed: int) -> QueueView:
+    stats = fleet.queue_stats(client, keys)
+    beats = fleet.heartbeats(client, keys)
+    now = time.time()
+    workers = tuple(worker_sample(hb, now=now, missed_heartbeats=missed) for hb in beats)
+    times: dict[str, float] = {}
+    for hb in beats:
+        times[hb["pod"]] = max(times.get(hb["pod"], 0.0), float(hb["time"]))
+    return QueueView(stats.backlog, stats.in_flight, workers, times, stats.acked)
+
+
+async def read_queue(client: redis.Redis, keys: Keys, spec: TaskQueueSpec) -> QueueView:
+    try:
+        return await asyncio.to_thread(_read, client, keys, spec.liveness.missed_heartbeats)
+    except redis.RedisError as exc:
+        raise ObservationError(
+            "RedisUnreachable", f"coordination Redis: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def observation(view: QueueView, *, now: float, current: int, pods: int, ready: int) -> Observation:
+    return Observation(
+        now=now,
+        backlog=view.backlog,
+        in_flight=view.in_flight,
+        workers=view.workers,
+        current_replicas=current,
+        pods=pods,
+        ready_pods=ready,
+    )
+
+
+async def requeue_worker(client: redis.Redis, keys: Keys, worker_id: str) -> int:
+    return await asyncio.to_thread(fleet.requeue_worker, client, keys, worker_id)
+
+
+async def purge(client: redis.Redis, keys: Keys) -> int:
+    return await asyncio.to_thread(fleet.purge, client, keys)

@@ -1,0 +1,162 @@
+"""The TaskQueue's ``status``: conditions with stable messages, plus the observed numbers.
+
+Condition messages never carry live counters (backlog, ETA, ...): those live in their own status
+fields, and a message that changed every tick would make ``status_patch`` write every tick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .conditions import Condition, ConditionReason, ConditionType, condition, merge_conditions
+from .scaling import Decision, Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Why a tick could not complete; goes to Degraded (and Ready for an invalid spec)."""
+
+    reason: str  # CamelCase: InvalidSpec, SecretMissing, RedisUnreachable, ReconcileFailed, ...
+    message: str
+
+
+def conditions_for(
+    decision: Decision,
+    *,
+    generation: int,
+    now: float,
+    ready_replicas: int,
+    qps: float | None,
+    silent: Sequence[str],
+    no_live_alarm: bool,
+) -> list[Condition]:
+    """Ready, Scaling, Throttled and Degraded for a tick that observed and decided."""
+    desired = decision.desired
+
+    def c(t: ConditionType, status: bool, reason: ConditionReason, message: str) -> Condition:
+        return condition(t, status, reason, message, generation=generation, now=now)
+
+    if desired == 0 and decision.current == 0:
+        ready = c(ConditionType.READY, True, ConditionReason.IDLE_AT_ZERO, "No work: scaled to zero.")
+    elif ready_replicas >= desired:
+        ready = c(ConditionType.READY, True, ConditionReason.WORKERS_READY, "All desired workers are ready.")
+    else:
+        ready = c(
+            ConditionType.READY,
+            False,
+            ConditionReason.WAITING_FOR_WORKERS,
+            "Waiting for workers to be ready.",
+        )
+
+    if decision.reason is Reason.PINNED:
+        scaling = c(
+            ConditionType.SCALING, False, ConditionReason.PINNED, f"Pinned by spec.replicas to {desired}."
+        )
+    elif desired > ready_replicas and desired >= decision.current:
+        scaling = c(ConditionType.SCALING, True, ConditionReason.SCALING_UP, f"Scaling up to {desired}.")
+    elif desired < decision.current:
+        scaling = c(ConditionType.SCALING, True, ConditionReason.SCALING_DOWN, f"Scaling down to {desired}.")
+    else:
+        scaling = c(ConditionType.SCALING, False, ConditionReason.STABLE, f"Stable at {desired}.")
+
+    if qps is None:
+        throttled = c(ConditionType.THROTTLED, False, ConditionReason.UNLIMITED, "No rate limit.")
+    elif decision.throttled:
+        throttled = c(
+            ConditionType.THROTTLED,
+            True,
+            ConditionReason.QPS_CEILING,
+            f"The rate limit of {qps:g} QPS, not the fleet size, bounds throughput.",
+        )
+    else:
+        throttled = c(
+            ConditionType.THROTTLED, False, ConditionReason.BELOW_CEILING, f"Below the {qps:g} QPS ceiling."
+        )
+
+    if silent:
+        degraded = c(
+            ConditionType.DEGRADED,
+            True,
+            ConditionReason.SILENT_PODS,
+            "Running but not heartbeating, being replaced: " + ", ".join(silent),
+        )
+    elif no_live_alarm:
+        degraded = c(
+            ConditionType.DEGRADED,
+            True,
+            ConditionReason.NO_LIVE_WORKERS,
+            "Work is waiting and no worker heartbeats.",
+        )
+    else:
+        degraded = c(ConditionType.DEGRADED, False, ConditionReason.HEALTHY, "Healthy.")
+    return [ready, scaling, throttled, degraded]
+
+
+def fault_conditions(fault: Fault, *, generation: int, now: float) -> list[Condition]:
+    """An invalid spec makes Ready False; every fault sets Degraded with its reason."""
+    out: list[Condition] = []
+    if fault.reason in (ConditionReason.INVALID_SPEC, ConditionReason.RECONCILE_FAILED):
+        out.append(
+            condition(ConditionType.READY, False, fault.reason, fault.message, generation=generation, now=now)
+        )
+    out.append(
+        condition(ConditionType.DEGRADED, True, fault.reason, fault.message, generation=generation, now=now)
+    )
+    return out
+
+
+def observed_status(
+    old: Mapping[str, Any],
+    decision: Decision,
+    conditions: Sequence[Condition],
+    *,
+    generation: int,
+    queue: str,
+    selector: str,
+    replicas: int,
+    ready_replicas: int,
+    observed_qps: float | None,
+    last_scale: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    new: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(old.get("conditions") or [], conditions),
+        "queue": queue,
+        "replicas": replicas,
+        "desiredReplicas": decision.desired,
+        "readyReplicas": ready_replicas,
+        "selector": selector,
+        "backlog": decision.backlog,
+        "inFlight": decision.in_flight,
+        "liveWorkers": decision.live_workers,
+        "busyWorkers": decision.busy_workers,
+        "throughput": round(decision.throughput, 2),
+    }
+    if observed_qps is not None:
+        new["observedQPS"] = round(observed_qps, 2)
+    if decision.eta_seconds is not None:
+        new["etaSeconds"] = round(decision.eta_seconds, 1)
+    scale = last_scale if last_scale is not None else old.get("lastScale")
+    if scale:
+        new["lastScale"] = dict(scale)
+    _keep_foreign(old, new)
+    return new
+
+
+def fault_status(old: Mapping[str, Any], fault: Fault, *, generation: int, now: float) -> dict[str, Any]:
+    """The old status with the fault's conditions; the numbers stay as last observed."""
+    new = {k: v for k, v in old.items() if k != "kopf"}
+    new["conditions"] = merge_conditions(
+        old.get("conditions") or [], fault_conditions(fault, generation=generation, now=now)
+    )
+    new["observedGeneration"] = generation
+    return new
+
+
+def _keep_foreign(old: Mapping[str, Any], new: dict[str, Any]) -> None:
+    # Fields other parts of the operator own (the scheduler's status.schedules) are not ours to drop.
+    for key in ("schedules",):
+        if key in old and key not in new:
+            new[key] = old[key]
