@@ -2,8 +2,8 @@
 
 Threads, each with one job:
 - the fetcher leases messages (and their rate-limit slots) while there is free capacity;
-- the dispatcher starts each message at its slot time;
-- executors run the user's function (threads, or one asyncio loop for ``async def``);
+- executors take messages in slot order, wait for each one's slot, and run the user's function
+  (threads, or one asyncio loop for ``async def``);
 - the settler acknowledges, retries and dead-letters finished messages in batches;
 - the supervisor renews leases, writes heartbeats, returns expired leases of dead workers and
   enforces task timeouts.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import heapq
 import inspect
 import itertools
 import json
@@ -159,8 +158,6 @@ class Worker:
         self.capacity_freed = threading.Condition(self.lock)
         self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
         self.running: dict[int, Task] = {}  # thread ident (or id) -> task
-        self.scheduled: list[Task] = []  # heap by slot time
-        self.schedule_changed = threading.Condition(threading.Lock())
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.last_slots: SlotLease | None = None
@@ -211,8 +208,6 @@ class Worker:
             self.stopping.set()
             with self.capacity_freed:
                 self.capacity_freed.notify_all()
-            with self.schedule_changed:
-                self.schedule_changed.notify_all()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.request_stop(signal.Signals(signum).name)
@@ -236,7 +231,6 @@ class Worker:
                 self._spawn_executor()
         spawn("settler", self._settle_loop)
         spawn("supervisor", self._supervise_loop)
-        spawn("dispatcher", self._dispatch_loop)
         spawn("fetcher", self._fetch_loop)
 
     def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
@@ -256,12 +250,10 @@ class Worker:
         deadline = time.monotonic() + self.s.effective_drain_seconds
         # A fetch already under way may still accept messages; let it land before collecting.
         for thread in self.threads:
-            if thread.name in ("sluiceway-fetcher", "sluiceway-dispatcher"):
+            if thread.name == "sluiceway-fetcher":
                 thread.join(timeout=15)
         # Unstarted messages go back at once, so other workers can take them now.
-        with self.schedule_changed:
-            unstarted = list(self.scheduled)
-            self.scheduled.clear()
+        unstarted: list[Task] = []
         while True:
             try:
                 item = self.ready.get_nowait()
@@ -382,28 +374,17 @@ class Worker:
                 self.held[t.delivery.token] = t
             if batch.slots is not None:
                 self.last_slots = batch.slots
-        later = [t for t in tasks if t.due > now]
+        # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO
+        # queue hands executors their messages in slot order too.
         for t in tasks:
-            if t.due <= now:
-                self.ready.put(t)
-        if later:
-            with self.schedule_changed:
-                for t in later:
-                    heapq.heappush(self.scheduled, t)
-                self.schedule_changed.notify()
+            self.ready.put(t)
 
-    def _dispatch_loop(self) -> None:
-        while not self.stopping.is_set():
-            with self.schedule_changed:
-                if not self.scheduled:
-                    self.schedule_changed.wait(0.5)
-                    continue
-                wait = self.scheduled[0].due - time.monotonic()
-                if wait > 0:
-                    self.schedule_changed.wait(wait)
-                    continue
-                task = heapq.heappop(self.scheduled)
-            self.ready.put(task)
+    def _wait_for_slot(self, task: Task) -> bool:
+        """Sleep until the task's rate-limit slot; False if a drain began meanwhile."""
+        wait = task.due - time.monotonic()
+        if wait > 0 and self.stopping.wait(wait):
+            return False
+        return not self.stopping.is_set()
 
     # --- running tasks ---------------------------------------------------------------------------
 
@@ -422,8 +403,10 @@ class Worker:
                 if item is _STOP:
                     return
                 task: Task = item
-                if self.stopping.is_set():
-                    # Drain hands unstarted messages back; this one slipped through the queue.
+                if not self._wait_for_slot(task):
+                    # Drain hands unstarted messages back; this one was already in our hands.
+                    # Its slot is not handed back: a later slot may already have started, and
+                    # only the unstarted tail of a lease can be returned (the drain does that).
                     self._give_back([task], "not started before shutdown", return_slots=False)
                     continue
                 self._run_sync(task, me)
@@ -504,7 +487,7 @@ class Worker:
             item = self.ready.get()
             if item is _STOP:
                 return
-            if self.stopping.is_set():
+            if not self._wait_for_slot(item):
                 self._give_back([item], "not started before shutdown", return_slots=False)
                 continue
             self.loop.call_soon_threadsafe(self._start_async, item)
