@@ -498,6 +498,48 @@ def test_stop_leaves_no_processes_and_warm_start_takes_seconds(
     assert startup < 60
 
 
+@pytest.mark.cluster
+def test_cluster_down_reaps_what_a_killed_supervisor_left(kube_cluster: LocalCluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(E2E)}
+    cli = [sys.executable, "-m", "localcluster"]
+    up = subprocess.run(
+        [*cli, "up", "--run-dir", str(run)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert up.returncode == 0, up.stderr
+    assert f"export KUBECONFIG={run}/admin.kubeconfig" in up.stdout
+    supervisor = json.loads((run / "state.json").read_text())["supervisor_pid"]
+    try:
+        kubectl = [str(kube_cluster.binaries.kubectl), f"--kubeconfig={run}/admin.kubeconfig"]
+        subprocess.run(
+            [*kubectl, "run", "orphan", "--image=busybox", "--", "sleep", "3600"], check=True, timeout=30
+        )
+
+        def pod_pgids() -> list[int]:
+            groups = json.loads((run / "pids.json").read_text())["groups"]
+            return [g["pgid"] for g in groups if str(g["name"]).startswith("pod default/orphan")]
+
+        deadline = time.monotonic() + 30
+        while not pod_pgids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pod_pid = pod_pgids()[0]
+        # A supervisor killed outright cannot clean up: its components and pods live on ...
+        os.kill(supervisor, 9)
+        time.sleep(0.5)
+        assert _processes_mentioning(str(run))
+        assert pid_alive(pod_pid)
+    finally:
+        # ... until `down` (or the next start) reaps them from the run's pid file.
+        down = subprocess.run(
+            [*cli, "down", "--run-dir", str(run)], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert down.returncode == 0, down.stderr
+    assert "killing leftover kube-apiserver" in down.stderr
+    time.sleep(0.5)
+    assert _processes_mentioning(str(run)) == []
+    assert not pid_alive(pod_pid)
+
+
 def _binaries_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "localcluster.binaries"],

@@ -125,7 +125,9 @@ def sweep_run(run_dir: Path, log: Callable[[str], None]) -> bool:
     except (OSError, ValueError):
         return False
     owner = data.get("owner", {})
-    if owner.get("pid") and _proc_start_time(int(owner["pid"])) == owner.get("start"):
+    owner_pid = int(owner.get("pid") or 0)
+    # A SIGKILLed owner can linger as a zombie when nothing reaps it: that is dead too.
+    if owner_pid and _proc_start_time(owner_pid) == owner.get("start") and pid_alive(owner_pid):
         return False
     for entry in data.get("groups", []):
         pgid = int(entry["pgid"])
