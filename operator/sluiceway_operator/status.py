@@ -38,7 +38,7 @@ def conditions_for(
     def c(t: ConditionType, status: bool, reason: ConditionReason, message: str) -> Condition:
         return condition(t, status, reason, message, generation=generation, now=now)
 
-    if desired == 0 and decision.current == 0:
+    if desired == 0:
         ready = c(ConditionType.READY, True, ConditionReason.IDLE_AT_ZERO, "No work: scaled to zero.")
     elif ready_replicas >= desired:
         ready = c(ConditionType.READY, True, ConditionReason.WORKERS_READY, "All desired workers are ready.")
