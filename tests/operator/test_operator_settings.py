@@ -1,0 +1,38 @@
+"""The operator's flags and the test-cluster worker port option."""
+
+from __future__ import annotations
+
+from sluiceway_operator.manifests import OperatorSettings, worker_deployment
+from sluiceway_operator.settings import parse_args
+from sluiceway_operator.spec import SecretKeyRef, parse_spec
+
+SPEC = {"image": "w:1", "function": "m:f", "broker": {"type": "redis"}}
+META = {"name": "q", "namespace": "n", "uid": "u"}
+
+
+def test_defaults_watch_all_namespaces_with_the_documented_secret() -> None:
+    c = parse_args([])
+    assert c.namespaces == ()
+    assert c.default_secret == SecretKeyRef("sluiceway-redis", "url")
+    assert c.operator_settings().metrics_port == 9464
+
+
+def test_flags() -> None:
+    c = parse_args(
+        ["-n", "a", "-n", "b", "--default-redis-secret", "redis:uri", "--worker-metrics-port", "0"]
+    )
+    assert c.namespaces == ("a", "b")
+    assert c.default_secret == SecretKeyRef("redis", "uri")
+    assert parse_args(["--default-redis-secret", ""]).default_secret is None
+
+
+def test_worker_metrics_port_zero_drops_the_port_and_probe_but_the_default_keeps_them() -> None:
+    spec = parse_spec(SPEC, name="q")
+    ref = SecretKeyRef("s", "url")
+    prod = worker_deployment(META, spec, 1, OperatorSettings(default_coordination_secret=ref))
+    c = prod["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["ports"][0]["containerPort"] == 9464
+    test = worker_deployment(META, spec, 1, OperatorSettings(default_coordination_secret=ref, metrics_port=0))
+    c = test["spec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in c and "ports" not in c
+    assert {"name": "SLUICEWAY_METRICS_PORT", "value": "0"} in c["env"]
