@@ -57,7 +57,7 @@ def test_worker_killed_mid_run_loses_nothing_and_its_messages_return_within_a_le
     )
     recovered_after = time.monotonic() - killed_at
     # The leases were renewed at most one heartbeat before the kill; a reaper runs every heartbeat.
-    assert recovered_after <= 3.0 + 0.5 + 0.5
+    assert recovered_after <= 3.0 + 0.5 + 0.5  # lease + one reaper tick + slack for the poll
     wait_for(lambda: all_done(r, total), 120, what="all messages done")
     seen = counts(r, "test:seen")
     done = counts(r, "test:done")
@@ -299,3 +299,20 @@ def test_dead_letters_can_be_replayed(r: redis.Redis, redis_url: str) -> None:
     r.lpush(KEYS.dead, json.dumps({"reason": "error", "payload": '{"n":1}'}))
     assert fleet.replay_dead_letters(r, KEYS, 5) == 1
     assert r.lrange(KEYS.ready, 0, -1) == [b'{"n":1}']
+
+
+def test_messages_older_than_the_max_age_are_dead_lettered_unrun(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    from sluiceway import codec
+
+    r.lpush(KEYS.ready, codec.encode({"n": 1}, codec.Meta(id="old", published_at=time.time() - 120)))
+    r.lpush(KEYS.ready, codec.encode({"n": 2}, codec.Meta(id="fresh", published_at=time.time())))
+    w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "--max-age", "60", *FAST)
+    wait_for(lambda: r.llen(KEYS.dead) == 1 and r.hlen("test:done") == 1, 15, what="outcomes")
+    (entry,) = fleet.dead_letters(r, KEYS)
+    assert entry["reason"] == "expired"
+    assert entry["message_id"] == "old"
+    assert counts(r, "test:seen") == {2: 1}
+    w.terminate()
+    assert w.wait() == 0
