@@ -395,6 +395,51 @@ def test_http_readiness_probe_gates_ready(kube_cluster: LocalCluster, kube_names
 
 
 @pytest.mark.cluster
+def test_liveness_probe_restarts_and_emptydir_tmp_is_per_pod(
+    kube_cluster: LocalCluster, kube_namespace: str
+) -> None:
+    c, ns = kube_cluster, kube_namespace
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "wedged"},
+            "spec": {
+                "terminationGracePeriodSeconds": 2,
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "busybox",
+                        "command": [
+                            "sh",
+                            "-c",
+                            "echo tmp=$TMPDIR; touch alive; sleep 1; rm alive; exec sleep 3600",
+                        ],
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        "livenessProbe": {
+                            "exec": {"command": ["test", "-f", "alive"]},
+                            "periodSeconds": 1,
+                            "failureThreshold": 1,
+                        },
+                    }
+                ],
+            },
+        },
+        ns,
+    )
+
+    def restarted_by_liveness() -> bool:
+        st = c.get(f"/api/v1/namespaces/{ns}/pods/wedged")["status"].get("containerStatuses", [{}])[0]
+        return bool(st.get("restartCount", 0) >= 1 and st["lastState"]["terminated"]["exitCode"] == 128 + 15)
+
+    c.wait_for(restarted_by_liveness, 30, "a restart after the liveness probe failed")
+    tmpdir = c.pod_log(ns, "wedged", previous=True).strip().removeprefix("tmp=")
+    assert tmpdir.endswith("/volumes/tmp"), tmpdir
+    assert Path(tmpdir).is_dir()
+
+
+@pytest.mark.cluster
 def test_unknown_image_is_reported_and_registered_images_run(
     kube_cluster: LocalCluster, kube_namespace: str
 ) -> None:

@@ -15,8 +15,12 @@ does the node's part with local processes instead of containers:
   then removes the pod with grace 0 and a UID precondition, as a kubelet does;
 * keeps per-container logs (current and previous instance) for :meth:`Kubelet.pod_log`.
 
-Not emulated: isolation of any kind, images, volumes (a pod's containers share one scratch dir),
-init and ephemeral containers, lifecycle hooks, startup probes, resource limits, Services/DNS,
+Also honoured: liveness probes (SIGTERM, grace, SIGKILL, then the restart policy), and an emptyDir
+mounted at /tmp becomes a per-pod directory exported as ``TMPDIR``.
+
+Not emulated: isolation of any kind, images, other volumes (a pod's containers share one scratch
+dir), securityContext, init and ephemeral containers, lifecycle hooks, startup probes, resource
+limits, Services/DNS,
 ``kubectl logs``/``exec`` through the API (use :meth:`Kubelet.pod_log`). Pods share the host
 network: a pod's IP is 127.0.0.1, so two replicas cannot listen on one port.
 """
@@ -151,6 +155,47 @@ def field_value(pod: Obj, path: str) -> str:
 
 
 @dataclass
+class Probe:
+    """One probe's schedule and counters for one container instance."""
+
+    spec: Obj
+    next_at: float
+    future: concurrent.futures.Future[bool] | None = None
+    successes: int = 0
+    failures: int = 0
+
+    @classmethod
+    def start(cls, spec: Obj | None) -> Probe | None:
+        if not spec:
+            return None
+        return cls(spec, time.monotonic() + float(spec.get("initialDelaySeconds", 0)))
+
+    def step(self, now: float, submit: Callable[[Obj], concurrent.futures.Future[bool]]) -> bool | None:
+        """Advance; returns the new verdict when a threshold is crossed, else None."""
+        if self.future is None:
+            if now >= self.next_at:
+                self.future = submit(self.spec)
+            return None
+        if not self.future.done():
+            return None
+        ok = False
+        with contextlib.suppress(Exception):
+            ok = self.future.result()
+        self.future = None
+        self.next_at = now + float(self.spec.get("periodSeconds", 10))
+        if ok:
+            self.successes, self.failures = self.successes + 1, 0
+            return True if self.successes >= int(self.spec.get("successThreshold", 1)) else None
+        self.successes, self.failures = 0, self.failures + 1
+        return False if self.failures >= int(self.spec.get("failureThreshold", 3)) else None
+
+    def cancel(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+            self.future = None
+
+
+@dataclass
 class Container:
     name: str
     spec: Obj
@@ -167,11 +212,11 @@ class Container:
     next_start: float = 0.0
     backoff: float = BACKOFF_START
     ready: bool = False
-    probe_future: concurrent.futures.Future[bool] | None = None
-    probe_next: float = 0.0
-    probe_ok: int = 0
-    probe_fail: int = 0
+    readiness: Probe | None = None
+    liveness: Probe | None = None
+    liveness_kill_at: float | None = None  # SIGKILL deadline after a failed liveness probe
     term_sent_at: float | None = None
+    grace: float | None = None  # the grace period SIGTERM came with
     kill_sent: bool = False
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = ""
@@ -597,6 +642,10 @@ class Kubelet:
             c.waiting = (exc.reason, str(exc))
             c.next_start = time.monotonic() + 1
             return
+        tmp = _tmp_volume(run, c)
+        if tmp is not None and "TMPDIR" not in env:
+            tmp.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(tmp)
         cwd = c.spec.get("workingDir") or str(run.dir / "work")
         Path(cwd).mkdir(parents=True, exist_ok=True)
         if c.log_path.exists() and c.ever_started:
@@ -627,10 +676,10 @@ class Kubelet:
         c.waiting = None
         c.state_terminated = None
         c.ready = False
-        c.probe_ok = c.probe_fail = 0
-        probe = c.spec.get("readinessProbe") or {}
-        c.probe_next = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
-        c.term_sent_at = None
+        c.readiness = Probe.start(c.spec.get("readinessProbe"))
+        c.liveness = Probe.start(c.spec.get("livenessProbe"))
+        c.liveness_kill_at = None
+        c.term_sent_at = c.grace = None
         c.kill_sent = False
 
     def _on_exit(self, run: PodRun, c: Container) -> None:
@@ -664,14 +713,15 @@ class Kubelet:
                     c.term_sent_at is not None,
                     c.kill_sent,
                     exited_at - c.term_sent_at if c.term_sent_at is not None else None,
-                    run.grace if c.term_sent_at is not None else None,
+                    c.grace if c.term_sent_at is not None else None,
                 )
             )
         c.proc = None
         c.ready = False
-        if c.probe_future is not None:
-            c.probe_future.cancel()
-            c.probe_future = None
+        for probe in (c.readiness, c.liveness):
+            if probe is not None:
+                probe.cancel()
+        c.liveness_kill_at = None
         policy = self._restart_policy(run)
         restart = run.terminating_since is None and (
             policy == "Always" or (policy == "OnFailure" and code != 0)
@@ -768,29 +818,34 @@ class Kubelet:
     # ---------------------------------------------------------------- probes
 
     def _probe(self, run: PodRun, c: Container, now: float) -> None:
-        probe = c.spec.get("readinessProbe")
-        if not probe:
+        assert c.proc is not None
+        env, cwd, spec = c.env, c.cwd, c.spec
+
+        def submit(probe: Obj) -> concurrent.futures.Future[bool]:
+            return self._probes.submit(run_probe, probe, spec, env, cwd)
+
+        if c.readiness is None:
             c.ready = True
+        else:
+            verdict = c.readiness.step(now, submit)
+            if verdict is not None:
+                c.ready = verdict
+        if c.liveness_kill_at is not None:
+            if now >= c.liveness_kill_at:
+                c.kill_sent = True
+                kill_group(c.proc.pid, signal.SIGKILL)
             return
-        if c.probe_future is not None:
-            if not c.probe_future.done():
-                return
-            ok = False
-            with contextlib.suppress(Exception):
-                ok = c.probe_future.result()
-            c.probe_future = None
-            if ok:
-                c.probe_ok, c.probe_fail = c.probe_ok + 1, 0
-                if c.probe_ok >= int(probe.get("successThreshold", 1)):
-                    c.ready = True
-            else:
-                c.probe_ok, c.probe_fail = 0, c.probe_fail + 1
-                if c.probe_fail >= int(probe.get("failureThreshold", 3)):
-                    c.ready = False
-            c.probe_next = now + float(probe.get("periodSeconds", 10))
-            return
-        if now >= c.probe_next:
-            c.probe_future = self._probes.submit(run_probe, probe, c.spec, c.env, c.cwd)
+        if c.liveness is not None and c.liveness.step(now, submit) is False:
+            # As a kubelet does: stop the container with its grace period; the restart policy
+            # then decides whether it comes back.
+            grace = float(
+                c.liveness.spec.get("terminationGracePeriodSeconds")
+                or run.pod["spec"].get("terminationGracePeriodSeconds", 30)
+            )
+            self._note(f"{run.namespace}/{run.name} container {c.name} failed its liveness probe; restarting")
+            kill_group(c.proc.pid, signal.SIGTERM)
+            c.term_sent_at, c.grace = now, grace
+            c.liveness_kill_at = now + grace
 
     # ---------------------------------------------------------------- deletion
 
@@ -807,7 +862,7 @@ class Kubelet:
                 c.done = True
                 if c.proc is not None and c.running:
                     kill_group(c.proc.pid, signal.SIGTERM)
-                    c.term_sent_at = now
+                    c.term_sent_at, c.grace = now, run.grace
         for c in run.containers.values():
             if c.proc is not None and c.proc.poll() is not None:
                 self._on_exit(run, c)
@@ -847,7 +902,7 @@ class Kubelet:
                 c.done = True
                 if c.proc is not None and c.running:
                     kill_group(c.proc.pid, signal.SIGTERM)
-                    c.term_sent_at = run.terminating_since
+                    c.term_sent_at, c.grace = run.terminating_since, run.grace
         for c in run.containers.values():
             if c.proc is not None and c.proc.poll() is not None:
                 self._on_exit(run, c)
@@ -943,6 +998,18 @@ class Kubelet:
                 run.gone = True
             else:
                 self._note(f"status of {run.namespace}/{run.name}: {exc}")
+
+
+def _tmp_volume(run: PodRun, c: Container) -> Path | None:
+    """A per-pod directory standing in for an emptyDir mounted at /tmp (exported as TMPDIR).
+
+    Other mounts cannot be emulated without a mount namespace, so they are ignored.
+    """
+    empty = {v["name"] for v in run.pod["spec"].get("volumes") or [] if "emptyDir" in v}
+    for m in c.spec.get("volumeMounts") or []:
+        if m.get("mountPath", "").rstrip("/") == "/tmp" and m.get("name") in empty:
+            return run.dir / "volumes" / str(m["name"])
+    return None
 
 
 def _port(probe_port: Any, container: Obj) -> int:
