@@ -75,7 +75,7 @@ def decode(payload: bytes | str) -> Message:
         except UnicodeDecodeError as exc:
             raise DecodeError("invalid_encoding", f"payload is not UTF-8: {exc}") from None
     try:
-        body = json.loads(payload, parse_constant=_reject_constant)
+        body = _DECODER.decode(payload)
     except ValueError as exc:
         raise DecodeError("invalid_json", str(exc)) from None
     if not isinstance(body, dict):
@@ -101,6 +101,10 @@ def next_attempt(message: Message, error: str, *, assign_id: bool = True) -> Mes
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every message: json.loads with options builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _meta_to_json(meta: Meta) -> dict[str, Any]:

@@ -1,64 +1,95 @@
-"""Prometheus metrics of one worker process, plus /healthz, on one small HTTP server."""
+"""Prometheus metrics of one worker process, plus /healthz, on one small HTTP server.
+
+Per-message figures are kept as plain counters and bucket arrays and turned into metric families
+only when Prometheus scrapes: prometheus_client's own objects take a lock per update, which cost
+more than a fast task itself.
+"""
 
 from __future__ import annotations
 
+import bisect
 import threading
-from collections.abc import Callable
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class _Histogram:
+    """Bucket counts without a lock: each update is one list item increment under the GIL, and a
+    scrape that reads mid-update is off by one observation at most."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, doc: str, labels: dict[str, str]) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=list(labels))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        fam.add_metric(list(labels.values()), buckets, self.total)
+        return fam
 
 
 class WorkerMetrics:
     def __init__(self, taskqueue: str, queue: str) -> None:
+        self.labels = {"taskqueue": taskqueue, "queue": queue}
+        self.outcomes: Tally[tuple[str, str]] = Tally()
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.start_lag = _Histogram(LAG_BUCKETS)
+        self.busy = 0
+        self.in_flight = 0
         self.registry = CollectorRegistry()
-        labels = {"taskqueue": taskqueue, "queue": queue}
-        self.messages = Counter(
-            "sluiceway_messages",
-            "Messages finished by this worker, by outcome (ok, retried, dead_lettered) and reason.",
-            ["taskqueue", "queue", "outcome", "reason"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "sluiceway_task_duration_seconds",
-            "Run time of the task function.",
-            ["taskqueue", "queue"],
-            buckets=_BUCKETS,
-            registry=self.registry,
-        ).labels(**labels)
-        self.busy = Gauge(
-            "sluiceway_busy_tasks", "Tasks running now.", ["taskqueue", "queue"], registry=self.registry
-        ).labels(**labels)
-        self.in_flight = Gauge(
-            "sluiceway_in_flight_messages",
-            "Leases held: running plus waiting for their rate-limit slot.",
-            ["taskqueue", "queue"],
-            registry=self.registry,
-        ).labels(**labels)
-        self.start_lag = Histogram(
-            "sluiceway_start_lag_seconds",
-            "How late a task started after its rate-limit slot (scheduling latency; never negative).",
-            ["taskqueue", "queue"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-            registry=self.registry,
-        ).labels(**labels)
-        self._ok = self.messages.labels(taskqueue=taskqueue, queue=queue, outcome="ok", reason="")
-        self._labels = labels
+        self.registry.register(self)
 
     def observe(self, duration: float | None, outcome: str, reason: str = "") -> None:
-        if outcome == "ok":
-            self._ok.inc()
-        else:
-            self.messages.labels(**self._labels, outcome=outcome, reason=reason).inc()
+        self.outcomes[(outcome, reason)] += 1
         if duration is not None:
             self.duration.observe(duration)
 
     def set_state(self, *, busy: int, in_flight: int) -> None:
-        self.busy.set(busy)
-        self.in_flight.set(in_flight)
+        self.busy = busy
+        self.in_flight = in_flight
+
+    def collect(self) -> Iterator[Metric]:
+        names, values = list(self.labels), list(self.labels.values())
+        messages = CounterMetricFamily(
+            "sluiceway_messages",
+            "Messages finished by this worker, by outcome (ok, retried, dead_lettered) and reason.",
+            labels=[*names, "outcome", "reason"],
+        )
+        for (outcome, reason), count in sorted(self.outcomes.items()):
+            messages.add_metric([*values, outcome, reason], count)
+        yield messages
+        yield self.duration.family(
+            "sluiceway_task_duration_seconds", "Run time of the task function.", self.labels
+        )
+        yield self.start_lag.family(
+            "sluiceway_start_lag_seconds",
+            "How late a task started after its rate-limit slot (scheduling latency; never negative).",
+            self.labels,
+        )
+        busy = GaugeMetricFamily("sluiceway_busy_tasks", "Tasks running now.", labels=names)
+        busy.add_metric(values, self.busy)
+        yield busy
+        held = GaugeMetricFamily(
+            "sluiceway_in_flight_messages", "Leases held: running plus waiting for their slot.", labels=names
+        )
+        held.add_metric(values, self.in_flight)
+        yield held
 
 
 def serve(
