@@ -107,7 +107,7 @@ def _go_env(go: Path) -> dict[str, str]:
     env = dict(os.environ)
     # Never fetch a different toolchain (only registries are reachable), never need cgo, and ignore
     # a caller's GOFLAGS such as -mod=vendor that would break the wrapper modules.
-    env.update(GOTOOLCHAIN="local", CGO_ENABLED="0", GOFLAGS="-mod=mod")
+    env.update(GOTOOLCHAIN="local", CGO_ENABLED="0", GOFLAGS="-mod=mod -buildvcs=false")
     env["PATH"] = f"{go.parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
