@@ -34,6 +34,9 @@ class WorkerSettings:
     # How far ahead (seconds) a worker may lease rate-limit slots: longer means fewer round trips,
     # shorter means a message waits less between fetch and start.
     qps_horizon: float = 0.1
+    # A task starts at most this long after its slot, or takes a fresh slot: this bounds how many
+    # starts a stalled process can bunch into one window (see docs/worker.md).
+    qps_slot_tolerance: float = 0.01
     concurrency: int = 8
     concurrency_mode: str = "thread"
     prefetch: int = -1  # < 0 = automatic: about 100 ms of work at the measured rate
@@ -143,6 +146,8 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append(f"qps must be >= 0 (0 = unlimited), got {s.qps}")
     if s.qps_burst < 0:
         out.append("qps burst must be >= 0")
+    if not 0 < s.qps_slot_tolerance <= 1:
+        out.append("qps slot tolerance must be between 0 and 1 second")
     if not 0.001 <= s.qps_horizon <= 10:
         out.append("qps horizon must be between 0.001 and 10 seconds")
     if s.concurrency < 1:

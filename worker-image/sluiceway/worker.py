@@ -96,6 +96,8 @@ class Settlement:
 
 
 _STOP = object()
+# Marks a task whose slot came from a single-slot request after its leased slot went stale.
+_RESLOTTED = SlotLease(tat="", interval_us=0.0)
 
 
 def load_function(ref: str) -> Callable[..., Any]:
@@ -163,6 +165,7 @@ class Worker:
         self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.local = threading.local()  # an executor's settlements of its current chunk
         self.last_slots: SlotLease | None = None
+        self.reslotted = 0  # tasks whose slot went stale while the process stalled
 
         self.stopping = threading.Event()  # stop fetching
         self.stopped = threading.Event()  # everything settled or handed back
@@ -383,11 +386,35 @@ class Worker:
             self.ready.put([t])
 
     def _wait_for_slot(self, task: Task) -> bool:
-        """Sleep until the task's rate-limit slot; False if a drain began meanwhile."""
-        wait = task.due - time.monotonic()
-        if wait > 0 and self.stopping.wait(wait):
-            return False
-        return not self.stopping.is_set()
+        """Sleep until the task's rate-limit slot; False if a drain began meanwhile.
+
+        A task may start at most ``qps_slot_tolerance`` after its slot. If the process stalled
+        (CPU starvation, a GC pause) past that, starting now would bunch it with later slots of
+        other workers and a 1-second window could exceed the limit; instead the stale slot is
+        dropped (the fleet undershoots by one) and the task takes a fresh one.
+        """
+        while True:
+            wait = task.due - time.monotonic()
+            if wait > 0 and self.stopping.wait(wait):
+                return False
+            if self.stopping.is_set():
+                return False
+            if task.slots is None or time.monotonic() - task.due <= self.s.qps_slot_tolerance:
+                return True
+            self.reslotted += 1
+            task.slots = None  # its new slot belongs to no lease that could be handed back
+            while True:
+                try:
+                    offset = self.broker.acquire_slot()
+                except redis_lib.RedisError as exc:
+                    self.log.warning("slot request failed; retrying", error=str(exc))
+                    offset = -0.5
+                if offset >= 0:
+                    task.due = time.monotonic() + offset
+                    task.slots = _RESLOTTED
+                    break
+                if self.stopping.wait(-offset):
+                    return False
 
     # --- running tasks ---------------------------------------------------------------------------
 

@@ -140,6 +140,16 @@ class RedisBroker:
             )
         )
 
+    def acquire_slot(self) -> float:
+        """Take one fresh rate-limit slot; returns seconds until it starts, or -1 with none granted
+        (then ``-retry_after``). Used for a message whose slot went stale while its worker stalled."""
+        count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
+            keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
+        )
+        if int(count) == 0:
+            return -max(float(retry_after_us) / 1e6, 0.001)
+        return max(float(first_offset_us) / 1e6, 0.0)
+
     def renew(self, tokens: Sequence[bytes]) -> int:
         if not tokens:
             return 0
