@@ -129,21 +129,18 @@ def _meta_from_json(raw: Any) -> Meta:
     ts = raw.get("ts")
     attempt = raw.get("attempt", 0)
     trace = raw.get("trace")
-    errors = raw.get("errors", [])
-    if msg_id is not None and not isinstance(msg_id, str):
+    errors = raw.get("errors")
+    # Type checks by exact class first: this runs for every message.
+    if msg_id is not None and type(msg_id) is not str:
         raise DecodeError("invalid_metadata", f"{META_KEY}.id must be a string")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
+    if ts is not None and (type(ts) not in (int, float) or not math.isfinite(ts)):
         raise DecodeError("invalid_metadata", f"{META_KEY}.ts must be a number of unix seconds")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+    if type(attempt) is not int or attempt < 0:
         raise DecodeError("invalid_metadata", f"{META_KEY}.attempt must be a non-negative integer")
-    if trace is not None and not isinstance(trace, str):
+    if trace is not None and type(trace) is not str:
         raise DecodeError("invalid_metadata", f"{META_KEY}.trace must be a string")
-    if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+    if errors is not None and (type(errors) is not list or not all(type(e) is str for e in errors)):
         raise DecodeError("invalid_metadata", f"{META_KEY}.errors must be a list of strings")
     return Meta(
-        id=msg_id,
-        published_at=float(ts) if ts is not None else None,
-        attempt=attempt,
-        trace=trace,
-        errors=tuple(errors),
+        msg_id, float(ts) if ts is not None else None, attempt, trace, tuple(errors) if errors else ()
     )

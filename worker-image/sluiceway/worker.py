@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
-import itertools
 import json
 import queue
 import random
@@ -25,7 +24,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -80,10 +79,6 @@ class Task:
     started: float = 0.0
     thread: threading.Thread | None = None
     finished: bool = False  # set once, under the worker's lock, by whoever settles it first
-    seq: int = field(default_factory=itertools.count().__next__)
-
-    def __lt__(self, other: Task) -> bool:
-        return (self.due, self.seq) < (other.due, other.seq)
 
 
 @dataclass(slots=True)
