@@ -13,12 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -29,21 +26,9 @@ from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
 from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION, deployment_name, operator_rbac
+from support import CRD, MaxReplicas, Operator, cond, get_dep, get_tq, taskqueue, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
-
-ROOT = Path(__file__).resolve().parent.parent
-CRD = ROOT / "crds" / "taskqueue.yaml"
-TQ_PATH = "/apis/sluiceway.dev/v1alpha1/namespaces/{ns}/taskqueues/{name}"
-
-
-class Operator:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, namespace: str, http_port: int) -> None:
-        self.proc, self.log, self.namespace, self.http_port = proc, log, namespace, http_port
-
-    def tail(self, n: int = 80) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +58,6 @@ def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
         proc.wait()
 
 
-def until(op: Operator, check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until truthy; on timeout fail with the operator's log, so failures explain."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # a transient API error is just another poll
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if op.proc.poll() is not None:
-            pytest.fail(f"operator exited ({op.proc.returncode}) waiting for {what}\n{op.tail()}")
-        time.sleep(0.3)
-    pytest.fail(
-        f"timed out after {timeout} s waiting for {what} (last: {last!r})\n--- operator log ---\n{op.tail()}"
-    )
-
-
 @pytest.fixture
 def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
     """A namespace with the default coordination Secret (users create it: see docs/operator.md)."""
@@ -105,84 +71,6 @@ def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
         }
     )
     return name
-
-
-def taskqueue(name: str, redis_url: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "image": "sluiceway/worker:test",
-        "function": "tests.tasks:record",
-        "broker": {"type": "redis"},
-        "concurrency": {"perPod": 2},
-        "liveness": {"heartbeatSeconds": 0.5, "leaseSeconds": 60},
-        "timeoutSeconds": 5,
-        "scaling": {
-            "pollIntervalSeconds": 1,
-            "cooldownSeconds": 3,
-            "scaleDownStabilizationSeconds": 2,
-            "targetDrainSeconds": 10,
-            "assumedTaskSeconds": 0.5,
-            "maxReplicas": 5,
-        },
-        "podTemplate": {
-            "env": [
-                {"name": "PYTHONPATH", "value": str(ROOT)},
-                {"name": "TEST_RECORD_URL", "value": redis_url},
-            ]
-        },
-    }
-    for key, value in spec.items():
-        if isinstance(value, dict) and isinstance(body.get(key), dict):
-            body[key] = {**body[key], **value}
-        else:
-            body[key] = value
-    return {
-        "apiVersion": "sluiceway.dev/v1alpha1",
-        "kind": "TaskQueue",
-        "metadata": {"name": name},
-        "spec": body,
-    }
-
-
-def get_tq(c: LocalCluster, ns: str, name: str) -> dict[str, Any]:
-    return c.get(TQ_PATH.format(ns=ns, name=name))
-
-
-def get_dep(c: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
-    try:
-        return c.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment_name(name)}")
-    except Exception:
-        return None
-
-
-def cond(tq: dict[str, Any], type_: str) -> dict[str, Any]:
-    for c in tq.get("status", {}).get("conditions", []):
-        if c["type"] == type_:
-            return dict(c)
-    return {}
-
-
-class MaxReplicas:
-    """Samples the Deployment's spec.replicas in the background and remembers every value seen."""
-
-    def __init__(self, c: LocalCluster, ns: str, name: str) -> None:
-        self.seen: list[int] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(c, ns, name), daemon=True)
-        self._t.start()
-
-    def _run(self, c: LocalCluster, ns: str, name: str) -> None:
-        while not self._stop.is_set():
-            dep = get_dep(c, ns, name)
-            if dep is not None:
-                value = int(dep["spec"].get("replicas", 0))
-                if not self.seen or self.seen[-1] != value:
-                    self.seen.append(value)
-            time.sleep(0.1)
-
-    def stop(self) -> list[int]:
-        self._stop.set()
-        self._t.join(5)
-        return self.seen
 
 
 def test_taskqueue_creates_rolls_repairs_and_cleans_up(

@@ -1,0 +1,316 @@
+"""Helpers shared by the end-to-end tests and the cluster demo: no pytest in here.
+
+Install the CRD and the operator's RBAC, start the operator as its own process with its
+ServiceAccount's kubeconfig, build TaskQueue manifests, read state, sample the replica count, and
+compute the figures every scenario reports (messages, duplicates, peak replicas, worst 1-s window,
+time to drain, time to zero).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from localcluster.cluster import LocalCluster
+from localcluster.procs import free_port
+from sluiceway.ratelimit import max_in_window
+from sluiceway_operator.manifests import deployment_name, operator_rbac
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "crds" / "taskqueue.yaml"
+TQ_PATH = "/apis/sluiceway.dev/v1alpha1/namespaces/{ns}/taskqueues/{name}"
+OPERATOR_SA = "sluiceway-operator"
+
+
+def start_bound(qps: float, burst: int = 0, slot_tolerance: float = 0.01) -> int:
+    """Most task starts any 1-second window may hold fleet-wide (docs/worker.md, "Fleet-wide QPS").
+
+    ``qps + burst``, plus 1 for a start at a window's edge, plus the starts a worker may make up to
+    ``slot_tolerance`` (the worker's default, 10 ms) after their slots.
+    """
+    return math.floor(qps) + burst + 1 + math.floor(qps * slot_tolerance)
+
+
+class WaitTimeoutError(AssertionError):
+    """A condition did not hold in time; the message carries the operator's log tail."""
+
+
+class Operator:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, namespace: str, http_port: int) -> None:
+        self.proc, self.log, self.namespace, self.http_port = proc, log, namespace, http_port
+
+    def tail(self, n: int = 80) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``. Safe to call twice."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def install_crd(c: LocalCluster) -> None:
+    c.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
+    c.kubectl(
+        "wait", "--for=condition=Established", "crd/taskqueues.sluiceway.dev", "--timeout=60s", check=True
+    )
+
+
+def install_operator_rbac(c: LocalCluster, namespace: str) -> Path:
+    """Apply the shipped RBAC for a ServiceAccount in ``namespace``; return its kubeconfig."""
+    c.apply(operator_rbac(namespace))
+    return c.serviceaccount_kubeconfig(namespace, OPERATOR_SA)
+
+
+def start_operator(
+    kubeconfig: Path,
+    namespace: str,
+    log: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    http_port: int | None = None,
+) -> Operator:
+    """``python -m sluiceway_operator`` as its own process, acting as the ServiceAccount of ``kubeconfig``.
+
+    The log is appended to, so a restarted operator keeps one log. Worker pods get no metrics port
+    (the test kubelet runs every pod on the host network).
+    """
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    port = http_port or free_port()
+    args = ["-A", "--worker-metrics-port", "0", "--http-port", str(port), "--log-format", "console"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sluiceway_operator", *args, *extra_args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the owner, which stops it
+        )
+    return Operator(proc, log, namespace, port)
+
+
+def redis_secret(c: LocalCluster, namespace: str, url: str, name: str = "sluiceway-redis") -> None:
+    """The coordination Secret users create in each namespace (see docs/operator.md)."""
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {"url": base64.b64encode(url.encode()).decode()},
+        }
+    )
+
+
+def until(op: Operator, check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until truthy; on timeout fail with the operator's log, so failures explain."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # a transient API error is just another poll
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        if op.proc.poll() is not None:
+            raise WaitTimeoutError(f"operator exited ({op.proc.returncode}) waiting for {what}\n{op.tail()}")
+        time.sleep(0.3)
+    raise WaitTimeoutError(
+        f"timed out after {timeout} s waiting for {what} (last: {last!r})\n--- operator log ---\n{op.tail()}"
+    )
+
+
+def taskqueue(name: str, redis_url: str, **spec: Any) -> dict[str, Any]:
+    """A TaskQueue running ``tests.tasks:record`` with short test intervals; ``spec`` merges one level deep."""
+    body: dict[str, Any] = {
+        "image": "sluiceway/worker:test",
+        "function": "tests.tasks:record",
+        "broker": {"type": "redis"},
+        "concurrency": {"perPod": 2},
+        "liveness": {"heartbeatSeconds": 0.5, "leaseSeconds": 60},
+        "timeoutSeconds": 5,
+        "scaling": {
+            "pollIntervalSeconds": 1,
+            "cooldownSeconds": 3,
+            "scaleDownStabilizationSeconds": 2,
+            "targetDrainSeconds": 10,
+            "assumedTaskSeconds": 0.5,
+            "maxReplicas": 5,
+        },
+        "podTemplate": {
+            "env": [
+                {"name": "PYTHONPATH", "value": str(ROOT)},
+                {"name": "TEST_RECORD_URL", "value": redis_url},
+            ]
+        },
+    }
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return {
+        "apiVersion": "sluiceway.dev/v1alpha1",
+        "kind": "TaskQueue",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def get_tq(c: LocalCluster, ns: str, name: str) -> dict[str, Any]:
+    return c.get(TQ_PATH.format(ns=ns, name=name))
+
+
+def get_dep(c: LocalCluster, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return c.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment_name(name)}")
+    except Exception:
+        return None
+
+
+def replicas(c: LocalCluster, ns: str, name: str) -> int | None:
+    dep = get_dep(c, ns, name)
+    return None if dep is None else int(dep["spec"].get("replicas", 0))
+
+
+def cond(tq: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in tq.get("status", {}).get("conditions", []):
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+class MaxReplicas:
+    """Samples the Deployment's spec.replicas in the background and remembers every value seen."""
+
+    def __init__(self, c: LocalCluster, ns: str, name: str) -> None:
+        self.seen: list[int] = []
+        self.changed_at: list[float] = []  # monotonic time of each entry in ``seen``
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(c, ns, name), daemon=True)
+        self._t.start()
+
+    def _run(self, c: LocalCluster, ns: str, name: str) -> None:
+        while not self._stop.is_set():
+            dep = get_dep(c, ns, name)
+            if dep is not None:
+                value = int(dep["spec"].get("replicas", 0))
+                if not self.seen or self.seen[-1] != value:
+                    self.seen.append(value)
+                    self.changed_at.append(time.monotonic())
+            time.sleep(0.1)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._t.join(5)
+        return self.seen
+
+
+@dataclass
+class Figures:
+    """What each scenario reports and asserts."""
+
+    scenario: str
+    messages: int
+    processed: int  # distinct messages completed
+    lost: int  # published, never completed
+    duplicates: int  # extra starts beyond one per message (retries and redeliveries)
+    peak_replicas: int
+    ceiling: int | None
+    worst_window: int  # most task starts in any 1-second window
+    limit: float | None  # qps + burst + 1, the bound docs/worker.md promises
+    drain_seconds: float
+    zero_seconds: float | None  # from the publish to the fleet back at 0
+    dead: int = 0
+
+    def line(self) -> str:
+        ceiling = f"/{self.ceiling} ceiling" if self.ceiling is not None else ""
+        limit = f" (bound {self.limit:g})" if self.limit is not None else ""
+        zero = f"{self.zero_seconds:.1f} s" if self.zero_seconds is not None else "-"
+        return (
+            f"[e2e figures] {self.scenario}: messages={self.messages} processed={self.processed} "
+            f"lost={self.lost} duplicates={self.duplicates} dead-lettered={self.dead} "
+            f"peak replicas={self.peak_replicas}{ceiling} worst 1-s window={self.worst_window} starts{limit} "
+            f"drain={self.drain_seconds:.1f} s to-zero={zero}"
+        )
+
+
+def recorded(r: redis.Redis, messages: int) -> tuple[list[float], dict[int, int], dict[int, int]]:
+    """What ``tests.tasks.record`` wrote: start times, starts per message, completions per message."""
+    starts = [float(x) for x in r.lrange("test:starts", 0, -1)]
+    seen = {int(k): int(v) for k, v in r.hgetall("test:seen").items()}
+    done = {int(k): int(v) for k, v in r.hgetall("test:done").items()}
+    return starts, seen, done
+
+
+def figures(
+    scenario: str,
+    r: redis.Redis,
+    messages: int,
+    *,
+    seen_replicas: Sequence[int],
+    ceiling: int | None,
+    limit: float | None,
+    drain_seconds: float,
+    zero_seconds: float | None,
+    dead: int = 0,
+) -> Figures:
+    starts, seen, done = recorded(r, messages)
+    completed = {n for n, k in done.items() if k > 0}
+    return Figures(
+        scenario=scenario,
+        messages=messages,
+        processed=len(completed),
+        lost=messages - dead - len(completed & set(range(messages))),
+        duplicates=sum(seen.values()) - len(seen),
+        peak_replicas=max(seen_replicas, default=0),
+        ceiling=ceiling,
+        worst_window=max_in_window(starts, 1.0) if starts else 0,
+        limit=limit,
+        drain_seconds=drain_seconds,
+        zero_seconds=zero_seconds,
+        dead=dead,
+    )
+
+
+__all__ = [
+    "CRD",
+    "OPERATOR_SA",
+    "ROOT",
+    "TQ_PATH",
+    "Figures",
+    "MaxReplicas",
+    "Operator",
+    "WaitTimeoutError",
+    "cond",
+    "figures",
+    "get_dep",
+    "get_tq",
+    "install_crd",
+    "install_operator_rbac",
+    "recorded",
+    "redis_secret",
+    "replicas",
+    "start_bound",
+    "start_operator",
+    "taskqueue",
+    "until",
+]
