@@ -1,0 +1,241 @@
+"""Cron math for ``spec.schedules[]``: pure functions, no I/O and no clock reads.
+
+A five-field expression (minute hour day-of-month month day-of-week) is read in an IANA time zone.
+The matcher is our own, not APScheduler 3's ``CronTrigger.from_crontab``, because that one reads a
+crontab differently from every cron a Kubernetes user knows: weekday 0 is Monday there (so
+``0 9 * * 1-5`` would fire Tuesday to Saturday), and a restricted day-of-month and day-of-week must
+both match, where cron fires when either does. The semantics here are those of Kubernetes CronJob
+(robfig/cron): 0 and 7 are Sunday; when both day fields are restricted a day matches if either does,
+and a day field counts as unrestricted only when it is exactly ``*``.
+
+Time zones and DST, on the wall clock of the zone:
+
+* a wall time that does not exist (spring forward, 02:30 in Europe/Berlin on the last Sunday of
+  March) is skipped: there is no such moment, and firing at 03:30 instead would be a time nobody
+  scheduled;
+* a wall time that happens twice (fall back, 02:30 on the last Sunday of October) fires once, at its
+  first occurrence.
+
+Catch-up policy (``due_fires``): each scheduled time is published at most once. When ticks were
+missed (operator downtime, a slow tick), only the most recent missed time is published, and only if
+it is at most ``STARTING_DEADLINE`` late; older missed times are counted as skipped. This is
+CronJob's ``concurrencyPolicy: Forbid`` spirit with a ``startingDeadlineSeconds`` of one hour: a
+queue consumer wants the latest run, not a burst of stale duplicates, and a nightly job should not
+start in the afternoon.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+STARTING_DEADLINE: Final = dt.timedelta(hours=1)
+# Feb 29 on a restricted weekday can be 28 years away (and 2100 is no leap year); nothing that can
+# match at all is further than this.
+_HORIZON_YEARS: Final = 30
+# Counting skipped fires walks them one by one; after a very long downtime of an every-minute
+# schedule the count stops here (and reads "at least").
+MAX_COUNTED: Final = 10_000
+
+_MINUTE: Final = dt.timedelta(minutes=1)
+_MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS: Final = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_DAYS_IN_MONTH: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the most each can have
+
+
+class CronError(ValueError):
+    """The expression or the time zone cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cron:
+    """A parsed expression in its zone. Weekdays are 0-6 from Sunday (7 is folded into 0)."""
+
+    expr: str
+    zone: ZoneInfo
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]
+    any_day: bool  # day-of-month is exactly "*"
+    any_weekday: bool  # day-of-week is exactly "*"
+
+    def day_matches(self, day: dt.date) -> bool:
+        dom = day.day in self.days
+        dow = (day.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return dom and dow
+        return dom or dow
+
+
+@dataclass(frozen=True, slots=True)
+class FirePlan:
+    """What one tick should do for one schedule.
+
+    ``fire`` is the scheduled time to publish now (or None); ``skipped`` counts missed times that
+    will never be published (capped at ``MAX_COUNTED``); ``cursor`` is the moment up to which every
+    scheduled time is dealt with, which the caller passes back as ``last_fire`` once ``fire`` is
+    published (and not before: a failed publication is retried while inside the deadline); ``next``
+    is the first scheduled time after ``now``.
+    """
+
+    fire: dt.datetime | None
+    skipped: int
+    cursor: dt.datetime | None
+    next: dt.datetime | None
+
+
+def parse(expr: str, time_zone: str) -> Cron:
+    """Parse ``expr`` in ``time_zone``; raise ``CronError`` if either is unusable."""
+    try:
+        zone = ZoneInfo(time_zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise CronError(f"unknown time zone {time_zone!r}") from exc
+    parts = expr.split()
+    if len(parts) != 5:
+        raise CronError(f"{expr!r} must have 5 fields, not {len(parts)}")
+    minute, hour, dom, month, dow = parts
+    weekdays = _field(dow, 0, 7, _WEEKDAYS, "day of week")
+    cron = Cron(
+        expr=expr,
+        zone=zone,
+        minutes=_field(minute, 0, 59, (), "minute"),
+        hours=_field(hour, 0, 23, (), "hour"),
+        days=_field(dom, 1, 31, (), "day of month"),
+        months=_field(month, 1, 12, _MONTHS, "month"),
+        weekdays=frozenset(d % 7 for d in weekdays),
+        any_day=dom == "*",
+        any_weekday=dow == "*",
+    )
+    # "0 0 30 2 *" passes every range check and still never fires: say so instead of searching.
+    if cron.any_weekday and not any(d <= _DAYS_IN_MONTH[m - 1] for m in cron.months for d in cron.days):
+        raise CronError(f"{expr!r} names no day that exists in its months, so it never fires")
+    return cron
+
+
+def _field(text: str, low: int, high: int, names: tuple[str, ...], label: str) -> frozenset[int]:
+    values: set[int] = set()
+    for item in text.lower().split(","):
+        base, slash, step_text = item.partition("/")
+        if slash and not step_text.isdigit():
+            raise CronError(f"{label} {text!r}: step {step_text!r} must be a positive number")
+        step = int(step_text) if slash else 1
+        if step < 1:
+            raise CronError(f"{label} {text!r}: step must be at least 1")
+        if base == "*":
+            start, end = low, high
+        else:
+            bounds = base.split("-")
+            if len(bounds) > 2 or not all(bounds):
+                raise CronError(f"{label} {text!r}: {item!r} is not a value or a range")
+            nums = [_value(b, low, high, names, label, text) for b in bounds]
+            start = nums[0]
+            # "5/15" means 5-max/15, as in Vixie cron and robfig/cron.
+            end = nums[-1] if len(nums) == 2 else (high if slash else start)
+            if start > end:
+                raise CronError(f"{label} {text!r}: range {base!r} runs backwards")
+        values.update(range(start, end + 1, step))
+    return frozenset(values)
+
+
+def _value(word: str, low: int, high: int, names: tuple[str, ...], label: str, text: str) -> int:
+    if word in names:
+        return names.index(word) + (1 if names is _MONTHS else 0)
+    if not word.isdigit():
+        raise CronError(f"{label} {text!r}: {word!r} is not a number")
+    n = int(word)
+    if not low <= n <= high:
+        raise CronError(f"{label} {text!r}: {n} is outside {low}-{high}")
+    return n
+
+
+# --- Fire times ----------------------------------------------------------------------------------
+
+
+def next_fire(cron: Cron, after: dt.datetime) -> dt.datetime | None:
+    """The first fire time strictly after ``after`` (an aware datetime), in UTC.
+
+    ``None`` only if nothing matches within the search horizon, which ``parse`` makes impossible
+    for every expression it accepts.
+    """
+    if after.tzinfo is None:
+        raise ValueError("after must be timezone-aware")
+    # Walk the zone's wall clock from the minute of ``after``. With fold=0 everywhere the map from
+    # an existing wall time to its instant never goes backwards, so the first matching wall time
+    # whose instant is later than ``after`` is the answer.
+    wall = after.astimezone(cron.zone).replace(tzinfo=None, second=0, microsecond=0, fold=0)
+    limit = wall.year + _HORIZON_YEARS
+    while True:
+        found = _next_wall(cron, wall, limit)
+        if found is None:
+            return None
+        instant = _instant(cron.zone, found)
+        if instant is not None and instant > after:
+            return instant
+        wall = found + _MINUTE
+
+
+def _next_wall(cron: Cron, wall: dt.datetime, limit: int) -> dt.datetime | None:
+    """The first wall time at or after ``wall`` (naive, whole minute) that the fields match."""
+    while wall.year <= limit:
+        if wall.month not in cron.months:
+            wall = _first_of_next_month(wall)
+        elif not cron.day_matches(wall.date()):
+            wall = dt.datetime.combine(wall.date() + dt.timedelta(days=1), dt.time())
+        elif wall.hour not in cron.hours:
+            wall = wall.replace(minute=0) + dt.timedelta(hours=1)
+        elif wall.minute not in cron.minutes:
+            later = [m for m in cron.minutes if m > wall.minute]
+            wall = (
+                wall.replace(minute=min(later)) if later else wall.replace(minute=0) + dt.timedelta(hours=1)
+            )
+        else:
+            return wall
+    return None
+
+
+def _first_of_next_month(wall: dt.datetime) -> dt.datetime:
+    year, month = (wall.year + 1, 1) if wall.month == 12 else (wall.year, wall.month + 1)
+    return dt.datetime(year, month, 1)
+
+
+def _instant(zone: ZoneInfo, wall: dt.datetime) -> dt.datetime | None:
+    """The UTC instant of a wall time: its first occurrence if ambiguous, None if it does not exist."""
+    local = wall.replace(tzinfo=zone, fold=0)
+    instant = local.astimezone(dt.UTC)
+    if instant.astimezone(zone).replace(tzinfo=None) != wall:
+        return None  # in a spring-forward gap: the round trip lands on another wall time
+    return instant
+
+
+def due_fires(cron: Cron, last_fire: dt.datetime | None, created: dt.datetime, now: dt.datetime) -> FirePlan:
+    """Decide which scheduled time, if any, to publish at ``now``.
+
+    Scheduled times after ``last_fire`` (or after ``created`` when nothing was handled yet) and at
+    or before ``now`` are due. Only the most recent one is published, and only if it is at most
+    ``STARTING_DEADLINE`` late; the others are skipped. A time at or before ``last_fire`` is never
+    returned, so feeding ``cursor`` back as ``last_fire`` publishes each scheduled time at most once.
+    """
+    baseline = last_fire if last_fire is not None else created
+    upcoming = next_fire(cron, max(baseline, now))
+    # Only a time inside the deadline window can be published: find the latest one there by walking
+    # that window (at most 60 minutes of fires), not the whole downtime.
+    window_start = max(baseline, now - STARTING_DEADLINE)
+    latest: dt.datetime | None = None
+    in_window = 0
+    t = next_fire(cron, window_start)
+    while t is not None and t <= now:
+        latest, in_window = t, in_window + 1
+        t = next_fire(cron, t)
+    # Everything between the baseline and the window is skipped; count it (up to a cap).
+    skipped = 0
+    older = next_fire(cron, baseline)
+    while older is not None and older <= window_start and skipped < MAX_COUNTED:
+        skipped += 1
+        older = next_fire(cron, older)
+    # Every due time up to ``now`` is now either published (the latest) or skipped.
+    skipped += max(0, in_window - 1)
+    return FirePlan(fire=latest, skipped=skipped, cursor=max(baseline, now), next=upcoming)
