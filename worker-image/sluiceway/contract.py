@@ -114,6 +114,10 @@ class Keys:
         """HASH of fleet-wide counters (acked, retried, dead, requeued)."""
         return self.prefix + "stats"
 
+    def schedule_fire(self, schedule: str, fire_epoch: int) -> str:
+        """STRING with a TTL: one schedule's scheduled time (unix s) was published; set with NX."""
+        return self.prefix + f"schedule:{schedule}:{fire_epoch}"
+
     def all_static(self) -> list[str]:
         return [
             self.ready,
