@@ -52,6 +52,7 @@ class WorkerMetrics:
         self.start_lag = _Histogram(LAG_BUCKETS)
         self.busy = 0
         self.in_flight = 0
+        self.reslotted = 0
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -82,6 +83,13 @@ class WorkerMetrics:
             "How late a task started after its rate-limit slot (scheduling latency; never negative).",
             self.labels,
         )
+        reslotted = CounterMetricFamily(
+            "sluiceway_reslotted_tasks",
+            "Tasks whose rate-limit slot went stale while the process stalled, and took a fresh one.",
+            labels=names,
+        )
+        reslotted.add_metric(values, self.reslotted)
+        yield reslotted
         busy = GaugeMetricFamily("sluiceway_busy_tasks", "Tasks running now.", labels=names)
         busy.add_metric(values, self.busy)
         yield busy

@@ -150,7 +150,6 @@ class Worker:
         self.install_signals = install_signals
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
-        self.fetcher_waiting = False
         self.lock = threading.Lock()
         self.capacity_freed = threading.Condition(self.lock)
         self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
@@ -160,7 +159,6 @@ class Worker:
         self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.local = threading.local()  # an executor's settlements of its current chunk
         self.last_slots: SlotLease | None = None
-        self.reslotted = 0  # tasks whose slot went stale while the process stalled
 
         self.stopping = threading.Event()  # stop fetching
         self.stopped = threading.Event()  # everything settled or handed back
@@ -344,9 +342,7 @@ class Worker:
             with self.capacity_freed:
                 free = self.capacity - len(self.held)
                 if free <= 0:
-                    self.fetcher_waiting = True
                     self.capacity_freed.wait(0.25)
-                    self.fetcher_waiting = False
                     continue
             try:
                 batch = self.broker.fetch(min(free, self.s.fetch_batch))
@@ -396,7 +392,7 @@ class Worker:
                 return False
             if task.slots is None or time.monotonic() - task.due <= self.s.qps_slot_tolerance:
                 return True
-            self.reslotted += 1
+            self.metrics.reslotted += 1
             task.slots = None  # its new slot belongs to no lease that could be handed back
             while True:
                 try:
