@@ -1,0 +1,5 @@
+import sys
+
+from clusterdemo import main
+
+sys.exit(main())
