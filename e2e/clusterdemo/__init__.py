@@ -320,7 +320,7 @@ def _view(s: Sample, run: Run) -> Table:
     table.add_column("done / dead", justify="right")
     qps = f"{s.qps:.0f} / {run.limit:g}" + (" [yellow]throttled[/]" if s.throttled else "")
     table.add_row(
-        f"{s.replicas} ({s.ready}) [dim]max {run.ceiling}[/]",
+        f"{s.replicas} ({s.ready}) [dim]ceiling {run.ceiling}[/]",
         str(s.backlog),
         str(s.in_flight),
         f"{s.live} ({s.busy})",
