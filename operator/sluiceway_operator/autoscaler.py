@@ -32,6 +32,7 @@ from .observe import ObservationError, RedisPool, read_queue, requeue_worker, se
 from .observe import observation as make_observation
 from .reconcile import apply_deployment, cost_changes, delete_pod, get_deployment, render, set_deletion_costs
 from .scaling import Decision, PodInfo, Policy, ScalingState, decide, deletion_costs, silent_pods
+from .schedules import Schedules
 from .settings import Config
 from .spec import SecretKeyRef, SpecError, TaskQueueSpec, keys_for, parse_spec
 from .status import Fault, conditions_for, fault_status, observed_status
@@ -104,6 +105,7 @@ class TaskQueueLoop:
         self.keys: Keys | None = None
         self._secret: tuple[str, float] | None = None
         self._acked: tuple[int, float] | None = None
+        self.schedules = Schedules(namespace, name, deps.kube)
         self.log = log.bind(namespace=namespace, taskqueue=name)
 
     # --- The loop ---------------------------------------------------------------------------------
@@ -158,6 +160,9 @@ class TaskQueueLoop:
         render(meta, spec, 0, settings)
 
         client, keys = await self._redis(spec)
+        # Before observing, so a scheduled message is in this tick's backlog (wakes a fleet at zero).
+        old_status = self.status if self.status is not None else dict(body.get("status") or {})
+        schedules = await self.schedules.tick(meta, spec, client, keys, now=now, old_status=old_status)
         view = await read_queue(client, keys, spec)
         dep = self._deployment_view() or await self._fetch_deployment()
         current = dep.replicas if dep is not None else 0
@@ -201,6 +206,7 @@ class TaskQueueLoop:
             silent=silent,
             acked=view.acked,
             last_scale=last_scale,
+            schedules=schedules,
         )
         self._record_metrics(decision, obs.current_replicas)
         return interval
@@ -251,6 +257,7 @@ class TaskQueueLoop:
         silent: Sequence[str],
         acked: int,
         last_scale: Mapping[str, Any] | None,
+        schedules: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         old = self.status if self.status is not None else dict(body.get("status") or {})
         # The alarm is normal while new pods start; it is Degraded only once it outlasts a start-up.
@@ -280,6 +287,10 @@ class TaskQueueLoop:
             observed_qps=self._observed_qps(acked, now),
             last_scale=last_scale,
         )
+        if schedules:
+            new["schedules"] = [dict(s) for s in schedules]
+        else:
+            new.pop("schedules", None)  # the spec has none left: drop what status still lists
         await self._patch_status(old, new)
 
     def _observed_qps(self, acked: int, now: float) -> float | None:
