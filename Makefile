@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 SLUICEWAY_LOCAL_REDIS_PORT ?= 6390
 export SLUICEWAY_LOCAL_REDIS_PORT
 
-.PHONY: help deps venv system-deps services services-down test test-unit lint fmt bench demo clean
+.PHONY: help deps venv system-deps services services-down test test-unit lint fmt bench demo demo-local clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,7 +52,10 @@ fmt: venv ## Format the code
 bench: deps ## Run the benchmarks (figures go in docs/benchmarks.md)
 	@$(PY) -m bench $(BENCH_ARGS)
 
-demo: services ## The local demo: a worker fleet under a fleet-wide QPS limit drains a burst, live
+demo: deps cluster-bins ## The whole system on a local cluster: apply a TaskQueue, watch a burst drain and scale to zero
+	@PYTHONPATH=e2e $(PY) -m clusterdemo $(DEMO_ARGS)
+
+demo-local: services ## A local fleet of worker processes under a QPS limit (no Kubernetes)
 	@$(PY) -m sluiceway.demo
 
 clean: services-down ## Remove local state
