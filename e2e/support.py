@@ -314,3 +314,21 @@ __all__ = [
     "taskqueue",
     "until",
 ]
+
+
+def retire_namespace(c: LocalCluster, namespace: str, timeout: float = 60) -> None:
+    """Stop everything a test left running in its namespace, and wait until its processes are gone.
+
+    Tests share one Redis (flushed per test) and record into the same keys; a worker pod still
+    draining from the previous test would otherwise hand messages back and record starts into the
+    next test's counters.
+    """
+    c.kubectl("delete", "taskqueues", "--all", "-n", namespace, "--wait=false")
+    c.kubectl("delete", "deployments", "--all", "-n", namespace, "--wait=false")
+    c.kubectl("delete", "pods", "--all", "-n", namespace, "--grace-period=0", "--force", "--wait=false")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(c.pods_processes(namespace).values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pods of namespace {namespace} still running {timeout} s after the test")

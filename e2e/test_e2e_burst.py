@@ -27,7 +27,6 @@ from support import (
     install_crd,
     install_operator_rbac,
     recorded,
-    redis_secret,
     replicas,
     start_bound,
     start_operator,
@@ -46,13 +45,6 @@ def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
     op = start_operator(kubeconfig, ns, tmp_path_factory.mktemp("operator") / "operator.log")
     yield op
     op.stop()
-
-
-@pytest.fixture
-def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
-    name = kube_cluster.fresh_namespace("e2e")
-    redis_secret(kube_cluster, name, redis_url)
-    return name
 
 
 QPS = 200

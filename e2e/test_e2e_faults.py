@@ -36,7 +36,6 @@ from support import (
     get_tq,
     install_crd,
     install_operator_rbac,
-    redis_secret,
     replicas,
     start_bound,
     start_operator,
@@ -78,13 +77,6 @@ def harness(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
     h = Harness(start_operator(kubeconfig, ns, log), kubeconfig, ns, log)
     yield h
     h.op.stop()
-
-
-@pytest.fixture
-def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
-    name = kube_cluster.fresh_namespace("e2e")
-    redis_secret(kube_cluster, name, redis_url)
-    return name
 
 
 def burst_queue(name: str, redis_url: str, **over: Any) -> dict[str, Any]:

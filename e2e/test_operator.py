@@ -8,7 +8,6 @@ every wait has a generous timeout and assertions are on final states and recorde
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -56,21 +55,6 @@ def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-@pytest.fixture
-def ns(kube_cluster: LocalCluster, redis_url: str) -> str:
-    """A namespace with the default coordination Secret (users create it: see docs/operator.md)."""
-    name = kube_cluster.fresh_namespace("tq")
-    kube_cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "sluiceway-redis", "namespace": name},
-            "data": {"url": base64.b64encode(redis_url.encode()).decode()},
-        }
-    )
-    return name
 
 
 def test_taskqueue_creates_rolls_repairs_and_cleans_up(
