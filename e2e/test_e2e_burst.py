@@ -9,7 +9,6 @@ them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,27 +23,14 @@ from support import (
     Operator,
     figures,
     get_tq,
-    install_crd,
-    install_operator_rbac,
     recorded,
     replicas,
     start_bound,
-    start_operator,
     taskqueue,
     until,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    ns = kube_cluster.fresh_namespace("op")
-    kubeconfig = install_operator_rbac(kube_cluster, ns)
-    op = start_operator(kubeconfig, ns, tmp_path_factory.mktemp("operator") / "operator.log")
-    yield op
-    op.stop()
 
 
 QPS = 200

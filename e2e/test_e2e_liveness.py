@@ -4,7 +4,6 @@ and a backlog with no live worker is an alarm that scales up at once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,24 +14,11 @@ from support import (
     Operator,
     cond,
     get_tq,
-    install_crd,
-    install_operator_rbac,
-    start_operator,
     taskqueue,
     until,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    ns = kube_cluster.fresh_namespace("op")
-    kubeconfig = install_operator_rbac(kube_cluster, ns)
-    op = start_operator(kubeconfig, ns, tmp_path_factory.mktemp("operator") / "operator.log")
-    yield op
-    op.stop()
 
 
 def pod_names(c: LocalCluster, ns: str) -> set[str]:
