@@ -316,3 +316,13 @@ def test_messages_older_than_the_max_age_are_dead_lettered_unrun(
     assert counts(r, "test:seen") == {2: 1}
     w.terminate()
     assert w.wait() == 0
+
+
+def test_orphaned_workers_are_those_without_pod_and_heartbeat(r: redis.Redis) -> None:
+    for w in ("live-pod", "dead-pod", "local-worker"):
+        r.sadd(KEYS.leased_workers, w)
+        r.zadd(KEYS.inflight(w), {f"1:{w}": 0})
+    r.set(KEYS.heartbeat("local-worker"), "{}", px=10_000)
+    assert fleet.orphaned_workers(r, KEYS, known={"live-pod"}) == ["dead-pod"]
+    assert fleet.requeue_worker(r, KEYS, "dead-pod") == 1
+    assert r.lrange(KEYS.ready, 0, -1) == [b"dead-pod"]

@@ -28,7 +28,14 @@ from . import events, metrics
 from .conditions import ConditionReason, rfc3339, status_patch
 from .kube import ApiError, Kube, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
-from .observe import ObservationError, RedisPool, read_queue, requeue_worker, secret_value
+from .observe import (
+    ObservationError,
+    RedisPool,
+    orphaned_workers,
+    read_queue,
+    requeue_worker,
+    secret_value,
+)
 from .observe import observation as make_observation
 from .reconcile import apply_deployment, cost_changes, delete_pod, get_deployment, render, set_deletion_costs
 from .scaling import Decision, PodInfo, Policy, ScalingState, decide, deletion_costs, silent_pods
@@ -40,6 +47,7 @@ from .status import Fault, conditions_for, fault_status, observed_status
 log = structlog.get_logger("sluiceway_operator")
 
 SECRET_TTL = 60.0  # re-read a coordination Secret this often, and at once after a Redis error
+ORPHAN_SWEEP_SECONDS = 10.0  # how often a loop looks for leases of workers whose pods are gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +113,7 @@ class TaskQueueLoop:
         self.keys: Keys | None = None
         self._secret: tuple[str, float] | None = None
         self._acked: tuple[int, float] | None = None
+        self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
         self.schedules = Schedules(namespace, name, deps.kube)
         self.log = log.bind(namespace=namespace, taskqueue=name)
 
@@ -195,6 +204,7 @@ class TaskQueueLoop:
             )
 
         silent = await self._replace_silent(spec, pods, view.heartbeat_times, now)
+        await self._sweep_orphans(client, keys, now)
         await self._write_status(
             body,
             decision,
@@ -335,6 +345,17 @@ class TaskQueueLoop:
         self.last_reason = str(decision.reason)
 
     # --- Pod deletion -----------------------------------------------------------------------------
+
+    async def _sweep_orphans(self, client: redis.Redis, keys: Keys, now: float) -> None:
+        """Return the leases of workers whose pods vanished while no DELETED event reached us
+        (the operator was down, or the watch restarted), instead of waiting for the leases to
+        expire. Cheap, but not every tick: one set read, and one EXISTS per unknown holder."""
+        if now - self.last_sweep < ORPHAN_SWEEP_SECONDS:
+            return
+        self.last_sweep = now
+        known = {p.name for p in self.pods()}
+        for worker in await orphaned_workers(client, keys, known):
+            await self.pod_deleted(worker)
 
     async def pod_deleted(self, pod: str) -> int:
         """Return a deleted pod's leases at once: the worker id is the pod name."""

@@ -99,6 +99,10 @@ def observation(view: QueueView, *, now: float, current: int, pods: int, ready: 
     )
 
 
+async def orphaned_workers(client: redis.Redis, keys: Keys, known: set[str]) -> list[str]:
+    return await asyncio.to_thread(fleet.orphaned_workers, client, keys, known)
+
+
 async def requeue_worker(client: redis.Redis, keys: Keys, worker_id: str) -> int:
     return await asyncio.to_thread(fleet.requeue_worker, client, keys, worker_id)
 

@@ -69,6 +69,22 @@ def requeue_worker(client: redis_lib.Redis, keys: Keys, worker_id: str) -> int:
     return n
 
 
+def orphaned_workers(client: redis_lib.Redis, keys: Keys, known: set[str]) -> list[str]:
+    """Workers that hold leases, are not in ``known`` (live pods), and have no live heartbeat.
+
+    Both tests are needed: ``known`` may lag behind the cluster (a watch just starting), and a
+    heartbeat may lapse in a Redis hiccup; a worker is only an orphan when it fails both.
+    """
+    holders = [w.decode() if isinstance(w, bytes) else str(w) for w in client.smembers(keys.leased_workers)]
+    candidates = [w for w in holders if w not in known]
+    if not candidates:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for w in candidates:
+        pipe.exists(keys.heartbeat(w))
+    return [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
+
+
 def recover_expired(client: redis_lib.Redis, keys: Keys) -> int:
     return reap(client, keys)
 
