@@ -204,23 +204,30 @@ class MaxReplicas:
     def __init__(self, c: LocalCluster, ns: str, name: str) -> None:
         self.seen: list[int] = []
         self.changed_at: list[float] = []  # monotonic time of each entry in ``seen``
+        self._target = (c, ns, name)
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(c, ns, name), daemon=True)
+        self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
-    def _run(self, c: LocalCluster, ns: str, name: str) -> None:
+    def _sample(self) -> None:
+        dep = get_dep(*self._target)
+        if dep is not None:
+            value = int(dep["spec"].get("replicas", 0))
+            if not self.seen or self.seen[-1] != value:
+                self.seen.append(value)
+                self.changed_at.append(time.monotonic())
+
+    def _run(self) -> None:
         while not self._stop.is_set():
-            dep = get_dep(c, ns, name)
-            if dep is not None:
-                value = int(dep["spec"].get("replicas", 0))
-                if not self.seen or self.seen[-1] != value:
-                    self.seen.append(value)
-                    self.changed_at.append(time.monotonic())
+            self._sample()
             time.sleep(0.1)
 
     def stop(self) -> list[int]:
         self._stop.set()
         self._t.join(5)
+        # The caller usually stops right after seeing a final value itself; the thread may have
+        # slept through it, so take one last sample.
+        self._sample()
         return self.seen
 
 
