@@ -50,3 +50,24 @@ def spawn_worker(redis_url: str, tmp_path: Path) -> Iterator[SpawnWorker]:
     yield spawn
     for proc in started:
         proc.stop()
+
+
+# --- Figures: tests print lines tagged "[figures]" or "[e2e figures]"; the run's summary repeats
+# them, so CI logs show the measured figures without `pytest -s`.
+_FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _FIGURES.extend(
+            f"{report.nodeid.split('::')[-1]}: {line.strip()}"
+            for line in report.capstdout.splitlines()
+            if "figures]" in line
+        )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -66,7 +66,9 @@ def test_worker_killed_mid_run_loses_nothing_and_its_messages_return_within_a_le
     assert duplicates <= held  # only what the victim held may run twice
     stats = fleet.queue_stats(r, KEYS)
     assert (stats.ready, stats.delayed, stats.in_flight, stats.dead) == (0, 0, 0, 0)
-    print(f"\nkill -9: victim held {held}, returned in {recovered_after:.2f} s, duplicates {duplicates}")
+    print(
+        f"\n[figures] kill -9: victim held {held}, returned in {recovered_after:.2f} s, duplicates {duplicates}"
+    )
     for w in others:
         w.terminate()
         assert w.wait() == 0
@@ -143,7 +145,7 @@ def test_fleet_wide_qps_is_exact_while_workers_join_and_leave(
     window = [s for s in starts if s < first + duration]
     worst = max_in_window(window, 1.0)
     mean = len(window) / duration
-    print(f"\nqps {qps}: mean {mean:.2f} ({mean / qps:.4f} of target), worst 1-s window {worst}")
+    print(f"\n[figures] qps {qps}: mean {mean:.2f} ({mean / qps:.4f} of target), worst 1-s window {worst}")
     assert worst <= qps + 1  # stated allowance: +1 for scheduling jitter (burst 0)
     assert abs(mean - qps) / qps <= 0.02
 
