@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     console = Console(soft_wrap=not sys.stdout.isatty())
-    # SIGTERM (CI cancelling, `timeout`) tears down like Ctrl-C does.
+    # SIGTERM (CI cancelling, `timeout`) tears down like Ctrl-C does. SIGINT is set explicitly
+    # too: a shell that starts a command in the background sets SIGINT to "ignore", and Python
+    # then installs no KeyboardInterrupt handler, so Ctrl-C would be lost.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return _demo(console, args.messages, args.timeout, args.keep)
     except KeyboardInterrupt:
