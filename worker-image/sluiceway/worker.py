@@ -77,7 +77,6 @@ class Task:
     slots: SlotLease | None = None  # the rate-limit lease its slot came from
     message: codec.Message | None = None
     started: float = 0.0
-    thread: threading.Thread | None = None
     finished: bool = False  # set once, under the worker's lock, by whoever settles it first
 
 
@@ -427,7 +426,8 @@ class Worker:
             self.local.batch = []
             try:
                 for task in chunk:
-                    if not self._wait_for_slot(task):
+                    # Without a rate limit there is no slot to wait for (the common fast path).
+                    if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
                         # Drain hands unstarted messages back; these were already in our hands.
                         # Their slots are not handed back: a later slot may already have started,
                         # and only a lease's unstarted tail can be returned (the drain does that).
@@ -487,7 +487,6 @@ class Worker:
             self._finish(verdict)
             return
         assert task.message is not None
-        task.thread = threading.current_thread()
         task.started = time.monotonic()
         if task.slots is not None:
             self.metrics.start_lag.observe(task.started - task.due)
@@ -521,7 +520,7 @@ class Worker:
             if item is _STOP:
                 return
             for i, task in enumerate(item):
-                if not self._wait_for_slot(task):
+                if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
                     self._give_back(item[i:], "not started before shutdown", return_slots=False)
                     break
                 self.loop.call_soon_threadsafe(self._start_async, task)
