@@ -187,10 +187,13 @@ def test_operator_restart_mid_burst_duplicates_nothing(
     uid, generation = dep["metadata"]["uid"], dep["metadata"]["generation"]
     harness.restart(signal.SIGKILL, down_for=2)
     restarted_at = r.hlen("test:done")
-    f = b.finish("operator kill -9 + restart mid-burst", r)
-    seen = b.sampler.seen
+    # Read the Deployment while the TaskQueue still owns it: finish() deletes the TaskQueue and
+    # garbage collection then removes the Deployment.
+    b.wait_done(r, MESSAGES, 180)
     dep = get_dep(c, ns, "oprestart")
     assert dep is not None
+    f = b.finish("operator kill -9 + restart mid-burst", r)
+    seen = b.sampler.seen
     print(f"operator restarted after {restarted_at} messages; Deployment uid kept, generation {generation}")
     # The restarted operator adopted the same Deployment: not recreated, not re-scaled from 0,
     # its pod template untouched (the generation moves only with replica changes).
