@@ -153,10 +153,8 @@ class Worker:
         self.capacity_freed = threading.Condition(self.lock)
         self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
         self.running: dict[int, Task] = {}  # thread ident (or id) -> task
-        # Both queues carry lists of messages, so several can travel in one hand-off.
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.local = threading.local()  # an executor's settlements of its current chunk
         self.last_slots: SlotLease | None = None
 
         self.stopping = threading.Event()  # stop fetching
@@ -256,8 +254,8 @@ class Worker:
                 item = self.ready.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, list):
-                unstarted.extend(item)
+            if isinstance(item, Task):
+                unstarted.append(item)
         self._give_back(unstarted, "not started before shutdown", return_slots=True)
         # Wait for running tasks and for their settlements to reach Redis.
         while time.monotonic() < deadline:
@@ -370,10 +368,9 @@ class Worker:
             if batch.slots is not None:
                 self.last_slots = batch.slots
         # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO
-        # queue hands executors their messages in slot order too. One message per hand-off: a
-        # message waiting inside an executor's chunk could not be handed back at once on SIGTERM.
+        # queue hands executors their messages in slot order too.
         for t in tasks:
-            self.ready.put([t])
+            self.ready.put(t)
 
     def _wait_for_slot(self, task: Task) -> bool:
         """Sleep until the task's rate-limit slot; False if a drain began meanwhile.
@@ -418,37 +415,25 @@ class Worker:
     def _executor_loop(self) -> None:
         me = threading.get_ident()
         while me not in self.retired:
-            item = self.ready.get()
-            if item is _STOP:
-                return
-            chunk: list[Task] = item
-            done = 0
-            self.local.batch = []
             try:
-                for task in chunk:
-                    # Without a rate limit there is no slot to wait for (the common fast path).
-                    if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
-                        # Drain hands unstarted messages back; these were already in our hands.
-                        # Their slots are not handed back: a later slot may already have started,
-                        # and only a lease's unstarted tail can be returned (the drain does that).
-                        self._give_back(chunk[done:], "not started before shutdown", return_slots=False)
-                        done = len(chunk)
-                        break
-                    done += 1
-                    self._run_sync(task, me)
-                    if me in self.retired:
-                        break
+                item = self.ready.get()
+                if item is _STOP:
+                    return
+                task: Task = item
+                # Without a rate limit there is no slot to wait for (the common fast path).
+                if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
+                    # Drain hands unstarted messages back; this one was already in our hands. Its
+                    # slot is not handed back: a later slot may already have started, and only a
+                    # lease's unstarted tail can be returned (the drain does that).
+                    self._give_back([task], "not started before shutdown", return_slots=False)
+                    continue
+                self._run_sync(task, me)
             except TaskTimeout:
                 # The supervisor already settled the timed-out task and started our replacement;
-                # the injected exception surfaced outside the function.
-                if me not in self.retired:
-                    raise
-            finally:
-                batch, self.local.batch = self.local.batch, None
-                if batch:
-                    self.settlements.put(batch)
-                if done < len(chunk):
-                    self.ready.put(chunk[done:])  # a retired thread leaves the rest to the others
+                # the injected exception surfaced outside the function, so just leave.
+                if me in self.retired:
+                    return
+                raise
 
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
@@ -519,11 +504,11 @@ class Worker:
             item = self.ready.get()
             if item is _STOP:
                 return
-            for i, task in enumerate(item):
-                if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
-                    self._give_back(item[i:], "not started before shutdown", return_slots=False)
-                    break
-                self.loop.call_soon_threadsafe(self._start_async, task)
+            task: Task = item
+            if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
+                self._give_back([task], "not started before shutdown", return_slots=False)
+                continue
+            self.loop.call_soon_threadsafe(self._start_async, task)
 
     def _start_async(self, task: Task) -> None:
         self.loop.create_task(self._run_async(task))  # type: ignore[union-attr]
@@ -625,11 +610,7 @@ class Worker:
                 self.failed += 1
                 if settlement.outcome is Outcome.DEAD:
                     self.dead_lettered += 1
-            batch = getattr(self.local, "batch", None)
-            if batch is not None:
-                batch.append(settlement)  # sent when the executor's chunk is done
-            else:
-                self.settlements.put([settlement])
+            self.settlements.put(settlement)
         if task.started:
             self.recent.append((now, duration))
         if settlement.outcome is Outcome.OK:
@@ -657,7 +638,7 @@ class Worker:
                 item = self.settlements.get()
                 if item is _STOP:
                     break
-                pending.extend(item)
+                pending.append(item)
             while len(pending) < 1024:
                 try:
                     item = self.settlements.get_nowait()
@@ -666,7 +647,7 @@ class Worker:
                 if item is _STOP:
                     stop = True
                     break
-                pending.extend(item)
+                pending.append(item)
             acks = [p.task.delivery.token for p in pending if p.outcome is Outcome.OK]
             retries = [
                 (p.task.delivery.token, p.payload, p.delay) for p in pending if p.outcome is Outcome.RETRY
