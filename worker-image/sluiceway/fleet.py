@@ -85,10 +85,6 @@ def orphaned_workers(client: redis_lib.Redis, keys: Keys, known: set[str]) -> li
     return [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
 
 
-def recover_expired(client: redis_lib.Redis, keys: Keys) -> int:
-    return reap(client, keys)
-
-
 def dead_letters(client: redis_lib.Redis, keys: Keys, limit: int = 100) -> list[dict[str, Any]]:
     return [json.loads(e) for e in client.lrange(keys.dead, 0, limit - 1)]
 

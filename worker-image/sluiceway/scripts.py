@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.commands.core import AsyncScript, Script
+from redis.commands.core import Script
 
 
 def source(name: str) -> str:
@@ -26,13 +26,4 @@ class Scripts:
 
     @classmethod
     def register(cls, client: Any) -> Scripts:
-        return cls(**{name: client.register_script(source(name)) for name in cls.__slots__})
-
-
-@dataclass(frozen=True, slots=True)
-class AsyncScripts:
-    reap: AsyncScript
-
-    @classmethod
-    def register(cls, client: Any) -> AsyncScripts:
         return cls(**{name: client.register_script(source(name)) for name in cls.__slots__})

@@ -38,14 +38,6 @@ class Batch:
 class Broker(Protocol):
     def fetch(self, wanted: int) -> Batch: ...
 
-    def ack(self, tokens: Sequence[bytes]) -> int:
-        """Settle successes; returns how many leases were still held."""
-        ...
-
-    def retry(self, token: bytes, payload: bytes, delay: float) -> bool: ...
-
-    def dead_letter(self, token: bytes, entry: bytes) -> bool: ...
-
     def settle(
         self,
         acks: Sequence[bytes],
@@ -57,6 +49,10 @@ class Broker(Protocol):
 
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
         """Return unstarted or unfinished deliveries to the queue at once (graceful shutdown)."""
+        ...
+
+    def acquire_slot(self) -> float:
+        """One fresh rate-limit slot: seconds until it starts, or minus the wait when none."""
         ...
 
     def renew(self, tokens: Sequence[bytes]) -> int: ...

@@ -81,27 +81,6 @@ class RedisBroker:
         slots = SlotLease(tat.decode(), interval_us) if self.qps > 0 and tat else None
         return Batch(deliveries=deliveries, slots=slots)
 
-    def ack(self, tokens: Sequence[bytes]) -> int:
-        if not tokens:
-            return 0
-        k = self.keys
-        return int(self.scripts.ack(keys=[self._inflight, k.stats, k.redeliveries], args=list(tokens)))
-
-    def retry(self, token: bytes, payload: bytes, delay: float) -> bool:
-        k = self.keys
-        return bool(
-            self.scripts.retry(
-                keys=[self._inflight, k.delayed, k.stats, k.redeliveries],
-                args=[token, payload, int(delay * 1000)],
-            )
-        )
-
-    def dead_letter(self, token: bytes, entry: bytes) -> bool:
-        k = self.keys
-        return bool(
-            self.scripts.dead(keys=[self._inflight, k.dead, k.stats, k.redeliveries], args=[token, entry])
-        )
-
     def settle(
         self,
         acks: Sequence[bytes],
