@@ -1,12 +1,13 @@
 """The worker: fetch under the fleet-wide rate limit, run the function, settle, heartbeat, drain.
 
 Threads, each with one job:
-- the fetcher leases messages (and their rate-limit slots) while there is free capacity;
 - executors take messages in slot order, wait for each one's slot, and run the user's function
-  (threads, or one asyncio loop for ``async def``);
-- the settler acknowledges, retries and dead-letters finished messages in batches;
-- the supervisor renews leases, writes heartbeats, returns expired leases of dead workers and
-  enforces task timeouts.
+  (threads, or one asyncio loop fed by a pump thread for ``async def``). The executor that finds
+  no message waiting makes the worker's round trip to the broker: it settles everything finished
+  since the last one and leases the next batch with its rate-limit slots, in one pipeline. No
+  thread exists only to move messages, so a fast task pays for no hand-off between threads;
+- the supervisor renews leases, writes heartbeats, returns expired leases of dead workers,
+  enforces task timeouts, and settles finished work when no executor came by to do it.
 The main thread waits for a signal and then drains.
 """
 
@@ -32,7 +33,7 @@ import redis as redis_lib
 
 from sluiceway import __version__, codec
 from sluiceway.backoff import retry_delay
-from sluiceway.brokers import Batch, Delivery, SlotLease
+from sluiceway.brokers import Delivery, SlotLease
 from sluiceway.brokers.redis import RedisBroker
 from sluiceway.contract import Heartbeat, Keys
 from sluiceway.log import get_logger
@@ -90,6 +91,9 @@ class Settlement:
 
 
 _STOP = object()
+_WAKE = object()  # room was freed while a refill was waiting for it
+# How long finished work may wait for an executor's round trip before the supervisor settles it.
+SETTLE_LATENCY = 0.05
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
 
@@ -150,11 +154,20 @@ class Worker:
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
-        self.capacity_freed = threading.Condition(self.lock)
         self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
         self.running: dict[int, Task] = {}  # thread ident (or id) -> task
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.settlements: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Finished and not yet settled; appended by any thread, taken only under exchange_lock.
+        self.unsettled: deque[Settlement] = deque()
+        self.exchange_lock = threading.Lock()  # one round trip to the broker at a time
+        self.awaiting_room = False  # a refill found no room; the next finish wakes it
+        self.next_fetch = 0.0  # monotonic: the queue was empty or the rate limit said wait
+        self.next_exchange = 0.0  # monotonic: back-off after a failed round trip
+        self.idle_wait = 0.001
+        self.exchange_failures = 0
+        self.rate = 0.0  # messages/s, for the automatic prefetch
+        self.rate_at = time.monotonic()
+        self.rate_count = 0
         self.last_slots: SlotLease | None = None
 
         self.stopping = threading.Event()  # stop fetching
@@ -170,7 +183,9 @@ class Worker:
         self.executors: list[threading.Thread] = []
         self.retired: set[int] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.async_slots: asyncio.Semaphore | None = None
+        # Free places on the event loop; the pump takes one before it hands over a task, so
+        # prefetched messages wait in `ready`, where a drain hands them back at once.
+        self.async_room = threading.Semaphore(settings.concurrency)
         self.threads: list[threading.Thread] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -201,8 +216,6 @@ class Worker:
             self.log.info("stopping: no more fetches", reason=reason)
             self.state = "draining"
             self.stopping.set()
-            with self.capacity_freed:
-                self.capacity_freed.notify_all()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.request_stop(signal.Signals(signum).name)
@@ -224,9 +237,7 @@ class Worker:
         else:
             for _ in range(self.s.concurrency):
                 self._spawn_executor()
-        spawn("settler", self._settle_loop)
         spawn("supervisor", self._supervise_loop)
-        spawn("fetcher", self._fetch_loop)
 
     def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -243,10 +254,11 @@ class Worker:
         """Hand back what has not started, let running tasks finish within the grace period."""
         self.request_stop("drain")
         deadline = time.monotonic() + self.s.effective_drain_seconds
-        # A fetch already under way may still accept messages; let it land before collecting.
-        for thread in self.threads:
-            if thread.name == "sluiceway-fetcher":
-                thread.join(timeout=15)
+        # A round trip under way may still lease messages; let it land before collecting. Later
+        # ones see `stopping` and lease nothing.
+        landed = self.exchange_lock.acquire(timeout=15)
+        if landed:
+            self.exchange_lock.release()
         # Unstarted messages go back at once, so other workers can take them now.
         unstarted: list[Task] = []
         while True:
@@ -259,6 +271,7 @@ class Worker:
         self._give_back(unstarted, "not started before shutdown", return_slots=True)
         # Wait for running tasks and for their settlements to reach Redis.
         while time.monotonic() < deadline:
+            self._settle_now(block=False)
             with self.lock:
                 if not self.held:
                     break
@@ -269,14 +282,15 @@ class Worker:
                 t.finished = True
         if leftovers:
             self._give_back(leftovers, "still running at the end of the grace period", return_slots=False)
-        self.settlements.put(_STOP)
-        for _ in self.executors:
+        # Outcomes that failed to reach Redis are retried until a few seconds past the grace period.
+        while self.unsettled and time.monotonic() < deadline + 5:
+            self._settle_now(block=True)
+            if self.unsettled:
+                time.sleep(min(0.5, max(0.0, self.next_exchange - time.monotonic())))
+        for _ in range(len(self.executors) + (1 if self.is_async else 0)):
             self.ready.put(_STOP)
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-        for thread in self.threads:
-            if thread.name == "sluiceway-settler":
-                thread.join(timeout=max(1.0, deadline - time.monotonic() + 5))
         self.stopped.set()
         try:
             self.broker.deregister()
@@ -306,7 +320,6 @@ class Worker:
         with self.lock:
             for t in tasks:
                 self.held.pop(t.delivery.token, None)
-            self.capacity_freed.notify_all()
         if tasks:
             self.log.info("handed messages back to the queue", count=n or 0, reason=why)
 
@@ -326,43 +339,99 @@ class Worker:
             return self.s.prefetch
         return min(self.s.fetch_batch, int(rate * 0.1))
 
-    def _fetch_loop(self) -> None:
-        idle = 0.001
-        failures = 0
-        rate_at, rate_count, rate = time.monotonic(), 0, 0.0
-        while not self.stopping.is_set():
-            now = time.monotonic()
-            if now - rate_at >= 0.25:
-                rate = 0.5 * rate + 0.5 * (self.processed + self.failed - rate_count) / (now - rate_at)
-                rate_at, rate_count = now, self.processed + self.failed
-                self.capacity = self.s.concurrency + self._prefetch(rate)
-            with self.capacity_freed:
-                free = self.capacity - len(self.held)
-                if free <= 0:
-                    self.capacity_freed.wait(0.25)
-                    continue
-            try:
-                batch = self.broker.fetch(min(free, self.s.fetch_batch))
-                failures = 0
-            except redis_lib.RedisError as exc:
-                failures += 1
-                delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-                self.log.warning("fetch failed; retrying", error=str(exc), retry_in=round(delay, 2))
-                self.stopping.wait(delay)
-                continue
-            if not batch.deliveries:
-                # Empty queue: poll with backoff; rate-limited: wait for the next slot.
-                wait = batch.retry_after if batch.retry_after > 0 else idle
-                idle = min(idle * 2, 0.1) if batch.retry_after <= 0 else 0.001
-                self.stopping.wait(min(wait, 0.5))
-                continue
-            idle = 0.001
-            self._accept(batch)
+    def _next_task(self) -> Any:
+        """The next leased message (or ``_STOP``); ``None`` when a wait ended with none.
 
-    def _accept(self, batch: Batch) -> None:
+        Whoever finds nothing waiting makes the round trip that refills the queue, so a message
+        goes from the broker's reply to the thread that runs it with no thread in between.
+        """
+        try:
+            return self.ready.get_nowait()
+        except queue.Empty:
+            pass
+        wait = self._refill()
+        try:
+            return self.ready.get(timeout=wait) if wait > 0 else self.ready.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _refill(self) -> float:
+        """Settle and lease in one round trip; returns how long to wait for a message next."""
+        with self.exchange_lock:
+            if not self.ready.empty():
+                return 0.0  # another thread refilled it while this one waited for the lock
+            now = time.monotonic()
+            if now < self.next_exchange:
+                return min(self.next_exchange - now, 0.25)
+            if self._exchange(fetch=now >= self.next_fetch):
+                return 0.0
+        if self.stopping.is_set():
+            return 0.05
+        return min(max(self.next_fetch, self.next_exchange) - time.monotonic(), 0.25)
+
+    def _settle_now(self, *, block: bool) -> None:
+        """Settle finished work without leasing more (supervisor and drain)."""
+        if not self.unsettled or not self.exchange_lock.acquire(blocking=block):
+            return
+        try:
+            if time.monotonic() >= self.next_exchange:
+                self._exchange(fetch=False)
+        finally:
+            self.exchange_lock.release()
+
+    def _exchange(self, *, fetch: bool) -> int:
+        """One round trip: settle what finished, and lease more if there is room. Returns how many
+        messages it leased. The caller holds ``exchange_lock``."""
+        done = [self.unsettled.popleft() for _ in range(len(self.unsettled))]
+        now = time.monotonic()
+        wanted = 0
+        if fetch and not self.stopping.is_set():
+            self._measure_rate(now)
+            with self.lock:
+                # Finished messages still count in `held` until this round trip settles them.
+                free = self.capacity - len(self.held) + len(done)
+                self.awaiting_room = free <= 0
+            wanted = min(free, self.s.fetch_batch)
+        if not done and wanted <= 0:
+            return 0
+        acks = [p.task.delivery.token for p in done if p.outcome is Outcome.OK]
+        retries = [(p.task.delivery.token, p.payload, p.delay) for p in done if p.outcome is Outcome.RETRY]
+        deads = [(p.task.delivery.token, p.payload) for p in done if p.outcome is Outcome.DEAD]
+        try:
+            acked, batch = self.broker.exchange(acks, retries, deads, wanted)
+        except redis_lib.RedisError as exc:
+            # Keep the outcomes and try again: dropping an ack would only cause a duplicate, but
+            # dropping a dead-letter entry would lose its reason.
+            self.unsettled.extendleft(reversed(done))
+            self.exchange_failures += 1
+            delay = min(5.0, 0.1 * 2 ** min(self.exchange_failures, 6)) * random.uniform(0.5, 1.0)
+            self.next_exchange = time.monotonic() + delay
+            self.log.warning(
+                "round trip to Redis failed; retrying",
+                error=str(exc),
+                unsettled=len(done),
+                retry_in=round(delay, 2),
+            )
+            return 0
+        self.exchange_failures = 0
+        if acked < len(acks):
+            self.log.warning(
+                "leases were gone at ack; those messages were requeued and may run again",
+                count=len(acks) - acked,
+            )
+        if wanted > 0:
+            if batch.deliveries:
+                self.idle_wait, self.next_fetch = 0.001, 0.0
+            elif batch.retry_after > 0:  # rate-limited: ask again when the next slot is near
+                self.idle_wait, self.next_fetch = 0.001, now + min(batch.retry_after, 0.5)
+            else:  # empty queue: poll with back-off
+                self.next_fetch = now + self.idle_wait
+                self.idle_wait = min(self.idle_wait * 2, 0.1)
         now = time.monotonic()
         tasks = [Task(d, now + d.start_after, batch.slots) for d in batch.deliveries]
         with self.lock:
+            for p in done:
+                self.held.pop(p.task.delivery.token, None)
             for t in tasks:
                 self.held[t.delivery.token] = t
             if batch.slots is not None:
@@ -371,6 +440,14 @@ class Worker:
         # queue hands executors their messages in slot order too.
         for t in tasks:
             self.ready.put(t)
+        return len(tasks)
+
+    def _measure_rate(self, now: float) -> None:
+        if now - self.rate_at >= 0.25:
+            count = self.processed + self.failed
+            self.rate = 0.5 * self.rate + 0.5 * (count - self.rate_count) / (now - self.rate_at)
+            self.rate_at, self.rate_count = now, count
+            self.capacity = self.s.concurrency + self._prefetch(self.rate)
 
     def _wait_for_slot(self, task: Task) -> bool:
         """Sleep until the task's rate-limit slot; False if a drain began meanwhile.
@@ -416,7 +493,9 @@ class Worker:
         me = threading.get_ident()
         while me not in self.retired:
             try:
-                item = self.ready.get()
+                item = self._next_task()
+                if item is None or item is _WAKE:
+                    continue
                 if item is _STOP:
                     return
                 task: Task = item
@@ -491,7 +570,6 @@ class Worker:
         loop = asyncio.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
-        self.async_slots = asyncio.Semaphore(self.s.concurrency)
         pump = threading.Thread(
             target=self._guard("async-pump", self._async_pump), name="sluiceway-async-pump", daemon=True
         )
@@ -500,12 +578,18 @@ class Worker:
 
     def _async_pump(self) -> None:
         assert self.loop is not None
-        while True:
-            item = self.ready.get()
+        while not self.stopped.is_set():
+            if not self.async_room.acquire(timeout=0.25):
+                continue
+            item = self._next_task()
             if item is _STOP:
                 return
+            if item is None or item is _WAKE:
+                self.async_room.release()
+                continue
             task: Task = item
             if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
+                self.async_room.release()
                 self._give_back([task], "not started before shutdown", return_slots=False)
                 continue
             self.loop.call_soon_threadsafe(self._start_async, task)
@@ -514,8 +598,7 @@ class Worker:
         self.loop.create_task(self._run_async(task))  # type: ignore[union-attr]
 
     async def _run_async(self, task: Task) -> None:
-        assert self.async_slots is not None
-        async with self.async_slots:
+        try:
             verdict = self._prepare(task)
             if verdict is not None:
                 self._finish(verdict)
@@ -538,6 +621,8 @@ class Worker:
                 with self.lock:
                     self.running.pop(key, None)
             self._complete(task, error)
+        finally:
+            self.async_room.release()
 
     def _complete(self, task: Task, error: BaseException | None) -> None:
         duration = time.monotonic() - task.started
@@ -610,7 +695,10 @@ class Worker:
                 self.failed += 1
                 if settlement.outcome is Outcome.DEAD:
                     self.dead_lettered += 1
-            self.settlements.put(settlement)
+            self.unsettled.append(settlement)
+            if self.awaiting_room:
+                self.awaiting_room = False
+                self.ready.put(_WAKE)
         if task.started:
             self.recent.append((now, duration))
         if settlement.outcome is Outcome.OK:
@@ -627,65 +715,13 @@ class Worker:
                 retry_in=round(settlement.delay, 3) if settlement.outcome is Outcome.RETRY else None,
             )
 
-    # --- settling --------------------------------------------------------------------------------
-
-    def _settle_loop(self) -> None:
-        stop = False
-        failures = 0
-        pending: list[Settlement] = []
-        while not stop:
-            if not pending:
-                item = self.settlements.get()
-                if item is _STOP:
-                    break
-                pending.append(item)
-            while len(pending) < 1024:
-                try:
-                    item = self.settlements.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                pending.append(item)
-            acks = [p.task.delivery.token for p in pending if p.outcome is Outcome.OK]
-            retries = [
-                (p.task.delivery.token, p.payload, p.delay) for p in pending if p.outcome is Outcome.RETRY
-            ]
-            deads = [(p.task.delivery.token, p.payload) for p in pending if p.outcome is Outcome.DEAD]
-            try:
-                acked, _, _ = self.broker.settle(acks, retries, deads)
-            except redis_lib.RedisError as exc:
-                # Keep the outcomes and try again: dropping an ack would only cause a duplicate,
-                # but dropping a dead-letter entry would lose the reason.
-                failures += 1
-                delay = min(5.0, 0.05 * 2 ** min(failures, 7))
-                self.log.warning(
-                    "settling failed; retrying", error=str(exc), pending=len(pending), retry_in=delay
-                )
-                time.sleep(delay)
-                if stop:
-                    stop = False  # finish the pending ones before honouring the stop
-                    self.settlements.put(_STOP)
-                continue
-            failures = 0
-            if acked < len(acks):
-                self.log.warning(
-                    "leases were gone at ack; those messages were requeued and may run again",
-                    count=len(acks) - acked,
-                )
-            with self.lock:
-                for p in pending:
-                    self.held.pop(p.task.delivery.token, None)
-                self.capacity_freed.notify_all()
-            pending = []
-
     # --- supervision -----------------------------------------------------------------------------
 
     def _supervise_loop(self) -> None:
         next_beat = 0.0
         while not self.stopped.is_set():
             self._enforce_timeouts()
+            self._settle_now(block=False)
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.s.heartbeat_seconds
@@ -695,7 +731,7 @@ class Worker:
                     self.log.warning("heartbeat failed; will retry", error=str(exc))
             if self.fatal and not self.stopping.is_set():
                 self.request_stop(self.fatal[1])
-            self.stopped.wait(0.05)
+            self.stopped.wait(SETTLE_LATENCY)
 
     def _beat(self) -> None:
         with self.lock:

@@ -1,4 +1,4 @@
-"""The broker interface the worker runs on. Small on purpose: fetch, settle, renew, give back.
+"""The broker interface the worker runs on. Small on purpose: exchange, renew, give back.
 
 A broker hands out *deliveries*: a payload plus an opaque token that settles it. Fetching already
 honours the fleet-wide rate limit: each delivery carries the earliest moment its task may start.
@@ -36,15 +36,16 @@ class Batch:
 
 
 class Broker(Protocol):
-    def fetch(self, wanted: int) -> Batch: ...
-
-    def settle(
+    def exchange(
         self,
         acks: Sequence[bytes],
         retries: Sequence[tuple[bytes, bytes, float]],
         deads: Sequence[tuple[bytes, bytes]],
-    ) -> tuple[int, int, int]:
-        """All three kinds at once, in one round trip where the broker can."""
+        wanted: int,
+    ) -> tuple[int, Batch]:
+        """Settle finished deliveries (all three kinds), then lease up to ``wanted`` more, in one
+        round trip where the broker can. Returns how many acks still held their lease, and the
+        new batch (empty when ``wanted`` is 0)."""
         ...
 
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis as redis_lib
 
@@ -37,28 +38,55 @@ class RedisBroker:
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
 
-    def fetch(self, wanted: int) -> Batch:
+    def exchange(
+        self,
+        acks: Sequence[bytes],
+        retries: Sequence[tuple[bytes, bytes, float]],
+        deads: Sequence[tuple[bytes, bytes]],
+        wanted: int,
+    ) -> tuple[int, Batch]:
         k = self.keys
-        reply = self.scripts.fetch(
-            keys=[
-                k.ready,
-                k.delayed,
-                self._inflight,
-                k.leased_workers,
-                k.ratelimit,
-                k.sequence,
-                k.redeliveries,
-            ],
-            args=[
-                self.worker_id,
-                wanted,
-                self.lease_ms,
-                self.qps,
-                self.burst,
-                self.horizon_us,
-                PROMOTE_LIMIT,
-            ],
-        )
+        pipe = self.client.pipeline(transaction=False)
+        if acks:
+            self.scripts.ack(keys=[self._inflight, k.stats, k.redeliveries], args=list(acks), client=pipe)
+        for token, payload, delay in retries:
+            self.scripts.retry(
+                keys=[self._inflight, k.delayed, k.stats, k.redeliveries],
+                args=[token, payload, int(delay * 1000)],
+                client=pipe,
+            )
+        for token, entry in deads:
+            self.scripts.dead(
+                keys=[self._inflight, k.dead, k.stats, k.redeliveries], args=[token, entry], client=pipe
+            )
+        if wanted > 0:
+            self.scripts.fetch(
+                keys=[
+                    k.ready,
+                    k.delayed,
+                    self._inflight,
+                    k.leased_workers,
+                    k.ratelimit,
+                    k.sequence,
+                    k.redeliveries,
+                ],
+                args=[
+                    self.worker_id,
+                    wanted,
+                    self.lease_ms,
+                    self.qps,
+                    self.burst,
+                    self.horizon_us,
+                    PROMOTE_LIMIT,
+                ],
+                client=pipe,
+            )
+        # Settling comes first in the pipeline, so the fetch already sees the freed room.
+        results = pipe.execute()
+        acked = int(results[0]) if acks else 0
+        return acked, self._batch(results[-1]) if wanted > 0 else Batch()
+
+    def _batch(self, reply: list[Any]) -> Batch:
         first_offset_us = float(reply[0])
         interval_us = float(reply[1])
         retry_after_us = float(reply[2])
@@ -80,33 +108,6 @@ class RedisBroker:
             )
         slots = SlotLease(tat.decode(), interval_us) if self.qps > 0 and tat else None
         return Batch(deliveries=deliveries, slots=slots)
-
-    def settle(
-        self,
-        acks: Sequence[bytes],
-        retries: Sequence[tuple[bytes, bytes, float]],
-        deads: Sequence[tuple[bytes, bytes]],
-    ) -> tuple[int, int, int]:
-        k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        if acks:
-            self.scripts.ack(keys=[self._inflight, k.stats, k.redeliveries], args=list(acks), client=pipe)
-        for token, payload, delay in retries:
-            self.scripts.retry(
-                keys=[self._inflight, k.delayed, k.stats, k.redeliveries],
-                args=[token, payload, int(delay * 1000)],
-                client=pipe,
-            )
-        for token, entry in deads:
-            self.scripts.dead(
-                keys=[self._inflight, k.dead, k.stats, k.redeliveries], args=[token, entry], client=pipe
-            )
-        results = pipe.execute()
-        acked = int(results[0]) if acks else 0
-        offset = 1 if acks else 0
-        retried = sum(int(r) for r in results[offset : offset + len(retries)])
-        dead = sum(int(r) for r in results[offset + len(retries) :])
-        return acked, retried, dead
 
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
         if not tokens and not (slots and unused_slots):
