@@ -53,6 +53,7 @@ class WorkerMetrics:
         self.busy = 0
         self.in_flight = 0
         self.reslotted = 0
+        self.round_trips: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -90,6 +91,13 @@ class WorkerMetrics:
         )
         reslotted.add_metric(values, self.reslotted)
         yield reslotted
+        round_trips = CounterMetricFamily(
+            "sluiceway_redis_round_trips",
+            "Round trips this worker made to Redis: fetching, settling, heartbeats, renewals, recovery.",
+            labels=names,
+        )
+        round_trips.add_metric(values, self.round_trips())
+        yield round_trips
         busy = GaugeMetricFamily("sluiceway_busy_tasks", "Tasks running now.", labels=names)
         busy.add_metric(values, self.busy)
         yield busy

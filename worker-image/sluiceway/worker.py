@@ -33,7 +33,7 @@ import redis as redis_lib
 
 from sluiceway import __version__, codec
 from sluiceway.backoff import retry_delay
-from sluiceway.brokers import Delivery, SlotLease
+from sluiceway.brokers import Delivery, PendingExchange, SlotLease
 from sluiceway.brokers.redis import RedisBroker
 from sluiceway.contract import Heartbeat, Keys
 from sluiceway.log import get_logger
@@ -94,8 +94,19 @@ _STOP = object()
 _WAKE = object()  # room was freed while a refill was waiting for it
 # How long finished work may wait for an executor's round trip before the supervisor settles it.
 SETTLE_LATENCY = 0.05
+SEND_AHEAD_MIN_PREFETCH = 16
+RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the prefetch
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
+
+
+@dataclass(slots=True)
+class _InTransit:
+    pending: PendingExchange
+    done: list[Settlement]  # the outcomes it settles
+    acks: int
+    wanted: int
+    sent_at: float
 
 
 def load_function(ref: str) -> Callable[..., Any]:
@@ -150,6 +161,7 @@ class Worker:
             taskqueue=settings.taskqueue or settings.queue, queue=settings.queue, worker=self.worker_id
         )
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
+        self.metrics.round_trips = lambda: self.broker.round_trips
         self.install_signals = install_signals
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
@@ -169,6 +181,8 @@ class Worker:
         self.rate_at = time.monotonic()
         self.rate_count = 0
         self.last_slots: SlotLease | None = None
+        self.in_transit: _InTransit | None = None  # a round trip sent and not yet read
+        self.send_ahead_below = 0  # ready-queue length under which the next round trip is sent
 
         self.stopping = threading.Event()  # stop fetching
         self.stopped = threading.Event()  # everything settled or handed back
@@ -256,9 +270,12 @@ class Worker:
         deadline = time.monotonic() + self.s.effective_drain_seconds
         # A round trip under way may still lease messages; let it land before collecting. Later
         # ones see `stopping` and lease nothing.
-        landed = self.exchange_lock.acquire(timeout=15)
-        if landed:
-            self.exchange_lock.release()
+        if self.exchange_lock.acquire(timeout=15):
+            try:
+                if self.in_transit is not None:
+                    self._receive()
+            finally:
+                self.exchange_lock.release()
         # Unstarted messages go back at once, so other workers can take them now.
         unstarted: list[Task] = []
         while True:
@@ -343,21 +360,27 @@ class Worker:
         """The next leased message (or ``_STOP``); ``None`` when a wait ended with none.
 
         Whoever finds nothing waiting makes the round trip that refills the queue, so a message
-        goes from the broker's reply to the thread that runs it with no thread in between.
+        goes from the broker's reply to the thread that runs it with no thread in between. When
+        the queue runs low, the next round trip is sent ahead and read once the queue is empty,
+        so the worker runs tasks while Redis works instead of waiting for it.
         """
         try:
-            return self.ready.get_nowait()
+            item = self.ready.get_nowait()
         except queue.Empty:
-            pass
-        wait = self._refill()
-        try:
-            return self.ready.get(timeout=wait) if wait > 0 else self.ready.get_nowait()
-        except queue.Empty:
-            return None
+            wait = self._refill()
+            try:
+                return self.ready.get(timeout=wait) if wait > 0 else self.ready.get_nowait()
+            except queue.Empty:
+                return None
+        if self.in_transit is None and self.ready.qsize() < self.send_ahead_below:
+            self._send_ahead()
+        return item
 
     def _refill(self) -> float:
         """Settle and lease in one round trip; returns how long to wait for a message next."""
         with self.exchange_lock:
+            if self.in_transit is not None and self._receive():
+                return 0.0
             if not self.ready.empty():
                 return 0.0  # another thread refilled it while this one waited for the lock
             now = time.monotonic()
@@ -369,68 +392,87 @@ class Worker:
             return 0.05
         return min(max(self.next_fetch, self.next_exchange) - time.monotonic(), 0.25)
 
+    def _send_ahead(self) -> None:
+        # Waits for the lock rather than skipping: its holder may just be waiting for the GIL,
+        # and skipping then means nobody sends ahead before the queue runs dry.
+        with self.exchange_lock:
+            now = time.monotonic()
+            if self.in_transit is None and now >= self.next_fetch and now >= self.next_exchange:
+                self._send(fetch=True)
+
     def _settle_now(self, *, block: bool) -> None:
-        """Settle finished work without leasing more (supervisor and drain)."""
-        if not self.unsettled or not self.exchange_lock.acquire(blocking=block):
+        """Read a round trip left in transit and settle finished work (supervisor and drain)."""
+        if (not self.unsettled and self.in_transit is None) or not self.exchange_lock.acquire(blocking=block):
             return
         try:
-            if time.monotonic() >= self.next_exchange:
+            if self.in_transit is not None:
+                self._receive()
+            if self.unsettled and time.monotonic() >= self.next_exchange:
                 self._exchange(fetch=False)
         finally:
             self.exchange_lock.release()
 
     def _exchange(self, *, fetch: bool) -> int:
-        """One round trip: settle what finished, and lease more if there is room. Returns how many
-        messages it leased. The caller holds ``exchange_lock``."""
+        """One round trip, sent and read; returns how many messages it leased."""
+        return self._receive() if self._send(fetch=fetch) else 0
+
+    def _send(self, *, fetch: bool) -> bool:
+        """Send a round trip that settles what finished and leases more if there is room.
+
+        The caller holds ``exchange_lock`` and nothing is in transit. False when there was
+        nothing to send, or sending failed (the outcomes stay for the next try).
+        """
         done = [self.unsettled.popleft() for _ in range(len(self.unsettled))]
-        now = time.monotonic()
         wanted = 0
         if fetch and not self.stopping.is_set():
-            self._measure_rate(now)
+            self._measure_rate(time.monotonic())
             with self.lock:
                 # Finished messages still count in `held` until this round trip settles them.
                 free = self.capacity - len(self.held) + len(done)
                 self.awaiting_room = free <= 0
             wanted = min(free, self.s.fetch_batch)
         if not done and wanted <= 0:
-            return 0
+            return False
         acks = [p.task.delivery.token for p in done if p.outcome is Outcome.OK]
         retries = [(p.task.delivery.token, p.payload, p.delay) for p in done if p.outcome is Outcome.RETRY]
         deads = [(p.task.delivery.token, p.payload) for p in done if p.outcome is Outcome.DEAD]
+        sent_at = time.monotonic()
         try:
-            acked, batch = self.broker.exchange(acks, retries, deads, wanted)
+            pending = self.broker.begin_exchange(acks, retries, deads, wanted)
         except redis_lib.RedisError as exc:
-            # Keep the outcomes and try again: dropping an ack would only cause a duplicate, but
-            # dropping a dead-letter entry would lose its reason.
-            self.unsettled.extendleft(reversed(done))
-            self.exchange_failures += 1
-            delay = min(5.0, 0.1 * 2 ** min(self.exchange_failures, 6)) * random.uniform(0.5, 1.0)
-            self.next_exchange = time.monotonic() + delay
-            self.log.warning(
-                "round trip to Redis failed; retrying",
-                error=str(exc),
-                unsettled=len(done),
-                retry_in=round(delay, 2),
-            )
+            self._exchange_failed(done, exc)
+            return False
+        self.in_transit = _InTransit(pending, done, len(acks), wanted, sent_at)
+        return True
+
+    def _receive(self) -> int:
+        """Read the round trip in transit; returns how many messages it leased."""
+        transit, self.in_transit = self.in_transit, None
+        assert transit is not None
+        try:
+            acked, batch = transit.pending.result()
+        except redis_lib.RedisError as exc:
+            self._exchange_failed(transit.done, exc)
             return 0
         self.exchange_failures = 0
-        if acked < len(acks):
+        if acked < transit.acks:
             self.log.warning(
                 "leases were gone at ack; those messages were requeued and may run again",
-                count=len(acks) - acked,
+                count=transit.acks - acked,
             )
-        if wanted > 0:
+        if transit.wanted > 0:
             if batch.deliveries:
                 self.idle_wait, self.next_fetch = 0.001, 0.0
             elif batch.retry_after > 0:  # rate-limited: ask again when the next slot is near
-                self.idle_wait, self.next_fetch = 0.001, now + min(batch.retry_after, 0.5)
+                self.idle_wait = 0.001
+                self.next_fetch = transit.sent_at + min(batch.retry_after, 0.5)
             else:  # empty queue: poll with back-off
-                self.next_fetch = now + self.idle_wait
+                self.next_fetch = transit.sent_at + self.idle_wait
                 self.idle_wait = min(self.idle_wait * 2, 0.1)
         now = time.monotonic()
         tasks = [Task(d, now + d.start_after, batch.slots) for d in batch.deliveries]
         with self.lock:
-            for p in done:
+            for p in transit.done:
                 self.held.pop(p.task.delivery.token, None)
             for t in tasks:
                 self.held[t.delivery.token] = t
@@ -442,12 +484,35 @@ class Worker:
             self.ready.put(t)
         return len(tasks)
 
+    def _exchange_failed(self, done: list[Settlement], exc: redis_lib.RedisError) -> None:
+        # Keep the outcomes and try again: dropping an ack would only cause a duplicate, but
+        # dropping a dead-letter entry would lose its reason. (If the broker did act before the
+        # connection broke, settling again is harmless, and leases it granted expire back.)
+        self.unsettled.extendleft(reversed(done))
+        self.exchange_failures += 1
+        delay = min(5.0, 0.1 * 2 ** min(self.exchange_failures, 6)) * random.uniform(0.5, 1.0)
+        self.next_exchange = time.monotonic() + delay
+        self.log.warning(
+            "round trip to Redis failed; retrying",
+            error=str(exc),
+            unsettled=len(done),
+            retry_in=round(delay, 2),
+        )
+
     def _measure_rate(self, now: float) -> None:
-        if now - self.rate_at >= 0.25:
+        if now - self.rate_at >= RATE_INTERVAL:
             count = self.processed + self.failed
-            self.rate = 0.5 * self.rate + 0.5 * (count - self.rate_count) / (now - self.rate_at)
+            measured = (count - self.rate_count) / (now - self.rate_at)
+            # The first figure is taken whole: a worker starts with no prefetch, and must not
+            # spend its first second fetching one message per round trip.
+            self.rate = measured if self.rate_count == 0 else 0.5 * self.rate + 0.5 * measured
             self.rate_at, self.rate_count = now, count
-            self.capacity = self.s.concurrency + self._prefetch(self.rate)
+            prefetch = self._prefetch(self.rate)
+            self.capacity = self.s.concurrency + prefetch
+            # Send the next round trip ahead once half the prefetch is left: for fast tasks that
+            # is still far more work than one round trip takes. Slow tasks prefetch too little
+            # for it to matter, and a reply nobody reads soon would only age its leases.
+            self.send_ahead_below = prefetch // 2 if prefetch >= SEND_AHEAD_MIN_PREFETCH else 0
 
     def _wait_for_slot(self, task: Task) -> bool:
         """Sleep until the task's rate-limit slot; False if a drain began meanwhile.
@@ -739,13 +804,7 @@ class Worker:
         for i in range(0, len(tokens), 1000):
             self.broker.renew(tokens[i : i + 1000])
         hb = self.heartbeat()
-        k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(k.heartbeat(self.worker_id), json.dumps(hb), px=int(self.s.heartbeat_seconds * 3000))
-        pipe.zadd(k.workers, {self.worker_id: int(time.time() * 1000)})
-        # Forget workers silent for a long time, so the set does not grow with every pod ever run.
-        pipe.zremrangebyscore(k.workers, "-inf", int((time.time() - 3600) * 1000))
-        pipe.execute()
+        self.broker.write_heartbeat(json.dumps(hb), ttl_seconds=self.s.heartbeat_seconds * 3)
         if not self.stopping.is_set():
             n = self.broker.recover()
             if n:

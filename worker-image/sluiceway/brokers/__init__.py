@@ -35,17 +35,22 @@ class Batch:
     slots: SlotLease | None = None
 
 
+class PendingExchange(Protocol):
+    def result(self) -> tuple[int, Batch]:
+        """How many acks still held their lease, and the new batch (empty when none was wanted)."""
+        ...
+
+
 class Broker(Protocol):
-    def exchange(
+    def begin_exchange(
         self,
         acks: Sequence[bytes],
         retries: Sequence[tuple[bytes, bytes, float]],
         deads: Sequence[tuple[bytes, bytes]],
         wanted: int,
-    ) -> tuple[int, Batch]:
-        """Settle finished deliveries (all three kinds), then lease up to ``wanted`` more, in one
-        round trip where the broker can. Returns how many acks still held their lease, and the
-        new batch (empty when ``wanted`` is 0)."""
+    ) -> PendingExchange:
+        """Send one round trip: settle finished deliveries (all three kinds), then lease up to
+        ``wanted`` more. The worker runs tasks while it is in transit and reads it later."""
         ...
 
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
@@ -65,5 +70,13 @@ class Broker(Protocol):
     def adopt_orphans(self) -> int:
         """At start: return leases a previous process with our worker id left behind."""
         ...
+
+    def write_heartbeat(self, heartbeat: str, ttl_seconds: float) -> None: ...
+
+    def deregister(self) -> None:
+        """Remove this worker's heartbeat on a clean exit."""
+        ...
+
+    round_trips: int  # every round trip made so far, for the metric of the same name
 
     def close(self) -> None: ...

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis as redis_lib
+from redis.commands.core import Script
 
 from sluiceway.brokers import Batch, Delivery, SlotLease
 from sluiceway.contract import Keys
@@ -37,54 +39,66 @@ class RedisBroker:
         self.horizon_us = int(horizon_seconds * 1_000_000)
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
+        # Every round trip this broker made: the figure that says whether batching works.
+        self.round_trips = 0
 
-    def exchange(
+    def begin_exchange(
         self,
         acks: Sequence[bytes],
         retries: Sequence[tuple[bytes, bytes, float]],
         deads: Sequence[tuple[bytes, bytes]],
         wanted: int,
-    ) -> tuple[int, Batch]:
+    ) -> RedisExchange:
         k = self.keys
-        pipe = self.client.pipeline(transaction=False)
+        calls: list[tuple[Script, list[Any]]] = []
         if acks:
-            self.scripts.ack(keys=[self._inflight, k.stats, k.redeliveries], args=list(acks), client=pipe)
+            calls.append((self.scripts.ack, [3, self._inflight, k.stats, k.redeliveries, *acks]))
         for token, payload, delay in retries:
-            self.scripts.retry(
-                keys=[self._inflight, k.delayed, k.stats, k.redeliveries],
-                args=[token, payload, int(delay * 1000)],
-                client=pipe,
+            calls.append(
+                (
+                    self.scripts.retry,
+                    [
+                        4,
+                        self._inflight,
+                        k.delayed,
+                        k.stats,
+                        k.redeliveries,
+                        token,
+                        payload,
+                        int(delay * 1000),
+                    ],
+                )
             )
         for token, entry in deads:
-            self.scripts.dead(
-                keys=[self._inflight, k.dead, k.stats, k.redeliveries], args=[token, entry], client=pipe
+            calls.append(
+                (self.scripts.dead, [4, self._inflight, k.dead, k.stats, k.redeliveries, token, entry])
             )
         if wanted > 0:
-            self.scripts.fetch(
-                keys=[
-                    k.ready,
-                    k.delayed,
-                    self._inflight,
-                    k.leased_workers,
-                    k.ratelimit,
-                    k.sequence,
-                    k.redeliveries,
-                ],
-                args=[
-                    self.worker_id,
-                    wanted,
-                    self.lease_ms,
-                    self.qps,
-                    self.burst,
-                    self.horizon_us,
-                    PROMOTE_LIMIT,
-                ],
-                client=pipe,
+            # Settling comes first, so the fetch already sees the room it freed.
+            calls.append(
+                (
+                    self.scripts.fetch,
+                    [
+                        7,
+                        k.ready,
+                        k.delayed,
+                        self._inflight,
+                        k.leased_workers,
+                        k.ratelimit,
+                        k.sequence,
+                        k.redeliveries,
+                        self.worker_id,
+                        wanted,
+                        self.lease_ms,
+                        self.qps,
+                        self.burst,
+                        self.horizon_us,
+                        PROMOTE_LIMIT,
+                    ],
+                )
             )
-        # Settling comes first in the pipeline, so the fetch already sees the freed room.
-        results = pipe.execute()
-        acked = int(results[0]) if acks else 0
-        return acked, self._batch(results[-1]) if wanted > 0 else Batch()
+        self.round_trips += 1
+        return RedisExchange(self, calls, has_acks=bool(acks), wanted=wanted)
 
     def _batch(self, reply: list[Any]) -> Batch:
         first_offset_us = float(reply[0])
@@ -113,6 +127,7 @@ class RedisBroker:
         if not tokens and not (slots and unused_slots):
             return 0
         k = self.keys
+        self.round_trips += 1
         return int(
             self.scripts.requeue(
                 keys=[self._inflight, k.ready, k.ratelimit, k.stats],
@@ -123,6 +138,7 @@ class RedisBroker:
     def acquire_slot(self) -> float:
         """Take one fresh rate-limit slot; returns seconds until it starts, or -1 with none granted
         (then ``-retry_after``). Used for a message whose slot went stale while its worker stalled."""
+        self.round_trips += 1
         count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
             keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
         )
@@ -133,16 +149,33 @@ class RedisBroker:
     def renew(self, tokens: Sequence[bytes]) -> int:
         if not tokens:
             return 0
+        self.round_trips += 1
         return int(self.scripts.renew(keys=[self._inflight], args=[self.lease_ms, *tokens]))
 
     def recover(self) -> int:
-        return reap(self.client, self.keys, self.scripts)
+        n = reap(self.client, self.keys, self.scripts)
+        self.round_trips += 1 + n // REAP_LIMIT
+        return n
 
     def adopt_orphans(self) -> int:
-        return reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
+        n = reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
+        self.round_trips += 1 + n // REAP_LIMIT
+        return n
+
+    def write_heartbeat(self, heartbeat: str, ttl_seconds: float) -> None:
+        k = self.keys
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(k.heartbeat(self.worker_id), heartbeat, px=int(ttl_seconds * 1000))
+        pipe.zadd(k.workers, {self.worker_id: now_ms})
+        # Forget workers silent for a long time, so the set does not grow with every pod ever run.
+        pipe.zremrangebyscore(k.workers, "-inf", now_ms - 3_600_000)
+        self.round_trips += 1
+        pipe.execute()
 
     def deregister(self) -> None:
         k = self.keys
+        self.round_trips += 1
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(k.heartbeat(self.worker_id))
         pipe.zrem(k.workers, self.worker_id)
@@ -150,6 +183,75 @@ class RedisBroker:
 
     def close(self) -> None:
         self.client.close()
+
+
+class RedisExchange:
+    """A settle-and-fetch pipeline that is sent and not yet read.
+
+    The worker keeps running tasks while Redis executes it, instead of waiting for the reply.
+    Built by hand rather than with redis-py's ``Pipeline``, which asks ``SCRIPT EXISTS`` before
+    every pipeline that runs a script (a second round trip); here a script Redis no longer knows
+    (after a restart) is loaded and rerun only when its reply says so.
+    """
+
+    def __init__(
+        self, broker: RedisBroker, calls: list[tuple[Script, list[Any]]], *, has_acks: bool, wanted: int
+    ) -> None:
+        self.broker = broker
+        self.calls = calls
+        self.has_acks = has_acks
+        self.wanted = wanted
+        pool = broker.client.connection_pool
+        conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
+        self.conn: Any = conn
+        try:
+            conn.send_packed_command(
+                conn.pack_commands([("EVALSHA", script.sha, *args) for script, args in calls])
+            )
+        except BaseException:
+            self._release(broken=True)
+            raise
+
+    def result(self) -> tuple[int, Batch]:
+        """Read the replies: how many acks still held their lease, and the new batch."""
+        if self.conn is None:
+            raise RuntimeError("this exchange was already read")
+        replies: list[Any] = []
+        missing: list[int] = []
+        failure: redis_lib.ResponseError | None = None
+        try:
+            for i in range(len(self.calls)):
+                try:
+                    replies.append(self.conn.read_response())
+                except redis_lib.exceptions.NoScriptError:
+                    replies.append(None)
+                    missing.append(i)
+                except redis_lib.ResponseError as exc:
+                    # Keep reading, so the connection stays in step with its replies.
+                    replies.append(None)
+                    failure = failure or exc
+        except BaseException:
+            self._release(broken=True)
+            raise
+        self._release(broken=False)
+        if failure is not None:
+            raise failure
+        # Redis lost its scripts (a restart): a command that said NOSCRIPT did not run, so
+        # running it now, through the client that loads scripts on demand, runs it exactly once.
+        for i in missing:
+            script, args = self.calls[i]
+            replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
+            self.broker.round_trips += 2  # SCRIPT LOAD, then the command again
+        acked = int(replies[0]) if self.has_acks else 0
+        return acked, self.broker._batch(replies[-1]) if self.wanted > 0 else Batch()
+
+    def _release(self, *, broken: bool) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        if broken:
+            conn.disconnect()
+        self.broker.client.connection_pool.release(conn)
 
 
 def reap(
