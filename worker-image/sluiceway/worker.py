@@ -182,6 +182,7 @@ class Worker:
         self.rate_count = 0
         self.last_slots: SlotLease | None = None
         self.in_transit: _InTransit | None = None  # a round trip sent and not yet read
+        self.last_sent = 0.0  # monotonic time the last round trip was sent
         self.send_ahead_below = 0  # ready-queue length under which the next round trip is sent
 
         self.stopping = threading.Event()  # stop fetching
@@ -400,9 +401,12 @@ class Worker:
             if self.in_transit is None and now >= self.next_fetch and now >= self.next_exchange:
                 self._send(fetch=True)
 
-    def _settle_now(self, *, block: bool) -> None:
-        """Read a round trip left in transit and settle finished work (supervisor and drain)."""
-        if (not self.unsettled and self.in_transit is None) or not self.exchange_lock.acquire(blocking=block):
+    def _settle_now(self, *, block: bool, quiet_for: float = 0.0) -> None:
+        """Read a round trip left in transit and settle finished work, unless one was sent in
+        the last ``quiet_for`` seconds (then the executors are doing it)."""
+        if not self.unsettled and self.in_transit is None:
+            return
+        if time.monotonic() - self.last_sent < quiet_for or not self.exchange_lock.acquire(blocking=block):
             return
         try:
             if self.in_transit is not None:
@@ -443,6 +447,7 @@ class Worker:
             self._exchange_failed(done, exc)
             return False
         self.in_transit = _InTransit(pending, done, len(acks), wanted, sent_at)
+        self.last_sent = sent_at
         return True
 
     def _receive(self) -> int:
@@ -786,7 +791,7 @@ class Worker:
         next_beat = 0.0
         while not self.stopped.is_set():
             self._enforce_timeouts()
-            self._settle_now(block=False)
+            self._settle_now(block=False, quiet_for=SETTLE_LATENCY)
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.s.heartbeat_seconds
