@@ -115,6 +115,28 @@ def test_metrics_and_health_endpoint(r: redis.Redis, redis_url: str, spawn_worke
     assert w.wait() == 0
 
 
+def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    total = 5000
+    sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(total)))
+    port = free_port()
+    w = spawn_worker("-f", "tests.tasks:noop", "-q", "jobs", "-c", "4", "--metrics-port", str(port))
+    wait_for(lambda: fleet.queue_stats(r, KEYS).acked == total, 60, what="acks")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        body = resp.read().decode()
+    line = next(x for x in body.splitlines() if x.startswith("sluiceway_redis_round_trips_total"))
+    round_trips = float(line.rsplit(" ", 1)[1])
+    # Settling and fetching share round trips, many messages each: one round trip per message
+    # (or two, fetch and ack) would read 5,000 to 10,000 here.
+    assert 0 < round_trips < total * 0.1
+    print(
+        f"\n[figures] {total} no-op messages: {round_trips:.0f} Redis round trips ({round_trips / total:.4f} per message)"
+    )
+    w.terminate()
+    assert w.wait() == 0
+
+
 def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
     sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(50)))
     w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs")

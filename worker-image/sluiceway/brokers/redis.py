@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +41,9 @@ class RedisBroker:
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
         # Every round trip this broker made: the figure that says whether batching works.
+        # Several threads count, and `+=` on an attribute can lose an update between them.
         self.round_trips = 0
+        self._count_lock = threading.Lock()
 
     def begin_exchange(
         self,
@@ -97,7 +100,7 @@ class RedisBroker:
                     ],
                 )
             )
-        self.round_trips += 1
+        self.count_round_trips()
         return RedisExchange(self, calls, has_acks=bool(acks), wanted=wanted)
 
     def _batch(self, reply: list[Any]) -> Batch:
@@ -123,11 +126,15 @@ class RedisBroker:
         slots = SlotLease(tat.decode(), interval_us) if self.qps > 0 and tat else None
         return Batch(deliveries=deliveries, slots=slots)
 
+    def count_round_trips(self, n: int = 1) -> None:
+        with self._count_lock:
+            self.round_trips += n
+
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
         if not tokens and not (slots and unused_slots):
             return 0
         k = self.keys
-        self.round_trips += 1
+        self.count_round_trips()
         return int(
             self.scripts.requeue(
                 keys=[self._inflight, k.ready, k.ratelimit, k.stats],
@@ -138,7 +145,7 @@ class RedisBroker:
     def acquire_slot(self) -> float:
         """Take one fresh rate-limit slot; returns seconds until it starts, or -1 with none granted
         (then ``-retry_after``). Used for a message whose slot went stale while its worker stalled."""
-        self.round_trips += 1
+        self.count_round_trips()
         count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
             keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
         )
@@ -149,17 +156,17 @@ class RedisBroker:
     def renew(self, tokens: Sequence[bytes]) -> int:
         if not tokens:
             return 0
-        self.round_trips += 1
+        self.count_round_trips()
         return int(self.scripts.renew(keys=[self._inflight], args=[self.lease_ms, *tokens]))
 
     def recover(self) -> int:
         n = reap(self.client, self.keys, self.scripts)
-        self.round_trips += 1 + n // REAP_LIMIT
+        self.count_round_trips(1 + n // REAP_LIMIT)
         return n
 
     def adopt_orphans(self) -> int:
         n = reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
-        self.round_trips += 1 + n // REAP_LIMIT
+        self.count_round_trips(1 + n // REAP_LIMIT)
         return n
 
     def write_heartbeat(self, heartbeat: str, ttl_seconds: float) -> None:
@@ -170,12 +177,12 @@ class RedisBroker:
         pipe.zadd(k.workers, {self.worker_id: now_ms})
         # Forget workers silent for a long time, so the set does not grow with every pod ever run.
         pipe.zremrangebyscore(k.workers, "-inf", now_ms - 3_600_000)
-        self.round_trips += 1
+        self.count_round_trips()
         pipe.execute()
 
     def deregister(self) -> None:
         k = self.keys
-        self.round_trips += 1
+        self.count_round_trips()
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(k.heartbeat(self.worker_id))
         pipe.zrem(k.workers, self.worker_id)
@@ -241,7 +248,7 @@ class RedisExchange:
         for i in missing:
             script, args = self.calls[i]
             replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
-            self.broker.round_trips += 2  # SCRIPT LOAD, then the command again
+            self.broker.count_round_trips(2)  # SCRIPT LOAD, then the command again
         acked = int(replies[0]) if self.has_acks else 0
         return acked, self.broker._batch(replies[-1]) if self.wanted > 0 else Batch()
 
