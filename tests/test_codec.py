@@ -67,7 +67,9 @@ def test_arbitrary_bytes_decode_or_fail_with_a_reason(raw: bytes) -> None:
         (b'{"$sluiceway": {"attempt": true}}', "invalid_metadata"),
         (b'{"$sluiceway": {"id": 7}}', "invalid_metadata"),
         (b'{"$sluiceway": {"ts": "yesterday"}}', "invalid_metadata"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json"),
     ],
+    ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else str(v),
 )
 def test_bad_payloads_name_their_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(codec.DecodeError) as info:

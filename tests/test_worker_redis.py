@@ -162,6 +162,7 @@ def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
     pub = sluiceway.Publisher(redis_url)
     r.lpush(KEYS.ready, b"{malformed json")
     r.lpush(KEYS.ready, b"[1, 2, 3]")
+    r.lpush(KEYS.ready, b'{"n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")  # would blow the stack
     pub.publish("jobs", {"n": 1, "unexpected": True})
     pub.publish("jobs", {"n": 2, "mode": "raise"})
     pub.publish("jobs", {"n": 3, "mode": "hang"})
@@ -172,12 +173,12 @@ def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
         "-f", "tests.tasks:misbehave", "-q", "jobs", "-c", "4", "--max-attempts", "3",
         "--backoff", "0.05", "--max-backoff", "0.2", "--timeout", "0.5", *FAST,
     )  # fmt: skip
-    wait_for(lambda: r.llen(KEYS.dead) == 6 and r.hlen("test:done") == 2, 30, what="all outcomes")
+    wait_for(lambda: r.llen(KEYS.dead) == 7 and r.hlen("test:done") == 2, 30, what="all outcomes")
     by_reason: dict[str, list[dict[str, object]]] = {}
     for e in fleet.dead_letters(r, KEYS):
         by_reason.setdefault(str(e["reason"]), []).append(e)
     assert {k: len(v) for k, v in by_reason.items()} == {
-        "invalid_json": 1,
+        "invalid_json": 2,
         "not_an_object": 1,
         "bad_arguments": 1,
         "error": 1,

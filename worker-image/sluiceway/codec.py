@@ -78,6 +78,10 @@ def decode(payload: bytes | str) -> Message:
         body = _DECODER.decode(payload)
     except ValueError as exc:
         raise DecodeError("invalid_json", str(exc)) from None
+    except RecursionError:
+        # Arrays nested thousands deep: without this, one such message would crash every
+        # worker that leased it, instead of going to the dead-letter queue.
+        raise DecodeError("invalid_json", "nested too deeply to decode") from None
     if not isinstance(body, dict):
         raise DecodeError(
             "not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}"
