@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 from tests.support.redis_server import RedisServer
 from tests.support.workers import SpawnWorker, WorkerProcess, worker_env
 
 pytest_plugins = ["localcluster.pytest_plugin"]
+
+# Property tests check logic, not speed: on a shared 2-core machine that is also running Redis,
+# a control plane and worker processes, Hypothesis's per-example deadline and its "generation
+# is slow" check fail at random. Speed lives in `make bench`.
+settings.register_profile(
+    "sluiceway", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("sluiceway")
 
 
 @pytest.fixture(scope="session")
