@@ -94,4 +94,6 @@ def misbehave(n: int, mode: str = "ok") -> None:
         raise sluiceway.Reject(f"message {n} is poison")
     if mode == "flaky" and attempts == 1:
         raise RuntimeError("first attempt fails")
+    if mode == "retry_never" and attempts == 1:
+        raise sluiceway.RetryLater(float("inf"), "asks for an endless delay")
     _r().hincrby("test:done", str(n), 1)

@@ -29,16 +29,16 @@ def publish(url: str, n: int) -> None:
 def test_one_round_trip_settles_then_leases_and_can_be_read_later(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 10)
     b = broker(redis_url)
-    _, first = b.begin_exchange([], [], [], 4).result()
+    first = b.begin_exchange([], [], [], 4).result().batch
     assert len(first.deliveries) == 4
     tokens = [d.token for d in first.deliveries]
-    acked, _ = b.begin_exchange(tokens[:2], [], [], 0).result()
-    assert acked == 2
+    assert b.begin_exchange(tokens[:2], [], [], 0).result().acked == 2
     pending = b.begin_exchange(tokens[2:], [], [], 3)
     # Redis runs it before the reply is read: the worker keeps working meanwhile.
     wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 4, 5, what="the round trip in transit to run")
-    acked, second = pending.result()
-    assert acked == 2
+    result = pending.result()
+    assert result.acked == 2
+    second = result.batch
     assert len(second.deliveries) == 3
     assert r.zcard(KEYS.inflight("w1")) == 3
     assert {d.payload for d in first.deliveries}.isdisjoint(d.payload for d in second.deliveries)
@@ -47,37 +47,62 @@ def test_one_round_trip_settles_then_leases_and_can_be_read_later(r: redis.Redis
 def test_scripts_lost_by_redis_run_exactly_once_after_reloading(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 10)
     b = broker(redis_url)
-    _, batch = b.begin_exchange([], [], [], 5).result()
+    batch = b.begin_exchange([], [], [], 5).result().batch
     r.script_flush()  # what a Redis restart does to the script cache
-    acked, more = b.begin_exchange([d.token for d in batch.deliveries[:2]], [], [], 2).result()
-    assert acked == 2
-    assert len(more.deliveries) == 2
+    result = b.begin_exchange([d.token for d in batch.deliveries[:2]], [], [], 2).result()
+    assert (result.acked, result.settle_error) == (2, "")
+    assert len(result.batch.deliveries) == 2
     stats = fleet.queue_stats(r, KEYS)
     assert stats.acked == 2
     assert r.zcard(KEYS.inflight("w1")) == 5  # 5 leased - 2 acked + 2 leased
     assert stats.ready == 3
 
 
-def test_an_error_reply_is_raised_and_the_connection_stays_in_step(r: redis.Redis, redis_url: str) -> None:
+def test_a_failed_settle_keeps_the_fetched_batch_and_the_connection_in_step(
+    r: redis.Redis, redis_url: str
+) -> None:
     publish(redis_url, 3)
     b = broker(redis_url)
-    _, batch = b.begin_exchange([], [], [], 1).result()
+    batch = b.begin_exchange([], [], [], 1).result().batch
     r.delete(KEYS.stats)
     r.set(KEYS.stats, "not a hash")  # the ack script's HINCRBY now fails
-    with pytest.raises(redis.ResponseError):
-        b.begin_exchange([batch.deliveries[0].token], [], [], 1).result()
+    result = b.begin_exchange([batch.deliveries[0].token], [], [], 1).result()
+    assert "WRONGTYPE" in result.settle_error
+    assert len(result.batch.deliveries) == 1, "a failed settle must not drop what the fetch leased"
     r.delete(KEYS.stats)
-    # Every reply of the failed pipeline was read, so the pooled connection answers in step.
+    # Every reply of the pipeline was read, so the pooled connection answers in step, and
+    # settling again is harmless.
     assert b.client.ping() is True
-    _, again = b.begin_exchange([], [], [], 5).result()
-    assert len(again.deliveries) >= 1
+    again = b.begin_exchange([batch.deliveries[0].token], [], [], 5).result()
+    assert again.settle_error == ""
+    assert again.acked == 0  # the first try removed the lease before HINCRBY failed
+    assert len(again.batch.deliveries) == 1
+
+
+def test_a_failed_fetch_is_raised(r: redis.Redis, redis_url: str) -> None:
+    r.set(KEYS.ready, "not a list")
+    with pytest.raises(redis.ResponseError):
+        broker(redis_url).begin_exchange([], [], [], 5).result()
+
+
+def test_more_acks_than_lua_can_unpack_settle_in_one_round_trip(r: redis.Redis, redis_url: str) -> None:
+    total = 9000  # Lua's unpack() stops near 8,000 values
+    publish(redis_url, total)
+    b = broker(redis_url)
+    tokens: list[bytes] = []
+    while len(tokens) < total:
+        tokens += [d.token for d in b.begin_exchange([], [], [], 256).result().batch.deliveries]
+    result = b.begin_exchange(tokens, [], [], 0).result()
+    assert (result.acked, result.settle_error) == (total, "")
+    assert r.zcard(KEYS.inflight("w1")) == 0
+    assert fleet.queue_stats(r, KEYS).acked == total
 
 
 def test_a_connection_lost_between_round_trips_is_replaced(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 6)
     b = broker(redis_url)
-    _, batch = b.begin_exchange([], [], [], 2).result()
+    batch = b.begin_exchange([], [], [], 2).result().batch
     r.client_kill_filter(_type="normal", skipme=True)
-    acked, more = b.begin_exchange([d.token for d in batch.deliveries], [], [], 2).result()
-    assert acked == 2
-    assert len(more.deliveries) == 2
+    result = b.begin_exchange([d.token for d in batch.deliveries], [], [], 2).result()
+    assert result.acked == 2
+    assert len(result.batch.deliveries) == 2

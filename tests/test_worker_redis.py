@@ -169,11 +169,12 @@ def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
     pub.publish("jobs", {"n": 4, "mode": "reject"})
     pub.publish("jobs", {"n": 5, "mode": "flaky"})
     pub.publish("jobs", {"n": 6, "mode": "ok"})
+    pub.publish("jobs", {"n": 7, "mode": "retry_never"})  # RetryLater(inf): the usual backoff
     w = spawn_worker(
         "-f", "tests.tasks:misbehave", "-q", "jobs", "-c", "4", "--max-attempts", "3",
         "--backoff", "0.05", "--max-backoff", "0.2", "--timeout", "0.5", *FAST,
     )  # fmt: skip
-    wait_for(lambda: r.llen(KEYS.dead) == 7 and r.hlen("test:done") == 2, 30, what="all outcomes")
+    wait_for(lambda: r.llen(KEYS.dead) == 7 and r.hlen("test:done") == 3, 30, what="all outcomes")
     by_reason: dict[str, list[dict[str, object]]] = {}
     for e in fleet.dead_letters(r, KEYS):
         by_reason.setdefault(str(e["reason"]), []).append(e)
@@ -192,7 +193,7 @@ def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
     assert "timeout" in str(by_reason["timeout"][0]["detail"])
     attempts = counts(r, "test:attempts")
     assert attempts[2] == 3 and attempts[3] == 3 and attempts[4] == 1 and attempts[5] == 2
-    assert counts(r, "test:done") == {5: 1, 6: 1}
+    assert counts(r, "test:done") == {5: 1, 6: 1, 7: 1}
     w.terminate()
     assert w.wait(15) == 0
 

@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import inspect
 import json
+import math
 import queue
 import random
 import signal
@@ -95,6 +96,8 @@ _WAKE = object()  # room was freed while a refill was waiting for it
 # How long finished work may wait for an executor's round trip before the supervisor settles it.
 SETTLE_LATENCY = 0.05
 SEND_AHEAD_MIN_PREFETCH = 16
+SETTLE_BATCH = 1000  # outcomes per round trip at most, so one round trip stays short
+REFILL_POLL = 0.005  # seconds to wait for a refill another thread is making
 RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the prefetch
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
@@ -300,11 +303,14 @@ class Worker:
                 t.finished = True
         if leftovers:
             self._give_back(leftovers, "still running at the end of the grace period", return_slots=False)
-        # Outcomes that failed to reach Redis are retried until a few seconds past the grace period.
-        while self.unsettled and time.monotonic() < deadline + 5:
+        # Outcomes that failed to reach Redis are retried until a few seconds past the grace
+        # period. Blocking takes the lock, so a round trip another thread is making has landed
+        # (or put its outcomes back) before this decides that nothing is left.
+        while time.monotonic() < deadline + 5:
             self._settle_now(block=True)
-            if self.unsettled:
-                time.sleep(min(0.5, max(0.0, self.next_exchange - time.monotonic())))
+            if not self.unsettled and self.in_transit is None:
+                break
+            time.sleep(min(0.5, max(0.01, self.next_exchange - time.monotonic())))
         for _ in range(len(self.executors) + (1 if self.is_async else 0)):
             self.ready.put(_STOP)
         if self.loop is not None:
@@ -379,34 +385,50 @@ class Worker:
 
     def _refill(self) -> float:
         """Settle and lease in one round trip; returns how long to wait for a message next."""
-        with self.exchange_lock:
+        # Never queue on the lock: a thread woken with the lock must still wait for the GIL, so a
+        # queue of waiters keeps the lock taken long after the round trip is done. Whoever holds
+        # it puts messages in `ready`, which wakes this thread sooner than the short poll.
+        if not self.exchange_lock.acquire(blocking=False):
+            return REFILL_POLL
+        try:
             if self.in_transit is not None and self._receive():
                 return 0.0
             if not self.ready.empty():
-                return 0.0  # another thread refilled it while this one waited for the lock
+                return 0.0
             now = time.monotonic()
             if now < self.next_exchange:
                 return min(self.next_exchange - now, 0.25)
             if self._exchange(fetch=now >= self.next_fetch):
                 return 0.0
+        finally:
+            self.exchange_lock.release()
         if self.stopping.is_set():
             return 0.05
         return min(max(self.next_fetch, self.next_exchange) - time.monotonic(), 0.25)
 
     def _send_ahead(self) -> None:
-        # Waits for the lock rather than skipping: its holder may just be waiting for the GIL,
-        # and skipping then means nobody sends ahead before the queue runs dry.
-        with self.exchange_lock:
+        # Skips when the lock is taken: this thread holds a task, and the holder may be waiting
+        # for a Redis that hangs. The next task taken tries again.
+        if not self.exchange_lock.acquire(blocking=False):
+            return
+        try:
             now = time.monotonic()
             if self.in_transit is None and now >= self.next_fetch and now >= self.next_exchange:
                 self._send(fetch=True)
+        finally:
+            self.exchange_lock.release()
 
     def _settle_now(self, *, block: bool, quiet_for: float = 0.0) -> None:
         """Read a round trip left in transit and settle finished work, unless one was sent in
-        the last ``quiet_for`` seconds (then the executors are doing it)."""
-        if not self.unsettled and self.in_transit is None:
+        the last ``quiet_for`` seconds (then the executors are doing it). ``block`` waits for a
+        round trip another thread is making, whose outcomes may yet come back unsettled."""
+        if not block and not self.unsettled and self.in_transit is None:
             return
-        if time.monotonic() - self.last_sent < quiet_for or not self.exchange_lock.acquire(blocking=block):
+        if time.monotonic() - self.last_sent < quiet_for:
+            return
+        if not (
+            self.exchange_lock.acquire(timeout=15) if block else self.exchange_lock.acquire(blocking=False)
+        ):
             return
         try:
             if self.in_transit is not None:
@@ -426,7 +448,7 @@ class Worker:
         The caller holds ``exchange_lock`` and nothing is in transit. False when there was
         nothing to send, or sending failed (the outcomes stay for the next try).
         """
-        done = [self.unsettled.popleft() for _ in range(len(self.unsettled))]
+        done = [self.unsettled.popleft() for _ in range(min(len(self.unsettled), SETTLE_BATCH))]
         wanted = 0
         if fetch and not self.stopping.is_set():
             self._measure_rate(time.monotonic())
@@ -455,12 +477,16 @@ class Worker:
         transit, self.in_transit = self.in_transit, None
         assert transit is not None
         try:
-            acked, batch = transit.pending.result()
+            result = transit.pending.result()
         except redis_lib.RedisError as exc:
             self._exchange_failed(transit.done, exc)
             return 0
-        self.exchange_failures = 0
-        if acked < transit.acks:
+        acked, batch = result.acked, result.batch
+        if result.settle_error:
+            self._exchange_failed(transit.done, result.settle_error)
+        else:
+            self.exchange_failures = 0
+        if acked < transit.acks and not result.settle_error:
             self.log.warning(
                 "leases were gone at ack; those messages were requeued and may run again",
                 count=transit.acks - acked,
@@ -489,7 +515,7 @@ class Worker:
             self.ready.put(t)
         return len(tasks)
 
-    def _exchange_failed(self, done: list[Settlement], exc: redis_lib.RedisError) -> None:
+    def _exchange_failed(self, done: list[Settlement], exc: redis_lib.RedisError | str) -> None:
         # Keep the outcomes and try again: dropping an ack would only cause a duplicate, but
         # dropping a dead-letter entry would lose its reason. (If the broker did act before the
         # connection broke, settling again is harmless, and leases it granted expire back.)
@@ -721,8 +747,13 @@ class Worker:
             )
             return
         nxt = codec.next_attempt(msg, text)
-        if isinstance(error, RetryLater):
-            delay = error.delay
+        # A RetryLater delay that is not a number of seconds (inf, nan, text) gets the usual backoff.
+        if (
+            isinstance(error, RetryLater)
+            and isinstance(error.delay, int | float)
+            and math.isfinite(error.delay)
+        ):
+            delay = max(error.delay, 0.0)
         else:
             delay = retry_delay(
                 nxt.meta.attempt,

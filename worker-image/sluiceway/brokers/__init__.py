@@ -35,9 +35,20 @@ class Batch:
     slots: SlotLease | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    """What one round trip did."""
+
+    acked: int  # acks whose lease was still held
+    batch: Batch  # the newly leased messages (empty when none were wanted)
+    # Not empty: some settling failed, and every outcome of this round trip must be sent again
+    # (settling twice is harmless: a lease is removed once).
+    settle_error: str = ""
+
+
 class PendingExchange(Protocol):
-    def result(self) -> tuple[int, Batch]:
-        """How many acks still held their lease, and the new batch (empty when none was wanted)."""
+    def result(self) -> Exchanged:
+        """Read the round trip's outcome. Raises the broker's error if it could not fetch."""
         ...
 
 

@@ -10,13 +10,14 @@ from typing import Any
 import redis as redis_lib
 from redis.commands.core import Script
 
-from sluiceway.brokers import Batch, Delivery, SlotLease
+from sluiceway.brokers import Batch, Delivery, Exchanged, SlotLease
 from sluiceway.contract import Keys
 from sluiceway.scripts import Scripts
 
 # How many due retries one fetch promotes; bounds the script's run time (Redis is single-threaded).
 PROMOTE_LIMIT = 1000
 REAP_LIMIT = 1000
+ACK_CHUNK = 1000
 
 
 class RedisBroker:
@@ -54,8 +55,12 @@ class RedisBroker:
     ) -> RedisExchange:
         k = self.keys
         calls: list[tuple[Script, list[Any]]] = []
-        if acks:
-            calls.append((self.scripts.ack, [3, self._inflight, k.stats, k.redeliveries, *acks]))
+        # Lua's unpack() takes about 8,000 values at most; the ack script unpacks its arguments.
+        for i in range(0, len(acks), ACK_CHUNK):
+            calls.append(
+                (self.scripts.ack, [3, self._inflight, k.stats, k.redeliveries, *acks[i : i + ACK_CHUNK]])
+            )
+        ack_calls = len(calls)
         for token, payload, delay in retries:
             calls.append(
                 (
@@ -101,7 +106,7 @@ class RedisBroker:
                 )
             )
         self.count_round_trips()
-        return RedisExchange(self, calls, has_acks=bool(acks), wanted=wanted)
+        return RedisExchange(self, calls, ack_calls=ack_calls, wanted=wanted)
 
     def _batch(self, reply: list[Any]) -> Batch:
         first_offset_us = float(reply[0])
@@ -202,11 +207,11 @@ class RedisExchange:
     """
 
     def __init__(
-        self, broker: RedisBroker, calls: list[tuple[Script, list[Any]]], *, has_acks: bool, wanted: int
+        self, broker: RedisBroker, calls: list[tuple[Script, list[Any]]], *, ack_calls: int, wanted: int
     ) -> None:
         self.broker = broker
         self.calls = calls
-        self.has_acks = has_acks
+        self.ack_calls = ack_calls
         self.wanted = wanted
         pool = broker.client.connection_pool
         conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
@@ -219,38 +224,43 @@ class RedisExchange:
             self._release(broken=True)
             raise
 
-    def result(self) -> tuple[int, Batch]:
-        """Read the replies: how many acks still held their lease, and the new batch."""
+    def result(self) -> Exchanged:
+        """Read the replies. Raises if the connection failed or the fetch did; a failed settle
+        only marks the result, so the messages the fetch leased are never dropped."""
         if self.conn is None:
             raise RuntimeError("this exchange was already read")
         replies: list[Any] = []
-        missing: list[int] = []
-        failure: redis_lib.ResponseError | None = None
+        errors: dict[int, redis_lib.ResponseError] = {}
         try:
             for i in range(len(self.calls)):
                 try:
                     replies.append(self.conn.read_response())
-                except redis_lib.exceptions.NoScriptError:
-                    replies.append(None)
-                    missing.append(i)
                 except redis_lib.ResponseError as exc:
                     # Keep reading, so the connection stays in step with its replies.
                     replies.append(None)
-                    failure = failure or exc
+                    errors[i] = exc
         except BaseException:
             self._release(broken=True)
             raise
         self._release(broken=False)
-        if failure is not None:
-            raise failure
-        # Redis lost its scripts (a restart): a command that said NOSCRIPT did not run, so
-        # running it now, through the client that loads scripts on demand, runs it exactly once.
-        for i in missing:
-            script, args = self.calls[i]
-            replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
-            self.broker.count_round_trips(2)  # SCRIPT LOAD, then the command again
-        acked = int(replies[0]) if self.has_acks else 0
-        return acked, self.broker._batch(replies[-1]) if self.wanted > 0 else Batch()
+        for i, err in list(errors.items()):
+            if isinstance(err, redis_lib.exceptions.NoScriptError):
+                # Redis lost its scripts (a restart). A command that said NOSCRIPT did not run,
+                # so running it now, through the client that loads scripts on demand, runs it
+                # exactly once.
+                script, args = self.calls[i]
+                self.broker.count_round_trips(2)  # SCRIPT LOAD, then the command again
+                try:
+                    replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
+                    del errors[i]
+                except redis_lib.ResponseError as again:
+                    errors[i] = again
+        fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
+        if fetch_index in errors:
+            raise errors[fetch_index]
+        batch = self.broker._batch(replies[fetch_index]) if fetch_index >= 0 else Batch()
+        acked = sum(int(replies[i]) for i in range(self.ack_calls) if i not in errors)
+        return Exchanged(acked=acked, batch=batch, settle_error=str(next(iter(errors.values()), "")))
 
     def _release(self, *, broken: bool) -> None:
         conn, self.conn = self.conn, None
