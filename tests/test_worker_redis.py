@@ -83,7 +83,9 @@ def test_worker_killed_mid_run_loses_nothing_and_its_messages_return_within_a_le
 def test_sigterm_finishes_running_tasks_and_returns_prefetched_at_once(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
-    publish(redis_url, 60, sleep=3)
+    # Long tasks, so the state "4 running, 20 prefetched" lasts long enough to be seen on a busy
+    # machine.
+    publish(redis_url, 60, sleep=6)
     w = spawn_worker(
         "-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--prefetch", "20", "--worker-id", "w", *FAST
     )
@@ -100,7 +102,7 @@ def test_sigterm_finishes_running_tasks_and_returns_prefetched_at_once(
     started = set(counts(r, "test:seen"))
     assert len(started) == 4
     assert r.llen(KEYS.ready) == 60 - 4
-    assert w.wait(10) == 0
+    assert w.wait(20) == 0
     assert set(counts(r, "test:done")) == started, "running tasks finished, none was interrupted"
     assert r.zcard(KEYS.inflight("w")) == 0
     # Nothing lost: another worker drains the rest.
