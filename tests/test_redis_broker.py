@@ -106,3 +106,28 @@ def test_a_connection_lost_between_round_trips_is_replaced(r: redis.Redis, redis
     result = b.begin_exchange([d.token for d in batch.deliveries], [], [], 2).result()
     assert result.acked == 2
     assert len(result.batch.deliveries) == 2
+
+
+def test_round_trips_are_counted_where_every_request_passes(r: redis.Redis, redis_url: str) -> None:
+    client = connection.client(redis_url)
+    trips = connection.count_round_trips(client)
+    client.ping()
+    # Opening the connection took round trips too (CLIENT SETINFO): counted, as they are real.
+    opened = trips.count - 1
+    assert opened >= 0
+    client.ping()
+    assert trips.count == opened + 2
+    pipe = client.pipeline(transaction=False)
+    for i in range(50):
+        pipe.set(f"k{i}", i)
+    pipe.execute()
+    assert trips.count == opened + 3  # fifty commands, one round trip
+    b = RedisBroker(client, KEYS, "w1", lease_seconds=30)
+    publish(redis_url, 3)
+    r.script_flush()
+    b.begin_exchange([], [], [], 3).result()
+    # A script Redis does not know: the pipeline gets NOSCRIPT, then the rerun goes EVALSHA ->
+    # NOSCRIPT, SCRIPT LOAD, EVALSHA. Counted at the connection, the count cannot miss one.
+    assert trips.count == opened + 3 + 4
+    b.begin_exchange([], [], [], 3).result()
+    assert trips.count == opened + 3 + 4 + 1

@@ -32,7 +32,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from sluiceway import __version__, codec
+from sluiceway import __version__, codec, connection
 from sluiceway.backoff import retry_delay
 from sluiceway.brokers import Delivery, PendingExchange, SlotLease
 from sluiceway.brokers.redis import RedisBroker
@@ -164,7 +164,8 @@ class Worker:
             taskqueue=settings.taskqueue or settings.queue, queue=settings.queue, worker=self.worker_id
         )
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
-        self.metrics.round_trips = lambda: self.broker.round_trips
+        round_trips = connection.count_round_trips(client)
+        self.metrics.round_trips = lambda: round_trips.count
         self.install_signals = install_signals
 
         self.capacity = settings.concurrency + self._prefetch(0.0)

@@ -88,6 +88,4 @@ class Broker(Protocol):
         """Remove this worker's heartbeat on a clean exit."""
         ...
 
-    round_trips: int  # every round trip made so far, for the metric of the same name
-
     def close(self) -> None: ...

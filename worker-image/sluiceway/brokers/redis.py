@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,10 +40,6 @@ class RedisBroker:
         self.horizon_us = int(horizon_seconds * 1_000_000)
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
-        # Every round trip this broker made: the figure that says whether batching works.
-        # Several threads count, and `+=` on an attribute can lose an update between them.
-        self.round_trips = 0
-        self._count_lock = threading.Lock()
 
     def begin_exchange(
         self,
@@ -105,7 +100,6 @@ class RedisBroker:
                     ],
                 )
             )
-        self.count_round_trips()
         return RedisExchange(self, calls, ack_calls=ack_calls, wanted=wanted)
 
     def _batch(self, reply: list[Any]) -> Batch:
@@ -131,15 +125,10 @@ class RedisBroker:
         slots = SlotLease(tat.decode(), interval_us) if self.qps > 0 and tat else None
         return Batch(deliveries=deliveries, slots=slots)
 
-    def count_round_trips(self, n: int = 1) -> None:
-        with self._count_lock:
-            self.round_trips += n
-
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
         if not tokens and not (slots and unused_slots):
             return 0
         k = self.keys
-        self.count_round_trips()
         return int(
             self.scripts.requeue(
                 keys=[self._inflight, k.ready, k.ratelimit, k.stats],
@@ -150,7 +139,6 @@ class RedisBroker:
     def acquire_slot(self) -> float:
         """Take one fresh rate-limit slot; returns seconds until it starts, or -1 with none granted
         (then ``-retry_after``). Used for a message whose slot went stale while its worker stalled."""
-        self.count_round_trips()
         count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
             keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
         )
@@ -161,18 +149,13 @@ class RedisBroker:
     def renew(self, tokens: Sequence[bytes]) -> int:
         if not tokens:
             return 0
-        self.count_round_trips()
         return int(self.scripts.renew(keys=[self._inflight], args=[self.lease_ms, *tokens]))
 
     def recover(self) -> int:
-        n = reap(self.client, self.keys, self.scripts)
-        self.count_round_trips(1 + n // REAP_LIMIT)
-        return n
+        return reap(self.client, self.keys, self.scripts)
 
     def adopt_orphans(self) -> int:
-        n = reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
-        self.count_round_trips(1 + n // REAP_LIMIT)
-        return n
+        return reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
 
     def write_heartbeat(self, heartbeat: str, ttl_seconds: float) -> None:
         k = self.keys
@@ -182,12 +165,10 @@ class RedisBroker:
         pipe.zadd(k.workers, {self.worker_id: now_ms})
         # Forget workers silent for a long time, so the set does not grow with every pod ever run.
         pipe.zremrangebyscore(k.workers, "-inf", now_ms - 3_600_000)
-        self.count_round_trips()
         pipe.execute()
 
     def deregister(self) -> None:
         k = self.keys
-        self.count_round_trips()
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(k.heartbeat(self.worker_id))
         pipe.zrem(k.workers, self.worker_id)
@@ -249,7 +230,6 @@ class RedisExchange:
                 # so running it now, through the client that loads scripts on demand, runs it
                 # exactly once.
                 script, args = self.calls[i]
-                self.broker.count_round_trips(2)  # SCRIPT LOAD, then the command again
                 try:
                     replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
                     del errors[i]
