@@ -32,12 +32,13 @@ def test_one_round_trip_settles_then_leases_and_can_be_read_later(r: redis.Redis
     first = b.begin_exchange([], [], [], 4).result().batch
     assert len(first.deliveries) == 4
     tokens = [d.token for d in first.deliveries]
-    assert b.begin_exchange(tokens[:2], [], [], 0).result().acked == 2
+    assert b.begin_exchange(tokens[:2], [], [], 0).result().gone == 0
+    assert fleet.queue_stats(r, KEYS).acked == 2
     pending = b.begin_exchange(tokens[2:], [], [], 3)
     # Redis runs it before the reply is read: the worker keeps working meanwhile.
     wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 4, 5, what="the round trip in transit to run")
     result = pending.result()
-    assert result.acked == 2
+    assert result.gone == 0
     second = result.batch
     assert len(second.deliveries) == 3
     assert r.zcard(KEYS.inflight("w1")) == 3
@@ -50,7 +51,7 @@ def test_scripts_lost_by_redis_run_exactly_once_after_reloading(r: redis.Redis, 
     batch = b.begin_exchange([], [], [], 5).result().batch
     r.script_flush()  # what a Redis restart does to the script cache
     result = b.begin_exchange([d.token for d in batch.deliveries[:2]], [], [], 2).result()
-    assert (result.acked, result.settle_error) == (2, "")
+    assert (result.gone, result.settle_error) == (0, "")
     assert len(result.batch.deliveries) == 2
     stats = fleet.queue_stats(r, KEYS)
     assert stats.acked == 2
@@ -75,7 +76,7 @@ def test_a_failed_settle_keeps_the_fetched_batch_and_the_connection_in_step(
     assert b.client.ping() is True
     again = b.begin_exchange([batch.deliveries[0].token], [], [], 5).result()
     assert again.settle_error == ""
-    assert again.acked == 0  # the first try removed the lease before HINCRBY failed
+    assert again.gone == 1  # the first try removed the lease before HINCRBY failed
     assert len(again.batch.deliveries) == 1
 
 
@@ -93,7 +94,7 @@ def test_more_acks_than_lua_can_unpack_settle_in_one_round_trip(r: redis.Redis, 
     while len(tokens) < total:
         tokens += [d.token for d in b.begin_exchange([], [], [], 256).result().batch.deliveries]
     result = b.begin_exchange(tokens, [], [], 0).result()
-    assert (result.acked, result.settle_error) == (total, "")
+    assert (result.gone, result.settle_error) == (0, "")
     assert r.zcard(KEYS.inflight("w1")) == 0
     assert fleet.queue_stats(r, KEYS).acked == total
 
@@ -104,7 +105,7 @@ def test_a_connection_lost_between_round_trips_is_replaced(r: redis.Redis, redis
     batch = b.begin_exchange([], [], [], 2).result().batch
     r.client_kill_filter(_type="normal", skipme=True)
     result = b.begin_exchange([d.token for d in batch.deliveries], [], [], 2).result()
-    assert result.acked == 2
+    assert result.gone == 0
     assert len(result.batch.deliveries) == 2
 
 

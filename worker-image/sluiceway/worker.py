@@ -107,7 +107,6 @@ _RESLOTTED = SlotLease(tat="", interval_us=0.0)
 class _InTransit:
     pending: PendingExchange
     done: list[Settlement]  # the outcomes it settles
-    acks: int
     wanted: int
     sent_at: float
 
@@ -469,7 +468,7 @@ class Worker:
         except redis_lib.RedisError as exc:
             self._exchange_failed(done, exc)
             return False
-        self.in_transit = _InTransit(pending, done, len(acks), wanted, sent_at)
+        self.in_transit = _InTransit(pending, done, wanted, sent_at)
         self.last_sent = sent_at
         return True
 
@@ -482,15 +481,15 @@ class Worker:
         except redis_lib.RedisError as exc:
             self._exchange_failed(transit.done, exc)
             return 0
-        acked, batch = result.acked, result.batch
+        batch = result.batch
         if result.settle_error:
             self._exchange_failed(transit.done, result.settle_error)
         else:
             self.exchange_failures = 0
-        if acked < transit.acks and not result.settle_error:
+        if result.gone:
             self.log.warning(
                 "leases were gone at ack; those messages were requeued and may run again",
-                count=transit.acks - acked,
+                count=result.gone,
             )
         if transit.wanted > 0:
             if batch.deliveries:
@@ -522,7 +521,7 @@ class Worker:
         # connection broke, settling again is harmless, and leases it granted expire back.)
         self.unsettled.extendleft(reversed(done))
         self.exchange_failures += 1
-        delay = min(5.0, 0.1 * 2 ** min(self.exchange_failures, 6)) * random.uniform(0.5, 1.0)
+        delay = _redis_backoff(self.exchange_failures, draw=random.random())
         self.next_exchange = time.monotonic() + delay
         self.log.warning(
             "round trip to Redis failed; retrying",
@@ -916,7 +915,7 @@ class Worker:
                 return fn()
             except redis_lib.RedisError as exc:
                 failures += 1
-                delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+                delay = _redis_backoff(failures, draw=1.0)
                 if deadline is not None and time.monotonic() + delay > deadline:
                     self.log.error(
                         f"{what} failed; giving up, the leases will expire instead", error=str(exc)
@@ -924,6 +923,12 @@ class Worker:
                     return None
                 self.log.warning(f"{what} failed; retrying", error=str(exc), retry_in=delay)
                 time.sleep(delay)
+
+
+def _redis_backoff(failures: int, *, draw: float) -> float:
+    """Seconds before trying Redis again after ``failures`` failures in a row: 0.1 s, doubling
+    up to 5 s; ``draw`` in [0, 1) spreads it over the upper half (1.0: no spread)."""
+    return retry_delay(failures, base=0.2, cap=5.0, draw=draw)
 
 
 def _signature_or_none(fn: Callable[..., Any]) -> inspect.Signature | None:

@@ -39,11 +39,13 @@ class Batch:
 class Exchanged:
     """What one round trip did."""
 
-    acked: int  # acks whose lease was still held
     batch: Batch  # the newly leased messages (empty when none were wanted)
     # Not empty: some settling failed, and every outcome of this round trip must be sent again
     # (settling twice is harmless: a lease is removed once).
     settle_error: str = ""
+    # Acks whose lease was already gone: the message was requeued (its worker looked dead) and
+    # may run again, which at-least-once allows.
+    gone: int = 0
 
 
 class PendingExchange(Protocol):

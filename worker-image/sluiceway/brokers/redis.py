@@ -102,29 +102,6 @@ class RedisBroker:
             )
         return RedisExchange(self, calls, ack_calls=ack_calls, wanted=wanted)
 
-    def _batch(self, reply: list[Any]) -> Batch:
-        first_offset_us = float(reply[0])
-        interval_us = float(reply[1])
-        retry_after_us = float(reply[2])
-        tat = reply[3]
-        counts = reply[4]
-        members: list[bytes] = reply[5:]
-        if not members:
-            return Batch(retry_after=retry_after_us / 1e6)
-        deliveries = []
-        for i, member in enumerate(members):
-            offset = first_offset_us + i * interval_us
-            deliveries.append(
-                Delivery(
-                    payload=member[member.index(b":") + 1 :],
-                    token=member,
-                    start_after=offset / 1e6 if offset > 0 else 0.0,
-                    redeliveries=int(counts[i]) if counts else 0,
-                )
-            )
-        slots = SlotLease(tat.decode(), interval_us) if self.qps > 0 and tat else None
-        return Batch(deliveries=deliveries, slots=slots)
-
     def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
         if not tokens and not (slots and unused_slots):
             return 0
@@ -238,9 +215,12 @@ class RedisExchange:
         fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
         if fetch_index in errors:
             raise errors[fetch_index]
-        batch = self.broker._batch(replies[fetch_index]) if fetch_index >= 0 else Batch()
-        acked = sum(int(replies[i]) for i in range(self.ack_calls) if i not in errors)
-        return Exchanged(acked=acked, batch=batch, settle_error=str(next(iter(errors.values()), "")))
+        batch = _batch(replies[fetch_index], self.broker.qps) if fetch_index >= 0 else Batch()
+        # An ack call's arguments are the key count, three keys, then one token per ack.
+        gone = sum(
+            len(self.calls[i][1]) - 4 - int(replies[i]) for i in range(self.ack_calls) if i not in errors
+        )
+        return Exchanged(batch=batch, settle_error=str(next(iter(errors.values()), "")), gone=gone)
 
     def _release(self, *, broken: bool) -> None:
         conn, self.conn = self.conn, None
@@ -279,3 +259,28 @@ def reap(
         total += n
         if n < REAP_LIMIT:
             return total
+
+
+def _batch(reply: list[Any], qps: float) -> Batch:
+    """The fetch script's reply as a batch of deliveries."""
+    first_offset_us = float(reply[0])
+    interval_us = float(reply[1])
+    retry_after_us = float(reply[2])
+    tat = reply[3]
+    counts = reply[4]
+    members: list[bytes] = reply[5:]
+    if not members:
+        return Batch(retry_after=retry_after_us / 1e6)
+    deliveries = []
+    for i, member in enumerate(members):
+        offset = first_offset_us + i * interval_us
+        deliveries.append(
+            Delivery(
+                payload=member[member.index(b":") + 1 :],
+                token=member,
+                start_after=offset / 1e6 if offset > 0 else 0.0,
+                redeliveries=int(counts[i]) if counts else 0,
+            )
+        )
+    slots = SlotLease(tat.decode(), interval_us) if qps > 0 and tat else None
+    return Batch(deliveries=deliveries, slots=slots)
