@@ -93,7 +93,7 @@ class WorkerMetrics:
         yield reslotted
         round_trips = CounterMetricFamily(
             "sluiceway_redis_round_trips",
-            "Round trips this worker made to Redis: fetching, settling, heartbeats, renewals, recovery.",
+            "Requests this worker sent to Redis, each one round trip, counted at the connection.",
             labels=names,
         )
         round_trips.add_metric(values, self.round_trips())
