@@ -134,7 +134,19 @@ def test_taskqueue_creates_rolls_repairs_and_cleans_up(
         "the Deployment recreated",
     )
 
-    # Deletion purges the queue's Redis keys through the finalizer.
+    # Under deletionPolicy Purge, deletion purges the queue's Redis keys through the finalizer
+    # (Retain, the default, is e2e/test_deletion.py).
+    c.kubectl(
+        "patch",
+        "taskqueue",
+        "alpha",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"deletionPolicy":"Purge"}}',
+        check=True,
+    )
     keys = Keys(ns, "alpha")
     Publisher(redis_url).publish(f"{ns}/alpha", {"n": 1})
     assert r.exists(keys.ready)

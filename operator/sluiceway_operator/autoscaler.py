@@ -25,7 +25,16 @@ import structlog
 from sluiceway.contract import Keys
 
 from . import events, metrics
-from .conditions import ConditionReason, rfc3339, status_patch
+from .conditions import (
+    ConditionReason,
+    ConditionType,
+    condition,
+    rfc3339,
+    set_condition,
+    status_patch,
+    without,
+)
+from .deletion import conflict_message
 from .kube import ApiError, Kube, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
 from .observe import (
@@ -80,6 +89,7 @@ class Deps:
 
 PodsFn = Callable[[], Sequence[PodView]]
 DeploymentFn = Callable[[], DeploymentView | None]
+ConflictFn = Callable[[str], str | None]  # resolved queue -> the older TaskQueue that owns it, if any
 
 
 def deployment_view(obj: Mapping[str, Any]) -> DeploymentView:
@@ -94,11 +104,20 @@ def deployment_view(obj: Mapping[str, Any]) -> DeploymentView:
 
 class TaskQueueLoop:
     def __init__(
-        self, namespace: str, name: str, deps: Deps, *, pods: PodsFn, deployment: DeploymentFn | None = None
+        self,
+        namespace: str,
+        name: str,
+        deps: Deps,
+        *,
+        pods: PodsFn,
+        deployment: DeploymentFn | None = None,
+        conflict: ConflictFn | None = None,
     ) -> None:
         self.namespace, self.name, self.deps = namespace, name, deps
         self.pods = pods
         self.deployment = deployment
+        self.conflict = conflict
+        self.conflict_owner: str | None = None  # the owner last reported in an Event
         self.wake = asyncio.Event()
         self.state = ScalingState()
         self.status: dict[str, Any] | None = None  # what we last wrote (the watch may lag behind)
@@ -297,11 +316,39 @@ class TaskQueueLoop:
             observed_qps=self._observed_qps(acked, now),
             last_scale=last_scale,
         )
+        await self._conflict(body, spec.broker.queue, new, generation=generation, now=now)
         if schedules:
             new["schedules"] = [dict(s) for s in schedules]
         else:
             new.pop("schedules", None)  # the spec has none left: drop what status still lists
         await self._patch_status(old, new)
+
+    async def _conflict(
+        self, body: Mapping[str, Any], queue: str, new: dict[str, Any], *, generation: int, now: float
+    ) -> None:
+        """Conflict=True (and one Warning Event per owner) while an older TaskQueue uses our queue."""
+        owner = self.conflict(queue) if self.conflict is not None else None
+        if owner is None:
+            new["conditions"] = without(new["conditions"], ConditionType.CONFLICT)
+        else:
+            message = conflict_message(queue, owner)
+            new["conditions"] = set_condition(
+                new["conditions"],
+                condition(
+                    ConditionType.CONFLICT,
+                    True,
+                    ConditionReason.QUEUE_SHARED,
+                    message,
+                    generation=generation,
+                    now=now,
+                ),
+            )
+            if owner != self.conflict_owner:
+                self.log.warning("queue shared with another TaskQueue", owner=owner, queue=queue)
+                await events.post(
+                    self.deps.kube, body["metadata"], "Warning", ConditionReason.QUEUE_SHARED, message
+                )
+        self.conflict_owner = owner
 
     def _observed_qps(self, acked: int, now: float) -> float | None:
         prev, self._acked = self._acked, (acked, now)

@@ -23,6 +23,8 @@ class ConditionType(StrEnum):
     SCALING = "Scaling"  # the fleet is changing size (True while desired != ready)
     THROTTLED = "Throttled"  # the QPS limit, not the fleet size, bounds throughput
     DEGRADED = "Degraded"  # something needs a human: silent pods, no live worker, bad config
+    # Present only while True: another, older TaskQueue in the namespace uses the same queue.
+    CONFLICT = "Conflict"
 
 
 class ConditionReason(StrEnum):
@@ -46,6 +48,8 @@ class ConditionReason(StrEnum):
     SILENT_PODS = "SilentPods"
     OBSERVATION_FAILED = "ObservationFailed"
     HEALTHY = "Healthy"
+    # Conflict
+    QUEUE_SHARED = "QueueShared"
 
 
 class Condition(TypedDict):
@@ -126,6 +130,11 @@ def merge_conditions(conditions: Sequence[Mapping[str, Any]], new: Iterable[Cond
     for c in new:
         out = set_condition(out, c)
     return out
+
+
+def without(conditions: Sequence[Mapping[str, Any]], type: ConditionType | str) -> list[Condition]:
+    """``conditions`` minus the one of ``type`` (for conditions that exist only while True)."""
+    return [_as_condition(c) for c in conditions if c.get("type") != str(type)]
 
 
 def _as_condition(c: Mapping[str, Any]) -> Condition:

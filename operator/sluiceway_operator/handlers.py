@@ -3,7 +3,9 @@
 - Indexes of worker pods and Deployments keep the loops free of per-tick list calls.
 - A daemon per TaskQueue runs its ``TaskQueueLoop``; a TaskQueue event with a new generation wakes it.
 - A pod DELETED event returns that worker's leases at once.
-- The delete handler (our finalizer) purges the TaskQueue's Redis keys, bounded in time.
+- An index of TaskQueues by namespace tells each loop whether an older TaskQueue uses its queue.
+- The delete handler (our finalizer) keeps or purges the queue (``deletion.deletion_plan``), bounded
+  in time, and posts an Event saying which, with the counts.
 
 Handlers return nothing: the status schema does not preserve a ``kopf`` field, and the loops write
 status themselves.
@@ -22,13 +24,25 @@ from typing import Any
 import kopf
 import structlog
 
-from . import metrics
+from sluiceway import fleet
+
+from . import events, metrics
 from .autoscaler import DeploymentView, Deps, PodView, TaskQueueLoop, deployment_view
+from .deletion import (
+    DeletionEvent,
+    QueueCounts,
+    QueueUser,
+    conflict_owner,
+    deletion_message,
+    deletion_plan,
+    queue_users,
+    sharing,
+)
 from .manifests import GROUP, LABEL_MANAGED_BY, LABEL_TASKQUEUE, MANAGER
 from .observe import purge, secret_value
 from .scaling import POD_DELETION_COST
 from .settings import Config
-from .spec import SpecError, keys_for, parse_spec
+from .spec import DeletionPolicy, SpecError, keys_for, parse_spec
 
 log = structlog.get_logger("sluiceway_operator")
 
@@ -125,6 +139,13 @@ def worker_deployments(
     return {(namespace or "", labels[LABEL_TASKQUEUE]): deployment_view(body)}
 
 
+@kopf.index(*TQ)
+def taskqueue_queues(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, QueueUser]:
+    # Fed by the TaskQueue watch kopf runs anyway: a loop learns of a shared queue without any call.
+    users = queue_users([body])
+    return {namespace or "": users[0]} if users else {}
+
+
 # --- TaskQueues ------------------------------------------------------------------------------------
 
 
@@ -135,6 +156,7 @@ async def taskqueue_loop(
     assert Runtime.deps is not None
     worker_pods: kopf.Index[tuple[str, str], PodView] = kwargs["worker_pods"]
     worker_deployments: kopf.Index[tuple[str, str], DeploymentView] = kwargs["worker_deployments"]
+    queues: kopf.Index[str, QueueUser] = kwargs["taskqueue_queues"]
     namespace = namespace or ""
     key = (namespace, name)
 
@@ -143,7 +165,12 @@ async def taskqueue_loop(
         return found[0] if found else None
 
     loop = TaskQueueLoop(
-        namespace, name, Runtime.deps, pods=lambda: list(worker_pods.get(key, ())), deployment=deployment
+        namespace,
+        name,
+        Runtime.deps,
+        pods=lambda: list(worker_pods.get(key, ())),
+        deployment=deployment,
+        conflict=lambda queue: conflict_owner(name, queue, queues.get(namespace, ())),
     )
     Runtime.loops[key] = loop
     try:
@@ -176,29 +203,64 @@ async def worker_pod_event(
         log.warning("could not return a deleted pod's leases", pod=name, error=str(exc))
 
 
+def _taskqueues_path(namespace: str) -> str:
+    return f"/apis/{GROUP}/v1alpha1/namespaces/{namespace}/taskqueues"
+
+
 @kopf.on.delete(*TQ, retries=5, backoff=2.0, timeout=120)
 async def taskqueue_deleted(
-    name: str, namespace: str | None, spec: kopf.Spec, retry: int, runtime: datetime.timedelta, **_: Any
+    name: str,
+    namespace: str | None,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    retry: int,
+    runtime: datetime.timedelta,
+    **_: Any,
 ) -> None:
-    """Purge the queue's Redis keys. Never blocks deletion forever: gives up after the timeout."""
+    """Keep (Retain) or purge (Purge) the queue, then say which in an Event. Never blocks forever.
+
+    The workers stop either way: their Deployment goes with its owner reference. Which TaskQueues
+    still use the queue is read fresh from the API here (one list call), not from the index, since
+    a purge cannot be undone. Under Retain nothing is deleted, so a failure only loses the counts.
+    """
     namespace = namespace or ""
     metrics.forget(namespace, name)
     deps = Runtime.deps
     assert deps is not None
     try:
         parsed = parse_spec(spec, name=name)
-        ref = parsed.coordination_secret_ref or deps.config.default_secret
-        if ref is None:
-            return
-        url = await secret_value(deps.kube, namespace, ref)
-        removed = await asyncio.wait_for(
-            purge(deps.redis.get(url), keys_for(namespace, parsed)), timeout=deps.config.finalizer_timeout / 2
-        )
-        log.info("purged the queue's Redis keys", namespace=namespace, taskqueue=name, keys=removed)
     except SpecError:
         return  # an invalid spec never reached Redis
+    ref = parsed.coordination_secret_ref or deps.config.default_secret
+    if ref is None:
+        return
+    about = {"name": name, "namespace": namespace, "uid": meta.get("uid")}
+    queue = parsed.broker.queue
+    budget = deps.config.finalizer_timeout / 2
+    try:
+        listed = await deps.kube.get(_taskqueues_path(namespace))
+        shared = sharing(name, queue, queue_users((listed or {}).get("items") or []))
+        plan = deletion_plan(parsed.deletion_policy, shared)
+        client = deps.redis.get(await secret_value(deps.kube, namespace, ref))
+        keys = keys_for(namespace, parsed)
+        stats = await asyncio.wait_for(asyncio.to_thread(fleet.queue_stats, client, keys), timeout=budget)
+        counts = QueueCounts(stats.ready, stats.delayed, stats.in_flight, stats.dead)
+        removed = await asyncio.wait_for(purge(client, keys), timeout=budget) if plan.purge else 0
     except Exception as exc:
-        if runtime.total_seconds() >= deps.config.finalizer_timeout or retry >= 4:
-            log.error("giving up the Redis cleanup; deleting anyway", taskqueue=name, error=str(exc))
+        gave_up = runtime.total_seconds() >= deps.config.finalizer_timeout or retry >= 4
+        if parsed.deletion_policy is DeletionPolicy.RETAIN or gave_up:
+            kept = "it was kept" if parsed.deletion_policy is DeletionPolicy.RETAIN else "nothing was purged"
+            log.error("queue cleanup not completed; deleting anyway", taskqueue=name, error=str(exc))
+            await events.post(
+                deps.kube,
+                about,
+                "Warning",
+                DeletionEvent.CLEANUP_FAILED,
+                f"Could not reach queue {queue!r} while deleting ({type(exc).__name__}), so {kept}.",
+            )
             return
-        raise kopf.TemporaryError(f"Redis cleanup failed, retrying: {exc}", delay=2.0) from exc
+        raise kopf.TemporaryError(f"queue cleanup failed, retrying: {exc}", delay=2.0) from exc
+    message = deletion_message(plan, queue, counts, removed)
+    log.info("taskqueue deleted", namespace=namespace, taskqueue=name, purged=plan.purge, message=message)
+    reason = DeletionEvent.PURGED if plan.purge else DeletionEvent.RETAINED
+    await events.post(deps.kube, about, "Normal", reason, message)

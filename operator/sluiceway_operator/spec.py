@@ -38,6 +38,13 @@ class BrokerType(StrEnum):
     KAFKA = "kafka"
 
 
+class DeletionPolicy(StrEnum):
+    """What deleting the TaskQueue does to its queue (the finalizer decides in ``deletion.py``)."""
+
+    RETAIN = "Retain"  # stop the workers, keep the queue, DLQ and schedule state for a re-created TaskQueue
+    PURGE = "Purge"  # also delete every Redis key of the queue
+
+
 class ConcurrencyMode(StrEnum):
     THREAD = "thread"
     ASYNCIO = "asyncio"
@@ -48,6 +55,7 @@ class ConcurrencyMode(StrEnum):
 # "unlimited", "autoscale" or "no limit".
 DEFAULTS: Final[Mapping[str, Any]] = {
     "imagePullPolicy": "IfNotPresent",
+    "deletionPolicy": "Retain",
     "rateLimit": {"burst": 0},
     "concurrency": {"mode": "thread", "perPod": 8, "prefetch": 0},
     "retry": {"maxAttempts": 5, "backoffSeconds": 1, "maxBackoffSeconds": 300},
@@ -193,6 +201,7 @@ class TaskQueueSpec:
     replicas: int | None  # the /scale pin; None = autoscale
     schedules: tuple[Schedule, ...]
     pod_template: PodTemplate
+    deletion_policy: DeletionPolicy = DeletionPolicy.RETAIN
 
 
 def parse_spec(raw: Mapping[str, Any], *, name: str) -> TaskQueueSpec:
@@ -227,6 +236,9 @@ def parse_spec(raw: Mapping[str, Any], *, name: str) -> TaskQueueSpec:
         replicas=r.optional_integer("replicas", low=0, high=10000),
         schedules=_schedules(r),
         pod_template=_pod_template(r.child("podTemplate")),
+        deletion_policy=DeletionPolicy(
+            r.choice("deletionPolicy", tuple(DeletionPolicy), DEFAULTS["deletionPolicy"])
+        ),
     )
     return spec
 

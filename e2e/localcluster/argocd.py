@@ -1,0 +1,242 @@
+"""Locate or build Argo CD's multi-call binary (CLI, application-controller, repo-server, ...).
+
+Resolution order:
+
+1. ``$ARGOCD`` when it names an executable (a prebuilt ``argocd`` of the same version).
+2. The per-version cache, ``${XDG_CACHE_HOME:-$HOME/.cache}/sluiceway/argocd/v<version>/bin``.
+3. A build from the Go module proxy with the ordinary ``go`` client, into that cache (about 8 min
+   cold on 2 cores, under a minute with a warm Go build cache).
+
+``go install github.com/argoproj/argo-cd/v3/cmd@v3.2.11`` is refused: the module's go.mod carries
+``replace`` directives (the k8s.io modules pinned to one release, protobuf, grpc-gateway, yaml), and
+``go install pkg@version`` rejects a module with replaces. So, as for Kubernetes in
+:mod:`localcluster.binaries`, we generate a wrapper module that requires Argo CD and repeats those
+replaces. They are read from that exact version's go.mod as served by the proxy, never kept by hand.
+
+v3.2.11 is pinned on purpose: v3.2.12's tag moved after the module proxy cached it and the proxy copy
+does not compile, and v3.3 to v3.5 replace gitops-engine with a local directory, which a wrapper
+module cannot follow.
+
+The build also copies the Application and AppProject CRDs from the module's ``manifests/crds/`` next
+to the binary, so the GitOps test needs no Go toolchain once the cache is warm.
+
+Run ``python -m localcluster.argocd`` to build or locate it; ``--print-path`` prints only the binary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from localcluster.binaries import (
+    MIN_GO,
+    BinariesUnavailableError,
+    Log,
+    _go_version,
+    _locked,
+    _MemorySampler,
+    _Runner,
+    cache_root,
+    find_go,
+    go_directive,
+    godebug_lines,
+)
+
+ARGOCD_VERSION = os.environ.get("SLUICEWAY_ARGOCD_VERSION", "3.2.11")
+ARGOCD_MODULE = "github.com/argoproj/argo-cd/v3"
+# The CRDs the application-controller needs; ApplicationSets are not used.
+CRD_FILES = ("application-crd.yaml", "appproject-crd.yaml")
+
+_REPLACE_BLOCK = re.compile(r"^replace\s*\(\s*$(.*?)^\)\s*$", re.M | re.S)
+_REPLACE_LINE = re.compile(r"^replace\s+(?!\()(.+)$", re.M)
+
+
+class ArgoCDUnavailableError(BinariesUnavailableError):
+    """Argo CD is neither available nor buildable; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ArgoCD:
+    binary: Path
+    crds: tuple[Path, ...]
+    version: str
+
+
+def argocd_dir(version: str = ARGOCD_VERSION) -> Path:
+    return cache_root() / "argocd" / f"v{version}"
+
+
+def _log(msg: str) -> None:
+    print(f"[argocd-bin] {msg}", file=sys.stderr, flush=True)
+
+
+def module_replaces(gomod_text: str) -> list[str]:
+    """The ``old => new version`` replace directives of a go.mod that point at published modules.
+
+    A replace with a filesystem target (``=> ./x``, ``=> ../x``) cannot be carried into a wrapper module
+    and is reported instead of dropped, since building without it would compile different code.
+    """
+    bodies = [m.group(1) for m in _REPLACE_BLOCK.finditer(gomod_text)]
+    bodies += [m.group(1) for m in _REPLACE_LINE.finditer(gomod_text)]
+    out: list[str] = []
+    for body in bodies:
+        for raw in body.splitlines():
+            line = raw.split("//", 1)[0].strip()
+            if not line:
+                continue
+            left, sep, right = line.partition("=>")
+            target = right.split()
+            if not sep or not left.split() or not target:
+                raise ArgoCDUnavailableError(f"unreadable replace directive in go.mod: {raw.strip()!r}")
+            if target[0].startswith((".", "/")):
+                raise ArgoCDUnavailableError(
+                    f"go.mod replaces {left.strip()} with the local path {target[0]}; a wrapper module "
+                    "cannot build that version. Pin a version whose replaces all name published modules."
+                )
+            if len(target) != 2:
+                raise ArgoCDUnavailableError(f"replace without a version in go.mod: {raw.strip()!r}")
+            out.append(f"{' '.join(left.split())} => {target[0]} {target[1]}")
+    return sorted(set(out))
+
+
+def wrapper_gomod(gomod_text: str, version: str) -> str:
+    lines = ["module sluiceway.local/argocd-build", "", f"go {go_directive(gomod_text)}", ""]
+    lines += godebug_lines(gomod_text)
+    lines += ["", f"require {ARGOCD_MODULE} v{version}", "", "replace ("]
+    lines += [f"\t{r}" for r in module_replaces(gomod_text)]
+    lines += [")", ""]
+    return "\n".join(lines)
+
+
+def _cached(out: Path, version: str) -> bool:
+    stamp = out / ".complete"
+    if not stamp.is_file() or not (out / "argocd").is_file():
+        return False
+    data = json.loads(stamp.read_text())
+    return bool(data.get("version") == version) and all((out / c).is_file() for c in CRD_FILES)
+
+
+def ensure_argocd(log: Log = _log, *, build: bool = True, version: str = ARGOCD_VERSION) -> ArgoCD:
+    """Return the Argo CD binary and its CRDs, building them on first use (unless ``build`` is false)."""
+    work = argocd_dir(version)
+    out = work / "bin"
+    explicit = os.environ.get("ARGOCD")
+    with _locked(work / ".lock"):
+        if not _cached(out, version):
+            if not build:
+                raise ArgoCDUnavailableError(
+                    f"Argo CD v{version} is not built yet in {out}: run `make argocd-bin`."
+                )
+            _build(work, out, version, log, skip_binary=bool(explicit))
+        else:
+            log(f"cached: Argo CD v{version} in {out}")
+    binary = Path(explicit) if explicit else out / "argocd"
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ArgoCDUnavailableError(f"ARGOCD={explicit} is not an executable file")
+    return ArgoCD(binary=binary, crds=tuple(out / c for c in CRD_FILES), version=version)
+
+
+def _build(work: Path, out: Path, version: str, log: Log, *, skip_binary: bool) -> None:
+    go = find_go()
+    if go is None:
+        raise ArgoCDUnavailableError(
+            f"Go toolchain not found (needed once to build Argo CD v{version} into {out}). Install Go >= "
+            "1.25.5 and put `go` on PATH (or set SLUICEWAY_GO=/path/to/go), or set ARGOCD to a prebuilt binary "
+            "(the CRDs still come from the module, so Go is needed once either way)."
+        )
+    have = _go_version(go)
+    if have < max(MIN_GO, (1, 25)):
+        raise ArgoCDUnavailableError(
+            f"{go} is Go {have[0]}.{have[1]}; Argo CD v{version} needs Go >= 1.25.5."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = work / "build.log"
+    logfile.write_text("")
+    runner = _Runner(go, logfile, log)
+    log(
+        f"building Argo CD v{version} with {go} into {out} (first run only; about 8 min on 2 cores; log: {logfile})"
+    )
+    started = time.monotonic()
+    with _MemorySampler() as mem:
+        with tempfile.TemporaryDirectory() as tmp:
+            info = json.loads(
+                runner.go_cmd(
+                    ["mod", "download", "-json", f"{ARGOCD_MODULE}@v{version}"],
+                    Path(tmp),
+                    f"fetching {ARGOCD_MODULE}@v{version}",
+                )
+            )
+        module_dir = Path(info["Dir"])
+        for crd in CRD_FILES:
+            shutil.copyfile(module_dir / "manifests" / "crds" / crd, out / crd)
+        if not skip_binary:
+            upstream = Path(info["GoMod"]).read_text()
+            src = work / "src"
+            src.mkdir(parents=True, exist_ok=True)
+            (src / "go.mod").write_text(wrapper_gomod(upstream, version))
+            (src / "go.sum").touch()
+            log(f"  wrapper module: {ARGOCD_MODULE} v{version}, {len(module_replaces(upstream))} replaces")
+            pkg = f"{ARGOCD_MODULE}/cmd"
+            runner.go_cmd(["get", f"{pkg}@v{version}"], src, "downloading Argo CD modules")
+            ldflags = " ".join(
+                [
+                    "-s -w",
+                    f"-X {ARGOCD_MODULE}/common.version={version}",
+                    f"-X {ARGOCD_MODULE}/common.gitTag=v{version}",
+                    f"-X {ARGOCD_MODULE}/common.gitTreeState=clean",
+                ]
+            )
+            log("  compiling argocd (the long step)")
+            runner.go_cmd(
+                ["build", "-p", "2", "-trimpath", "-ldflags", ldflags, "-o", str(out / "argocd"), pkg],
+                src,
+                "compiling Argo CD",
+            )
+            check = subprocess.run(
+                [str(out / "argocd"), "version", "--client", "--short"], capture_output=True, text=True
+            )
+            if check.returncode != 0:
+                raise ArgoCDUnavailableError(
+                    f"built {out / 'argocd'} but `argocd version` failed: {check.stderr}"
+                )
+    elapsed = time.monotonic() - started
+    stats = {
+        "version": version,
+        "go": str(go),
+        "seconds": round(elapsed),
+        "peak_system_memory_mib": round(mem.peak_bytes / 2**20),
+        "largest_process_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+    }
+    (out / ".complete").write_text(json.dumps(stats, indent=2) + "\n")
+    log(f"built in {elapsed / 60:.1f} min; peak memory in use {stats['peak_system_memory_mib']} MiB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m localcluster.argocd", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--print-path", action="store_true", help="print only the path of the binary")
+    parser.add_argument("--no-build", action="store_true", help="fail instead of building")
+    args = parser.parse_args(argv)
+    try:
+        found = ensure_argocd(build=not args.no_build)
+    except BinariesUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(found.binary if args.print_path else f"argocd v{found.version}: {found.binary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
