@@ -35,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from localcluster.binaries import (
     MIN_GO,
@@ -53,6 +54,10 @@ from localcluster.binaries import (
     godebug_lines,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+HEALTH_LUA = REPO / "deploy" / "argocd" / "health.lua"
+ARGOCD_CM = REPO / "deploy" / "argocd" / "argocd-cm.yaml"
+HEALTH_KEY = "resource.customizations.health.sluiceway.dev_TaskQueue"
 ARGOCD_VERSION = os.environ.get("SLUICEWAY_ARGOCD_VERSION", "3.2.11")
 ARGOCD_MODULE = "github.com/argoproj/argo-cd/v3"
 # The CRDs the application-controller needs; ApplicationSets are not used.
@@ -222,13 +227,86 @@ def _build(work: Path, out: Path, version: str, log: Log, *, skip_binary: bool) 
     log(f"built in {elapsed / 60:.1f} min; peak memory in use {stats['peak_system_memory_mib']} MiB")
 
 
+@dataclass(frozen=True)
+class Health:
+    status: str
+    message: str
+
+
+def health(binary: Path, obj: Mapping[str, Any], cm: Path = ARGOCD_CM, *, workdir: Path) -> Health:
+    """Argo CD's own evaluation of ``obj`` with the health script in ``cm``, offline (no cluster).
+
+    ``argocd admin settings resource-overrides health`` loads the script from the ConfigMap file the
+    way the application-controller does, and runs it in the same sandboxed Lua VM.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = (
+        workdir / f"{(obj.get('metadata') or {}).get('name', 'obj')}-{os.getpid()}-{time.monotonic_ns()}.json"
+    )
+    path.write_text(json.dumps(obj))
+    try:
+        proc = subprocess.run(
+            [
+                str(binary),
+                "admin",
+                "settings",
+                "resource-overrides",
+                "health",
+                str(path),
+                "--argocd-cm-path",
+                str(cm),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        path.unlink(missing_ok=True)
+    fields = dict(
+        line.split(":", 1) for line in proc.stdout.splitlines() if line.startswith(("STATUS:", "MESSAGE:"))
+    )
+    if proc.returncode != 0 or "STATUS" not in fields:
+        raise ArgoCDUnavailableError(
+            f"argocd health evaluation failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
+        )
+    return Health(status=fields["STATUS"].strip(), message=fields.get("MESSAGE", "").strip())
+
+
+def render_cm(lua: str) -> str:
+    """deploy/argocd/argocd-cm.yaml: the health script carried verbatim in a YAML block scalar."""
+    lines = [
+        "# The resource.customizations for sluiceway.dev/TaskQueue, to merge into Argo CD's argocd-cm:",
+        "#   kubectl -n argocd patch configmap argocd-cm --type merge --patch-file deploy/argocd/argocd-cm.yaml",
+        "# The health script is deploy/argocd/health.lua, carried verbatim (tests/argocd/test_health.py checks).",
+        "# Regenerate after editing health.lua: python -m localcluster.argocd --write-cm (from e2e/).",
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        "  name: argocd-cm",
+        "  namespace: argocd",
+        "  labels:",
+        "    app.kubernetes.io/name: argocd-cm",
+        "    app.kubernetes.io/part-of: argocd",
+        "data:",
+        f"  {HEALTH_KEY}: |",
+    ]
+    lines += [f"    {line}" if line.strip() else "" for line in lua.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m localcluster.argocd", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--print-path", action="store_true", help="print only the path of the binary")
     parser.add_argument("--no-build", action="store_true", help="fail instead of building")
+    parser.add_argument(
+        "--write-cm", action="store_true", help=f"regenerate {ARGOCD_CM.name} from health.lua"
+    )
     args = parser.parse_args(argv)
+    if args.write_cm:
+        ARGOCD_CM.write_text(render_cm(HEALTH_LUA.read_text()))
+        return 0
     try:
         found = ensure_argocd(build=not args.no_build)
     except BinariesUnavailableError as exc:
