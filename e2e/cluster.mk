@@ -17,3 +17,7 @@ cluster-down: ## Stop the cluster started by `make cluster-up` (and anything it 
 
 cluster-status: ## Print the KUBECONFIG of the running local cluster, if any
 	@$(LOCALCLUSTER) status --run-dir $(CLUSTER_RUN_DIR)
+
+.PHONY: argocd-bin
+argocd-bin: venv ## Build (first run only, about 8 min) or locate Argo CD v3.2.11 for the GitOps tests
+	@PYTHONPATH=e2e $(PY) -m localcluster.argocd

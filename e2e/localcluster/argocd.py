@@ -53,6 +53,7 @@ from localcluster.binaries import (
     go_directive,
     godebug_lines,
 )
+from localcluster.procs import ManagedProcess, Registry, free_port, port_free, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTH_LUA = REPO / "deploy" / "argocd" / "health.lua"
@@ -270,6 +271,149 @@ def health(binary: Path, obj: Mapping[str, Any], cm: Path = ARGOCD_CM, *, workdi
             f"argocd health evaluation failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
         )
     return Health(status=fields["STATUS"].strip(), message=fields.get("MESSAGE", "").strip())
+
+
+PART_OF = {
+    "app.kubernetes.io/part-of": "argocd"
+}  # without it the controller exits: "configmap argocd-cm not found"
+
+
+class GitOps:
+    """Argo CD's application-controller and repo-server as local processes against a cluster.
+
+    Both come from the one multi-call binary (``ARGOCD_BINARY_NAME`` picks the component), with
+    ``ARGOCD_FAKE_IN_CLUSTER=true`` so the in-cluster destination is the cluster of ``KUBECONFIG``, and
+    a private ``redis-server``. No argocd-server or Dex: Applications are plain objects in ``namespace``.
+    The caller installs the CRDs, the default AppProject, argocd-cm and argocd-secret first
+    (``bootstrap_objects``).
+    """
+
+    def __init__(
+        self, argocd: ArgoCD, kubeconfig: Path, namespace: str, run_dir: Path, *, resync: int = 30
+    ) -> None:
+        self.argocd, self.kubeconfig, self.namespace, self.run_dir = argocd, kubeconfig, namespace, run_dir
+        self.resync = resync
+        self.procs: list[ManagedProcess] = []
+
+    def start(self) -> None:
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise ArgoCDUnavailableError("redis-server is not installed: run `make system-deps`")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        registry = Registry(self.run_dir)
+        redis_port, repo_port = free_port(), free_port()
+        data = self.run_dir / "data"
+        for sub in ("tls", "ssh", "gpg", "plugins", "tmp"):
+            (data / sub).mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "ARGOCD_FAKE_IN_CLUSTER": "true",
+            "ARGOCD_GPG_ENABLED": "false",
+            "ARGOCD_TLS_DATA_PATH": str(data / "tls"),
+            "ARGOCD_SSH_DATA_PATH": str(data / "ssh"),
+            "ARGOCD_GNUPGHOME": str(data / "gpg"),
+            "ARGOCD_PLUGINSOCKFILEPATH": str(data / "plugins"),
+            "TMPDIR": str(data / "tmp"),
+            "HOSTNAME": "sluiceway-test-controller",
+        }
+        redis = ManagedProcess(
+            "argocd-redis",
+            [
+                redis_server,
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            self.run_dir / "redis.log",
+            registry,
+        )
+        self.procs.append(redis)
+        common = ["--redis", f"127.0.0.1:{redis_port}", "--loglevel", "info", "--logformat", "text"]
+        self.procs.append(
+            ManagedProcess(
+                "argocd-repo-server",
+                [
+                    str(self.argocd.binary),
+                    "--port",
+                    str(repo_port),
+                    "--disable-tls",
+                    "--metrics-port",
+                    str(free_port()),
+                    *common,
+                ],
+                self.run_dir / "repo-server.log",
+                registry,
+                env={**env, "ARGOCD_BINARY_NAME": "argocd-repo-server"},
+            )
+        )
+        wait_until(lambda: not port_free(repo_port), 60, "the repo-server's port", watch=self.procs)
+        self.procs.append(
+            ManagedProcess(
+                "argocd-application-controller",
+                [
+                    str(self.argocd.binary),
+                    "--repo-server",
+                    f"127.0.0.1:{repo_port}",
+                    "--repo-server-plaintext",
+                    "--app-resync",
+                    str(self.resync),
+                    "--namespace",
+                    self.namespace,
+                    "--metrics-port",
+                    str(free_port()),
+                    *common,
+                ],
+                self.run_dir / "application-controller.log",
+                registry,
+                env={**env, "ARGOCD_BINARY_NAME": "argocd-application-controller"},
+            )
+        )
+
+    def alive(self) -> bool:
+        return all(p.alive() for p in self.procs)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail(lines)}" for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+
+def bootstrap_objects(namespace: str, cm: Path = ARGOCD_CM) -> list[dict[str, Any]]:
+    """The objects argocd-server and the install manifests would normally create: the default
+    AppProject, argocd-cm (with the project's health script) and argocd-secret."""
+    import yaml  # a test dependency; the build path above needs none
+
+    cm_obj = yaml.safe_load(cm.read_text())
+    cm_obj["metadata"] = {"name": "argocd-cm", "namespace": namespace, "labels": dict(PART_OF)}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        cm_obj,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "argocd-secret", "namespace": namespace, "labels": dict(PART_OF)},
+            "stringData": {"server.secretkey": "sluiceway-test-only"},
+        },
+        {
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "AppProject",
+            "metadata": {"name": "default", "namespace": namespace},
+            "spec": {
+                "sourceRepos": ["*"],
+                "destinations": [{"server": "*", "namespace": "*"}],
+                "clusterResourceWhitelist": [{"group": "*", "kind": "*"}],
+            },
+        },
+    ]
 
 
 def render_cm(lua: str) -> str:

@@ -1,0 +1,211 @@
+"""GitOps end to end: Argo CD's own application-controller and repo-server sync a TaskQueue from a git
+repository on the local file system into the real local control plane, with the real operator.
+
+The story, in one test (each step needs the one before):
+
+1. Git holds a TaskQueue pinned to one worker whose function does not exist yet: synced, and its
+   health (our Lua script, in Argo CD's VM) is Progressing, since the worker never becomes ready.
+2. A commit fixes the function: Healthy once Ready. The time from the commit to Healthy is the
+   benchmark figure (the Application is refreshed at once, as a Git webhook would).
+3. A manual edit of the TaskQueue is reverted by selfHeal.
+4. The TaskQueue is removed from Git and pruned under ``deletionPolicy: Retain`` (the default) with
+   200 messages queued: the queue keeps all 200, and re-adding the file runs every one of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from localcluster.argocd import ArgoCD, GitOps, bootstrap_objects, ensure_argocd
+from localcluster.cluster import LocalCluster
+from sluiceway.contract import Keys
+from sluiceway.publish import Publisher
+from support import Operator, get_tq, taskqueue, until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(900)]
+
+APP = "taskqueues"
+
+
+def git(cwd: Path, *args: str) -> str:
+    env_args = [
+        "-c",
+        "user.name=sluiceway-test",
+        "-c",
+        "user.email=test@sluiceway.invalid",
+        "-c",
+        "commit.gpgsign=false",
+    ]
+    return subprocess.run(
+        ["git", *env_args, *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+class Repo:
+    """A bare repository (what Argo CD reads, over file://) and a working clone that commits to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare = root / "repo.git"
+        self.work = root / "work"
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(self.bare)], check=True)
+        subprocess.run(
+            ["git", "clone", "-q", str(self.bare), str(self.work)], check=True, capture_output=True
+        )
+        git(self.work, "checkout", "-q", "-b", "main")
+        (self.work / "taskqueues").mkdir()
+
+    @property
+    def url(self) -> str:
+        return self.bare.as_uri()
+
+    def write(self, name: str, obj: dict[str, Any] | None, message: str) -> float:
+        """Write (or, with None, remove) taskqueues/<name>.yaml, commit and push; the push time."""
+        path = self.work / "taskqueues" / f"{name}.yaml"
+        if obj is None:
+            git(self.work, "rm", "-q", str(path.relative_to(self.work)))
+        else:
+            path.write_text(yaml.safe_dump(obj, sort_keys=False))
+            git(self.work, "add", str(path.relative_to(self.work)))
+        git(self.work, "commit", "-q", "--allow-empty", "-m", message)
+        git(self.work, "push", "-q", "origin", "main")
+        return time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def argocd() -> ArgoCD:
+    return ensure_argocd()
+
+
+@pytest.fixture(scope="module")
+def gitops(
+    kube_cluster: LocalCluster, argocd: ArgoCD, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GitOps]:
+    c = kube_cluster
+    for crd in argocd.crds:
+        c.kubectl("apply", "--server-side", "-f", str(crd), check=True)
+    for name in ("applications.argoproj.io", "appprojects.argoproj.io"):
+        c.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", check=True)
+    namespace = c.fresh_namespace("argocd")
+    c.apply(bootstrap_objects(namespace))
+    g = GitOps(argocd, c.kubeconfig, namespace, tmp_path_factory.mktemp("argocd"))
+    g.start()
+    yield g
+    g.stop()
+
+
+def application(namespace: str, repo: Repo, destination: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Application",
+        "metadata": {"name": APP, "namespace": namespace},
+        "spec": {
+            "project": "default",
+            "source": {"repoURL": repo.url, "targetRevision": "main", "path": "taskqueues"},
+            "destination": {"server": "https://kubernetes.default.svc", "namespace": destination},
+            "syncPolicy": {"automated": {"prune": True, "selfHeal": True}},
+        },
+    }
+
+
+def app_path(g: GitOps) -> str:
+    return f"/apis/argoproj.io/v1alpha1/namespaces/{g.namespace}/applications/{APP}"
+
+
+def tq_health(c: LocalCluster, g: GitOps, name: str) -> tuple[str, str, str]:
+    """(sync status, health status, health message) of one TaskQueue as the Application reports it."""
+    app = c.get(app_path(g))
+    for res in (app.get("status") or {}).get("resources") or []:
+        if res.get("kind") == "TaskQueue" and res.get("name") == name:
+            h = res.get("health") or {}
+            return str(res.get("status", "")), str(h.get("status", "")), str(h.get("message", ""))
+    return "", "", ""
+
+
+def refresh(c: LocalCluster, g: GitOps) -> None:
+    # What a Git webhook does: ask for a refresh now instead of at the next resync.
+    c.api.merge_patch(app_path(g), {"metadata": {"annotations": {"argocd.argoproj.io/refresh": "normal"}}})
+
+
+def test_sync_health_self_heal_and_a_prune_that_loses_nothing(
+    kube_cluster: LocalCluster,
+    operator: Operator,
+    gitops: GitOps,
+    ns: str,
+    redis_url: str,
+    r: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    c = kube_cluster
+    repo = Repo(tmp_path)
+
+    def waiting(check: Any, timeout: float, what: str) -> Any:
+        def guarded() -> Any:
+            assert gitops.alive(), f"an Argo CD process exited\n{gitops.tail()}"
+            return check()
+
+        try:
+            return until(operator, guarded, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{gitops.tail()}") from None
+
+    broken = taskqueue("orders", redis_url, replicas=1, function="tests.tasks:not_written_yet")
+    broken["metadata"]["namespace"] = ns
+    repo.write("orders", broken, "orders: a TaskQueue whose function is not written yet")
+    c.apply(application(gitops.namespace, repo, ns))
+
+    # 1. Synced, and Progressing while the one pinned worker cannot become ready.
+    waiting(
+        lambda: tq_health(c, gitops, "orders")[:2] == ("Synced", "Progressing"), 180, "Synced + Progressing"
+    )
+    assert get_tq(c, ns, "orders")["spec"]["deletionPolicy"] == "Retain"
+
+    # 2. The fix lands in Git: Healthy once Ready.
+    fixed = taskqueue("orders", redis_url, replicas=1)
+    fixed["metadata"]["namespace"] = ns
+    committed = repo.write("orders", fixed, "orders: the real function")
+    refresh(c, gitops)
+    waiting(lambda: tq_health(c, gitops, "orders")[:2] == ("Synced", "Healthy"), 120, "Healthy after the fix")
+    print(f"[gitops figures] commit to synced+Healthy TaskQueue: {time.monotonic() - committed:.1f} s")
+
+    # 3. A manual edit is reverted by selfHeal.
+    c.kubectl(
+        "patch",
+        "taskqueue",
+        "orders",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"timeoutSeconds":77}}',
+        check=True,
+    )
+    edited = time.monotonic()
+    waiting(lambda: get_tq(c, ns, "orders")["spec"]["timeoutSeconds"] == 5, 120, "the manual edit reverted")
+    print(f"[gitops figures] manual edit self-healed in {time.monotonic() - edited:.1f} s")
+
+    # 4. Park the fleet at zero (Suspended), queue 200 messages, then prune the TaskQueue from Git.
+    parked = taskqueue("orders", redis_url, replicas=0)
+    parked["metadata"]["namespace"] = ns
+    repo.write("orders", parked, "orders: park at zero")
+    refresh(c, gitops)
+    waiting(lambda: tq_health(c, gitops, "orders")[1] == "Suspended", 120, "Suspended at zero")
+    Publisher(redis_url).publish_batch(f"{ns}/orders", ({"n": i} for i in range(200)))
+    repo.write("orders", None, "remove orders")
+    refresh(c, gitops)
+    waiting(lambda: c.kubectl("get", "taskqueue", "orders", "-n", ns).returncode != 0, 120, "the prune")
+    assert r.llen(Keys(ns, "orders").ready) == 200, "the prune lost queued messages"
+
+    # Back in Git (autoscaling now): every queued message runs.
+    back = taskqueue("orders", redis_url)
+    back["metadata"]["namespace"] = ns
+    repo.write("orders", back, "orders: back")
+    refresh(c, gitops)
+    waiting(lambda: all(r.hget("test:done", str(i)) for i in range(200)), 180, "all 200 messages done")
