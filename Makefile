@@ -34,7 +34,7 @@ services: deps ## Start the local Redis on 127.0.0.1:$(SLUICEWAY_LOCAL_REDIS_POR
 services-down: ## Stop the local services started by `make services`
 	@bash scripts/services.sh down
 
-test: deps cluster-bins ## Run every test; starts the real services it needs
+test: deps cluster-bins argocd-bin ## Run every test; starts the real services it needs
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv ## Fast tests only: no Redis, no cluster
