@@ -3,9 +3,9 @@ repository on the local file system into the real local control plane, with the 
 
 The story, in one test (each step needs the one before):
 
-1. Git holds a TaskQueue pinned to one worker whose function does not exist yet: synced, and its
-   health (our Lua script, in Argo CD's VM) is Progressing, since the worker never becomes ready.
-2. A commit fixes the function: Healthy once Ready. The time from the commit to Healthy is the
+1. Git holds a TaskQueue pinned to one worker whose image is not built yet: synced, and its health
+   (our Lua script, in Argo CD's VM) is Progressing, since the worker never becomes ready.
+2. A commit fixes the image: Healthy once Ready. The time from the commit to Healthy is the
    benchmark figure (the Application is refreshed at once, as a Git webhook would).
 3. A manual edit of the TaskQueue is reverted by selfHeal.
 4. The TaskQueue is removed from Git and pruned under ``deletionPolicy: Retain`` (the default) with
@@ -92,13 +92,20 @@ def gitops(
     for crd in argocd.crds:
         c.kubectl("apply", "--server-side", "-f", str(crd), check=True)
     for name in ("applications.argoproj.io", "appprojects.argoproj.io"):
-        c.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s", check=True)
+        # `kubectl wait` fails outright while a just-created CRD has no status yet; poll instead.
+        c.wait_for(lambda n=name: established(c, n), 60, f"CRD {name} established")
     namespace = c.fresh_namespace("argocd")
     c.apply(bootstrap_objects(namespace))
     g = GitOps(argocd, c.kubeconfig, namespace, tmp_path_factory.mktemp("argocd"))
     g.start()
     yield g
     g.stop()
+
+
+def established(c: LocalCluster, name: str) -> bool:
+    crd = c.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+    conds = (crd.get("status") or {}).get("conditions") or []
+    return any(x.get("type") == "Established" and x.get("status") == "True" for x in conds)
 
 
 def application(namespace: str, repo: Repo, destination: str) -> dict[str, Any]:
@@ -119,14 +126,18 @@ def app_path(g: GitOps) -> str:
     return f"/apis/argoproj.io/v1alpha1/namespaces/{g.namespace}/applications/{APP}"
 
 
-def tq_health(c: LocalCluster, g: GitOps, name: str) -> tuple[str, str, str]:
-    """(sync status, health status, health message) of one TaskQueue as the Application reports it."""
-    app = c.get(app_path(g))
-    for res in (app.get("status") or {}).get("resources") or []:
+def tq_health(c: LocalCluster, g: GitOps, name: str) -> tuple[str, str]:
+    """(the TaskQueue's sync status, the Application's health) as the Application reports them.
+
+    Argo CD 3.x no longer persists each resource's health in the Application
+    (``controller.resource.health.persist`` is false by default); the Application's own health is the
+    aggregate of its top-level resources, here the one TaskQueue (its Deployment is a child).
+    """
+    status = c.get(app_path(g)).get("status") or {}
+    for res in status.get("resources") or []:
         if res.get("kind") == "TaskQueue" and res.get("name") == name:
-            h = res.get("health") or {}
-            return str(res.get("status", "")), str(h.get("status", "")), str(h.get("message", ""))
-    return "", "", ""
+            return str(res.get("status", "")), str((status.get("health") or {}).get("status", ""))
+    return "", ""
 
 
 def refresh(c: LocalCluster, g: GitOps) -> None:
@@ -156,23 +167,27 @@ def test_sync_health_self_heal_and_a_prune_that_loses_nothing(
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{gitops.tail()}") from None
 
-    broken = taskqueue("orders", redis_url, replicas=1, function="tests.tasks:not_written_yet")
+    # An image not built yet: the pinned worker can never start, so the TaskQueue stays Progressing.
+    broken = taskqueue("orders", redis_url, replicas=1, image="sluiceway/orders-not-built-yet:1")
     broken["metadata"]["namespace"] = ns
-    repo.write("orders", broken, "orders: a TaskQueue whose function is not written yet")
+    # A second, idle TaskQueue in the folder: removing "orders" later must not empty the
+    # Application (automated sync never prunes everything unless allowEmpty is set).
+    keeper = taskqueue("keeper", redis_url)
+    keeper["metadata"]["namespace"] = ns
+    repo.write("keeper", keeper, "keeper: an idle TaskQueue")
+    repo.write("orders", broken, "orders: a TaskQueue whose image is not built yet")
     c.apply(application(gitops.namespace, repo, ns))
 
     # 1. Synced, and Progressing while the one pinned worker cannot become ready.
-    waiting(
-        lambda: tq_health(c, gitops, "orders")[:2] == ("Synced", "Progressing"), 180, "Synced + Progressing"
-    )
+    waiting(lambda: tq_health(c, gitops, "orders") == ("Synced", "Progressing"), 180, "Synced + Progressing")
     assert get_tq(c, ns, "orders")["spec"]["deletionPolicy"] == "Retain"
 
     # 2. The fix lands in Git: Healthy once Ready.
     fixed = taskqueue("orders", redis_url, replicas=1)
     fixed["metadata"]["namespace"] = ns
-    committed = repo.write("orders", fixed, "orders: the real function")
+    committed = repo.write("orders", fixed, "orders: the real image")
     refresh(c, gitops)
-    waiting(lambda: tq_health(c, gitops, "orders")[:2] == ("Synced", "Healthy"), 120, "Healthy after the fix")
+    waiting(lambda: tq_health(c, gitops, "orders") == ("Synced", "Healthy"), 120, "Healthy after the fix")
     print(f"[gitops figures] commit to synced+Healthy TaskQueue: {time.monotonic() - committed:.1f} s")
 
     # 3. A manual edit is reverted by selfHeal.
