@@ -48,6 +48,8 @@ def test_retain_keeps_the_backlog_and_a_recreated_taskqueue_runs_all_1000(
     assert tq["spec"]["deletionPolicy"] == "Retain"  # the CRD's default
     keys = Keys(ns, "keep")
     r.lpush(keys.dead, '{"reason": "planted", "payload": "{}"}')  # a DLQ entry that must survive
+    marker = keys.prefix + "schedule:nightly:1800000000"  # a schedule's exactly-once marker, likewise
+    r.set(marker, 1, ex=3600)
     Publisher(redis_url).publish_batch(f"{ns}/keep", ({"n": i, "sleep": 0.05} for i in range(messages)))
     until(operator, lambda: r.hlen("test:done") >= 50, 90, "the fleet working through the burst")
 
@@ -57,7 +59,7 @@ def test_retain_keeps_the_backlog_and_a_recreated_taskqueue_runs_all_1000(
     done_at_delete = r.hlen("test:done")
     assert done_at_delete < messages, "the burst finished before the delete; nothing was tested"
     stats = r.llen(keys.ready) + r.zcard(keys.delayed)
-    assert stats > 0 and r.llen(keys.dead) == 1
+    assert stats > 0 and r.llen(keys.dead) == 1 and r.exists(marker)
     (event,) = until(operator, lambda: _events(c, ns, "QueueRetained"), 30, "the QueueRetained Event")
     assert event["type"] == "Normal" and "deletionPolicy Retain" in event["message"]
     assert " ready, " in event["message"] and "1 dead-lettered" in event["message"]

@@ -228,6 +228,30 @@ def test_sync_health_self_heal_and_a_prune_that_loses_nothing(
     waiting(lambda: get_tq(c, ns, "orders")["spec"]["timeoutSeconds"] == 5, 120, "the manual edit reverted")
     print(f"[gitops figures] manual edit self-healed in {time.monotonic() - edited:.1f} s")
 
+    # kubectl scale on a TaskQueue whose spec.replicas is in Git: selfHeal puts Git's value back...
+    c.kubectl("scale", "taskqueue/orders", "-n", ns, "--replicas=2", check=True)
+    waiting(lambda: get_tq(c, ns, "orders")["spec"]["replicas"] == 1, 60, "the hand scale reverted")
+    # ...unless the Application ignores the field and syncs respecting that (docs/gitops.md).
+    ignoring = {
+        "spec": {
+            "ignoreDifferences": [
+                {"group": "sluiceway.dev", "kind": "TaskQueue", "jsonPointers": ["/spec/replicas"]}
+            ],
+            "syncPolicy": {"syncOptions": ["RespectIgnoreDifferences=true"]},
+        }
+    }
+    c.api.merge_patch(app_path(gitops), ignoring)
+    before = c.get(app_path(gitops))["status"].get("reconciledAt")
+    c.kubectl("scale", "taskqueue/orders", "-n", ns, "--replicas=2", check=True)
+    refresh(c, gitops)
+    waiting(lambda: compared_since(c, gitops, before), 60, "a full comparison after the scale")
+    assert get_tq(c, ns, "orders")["spec"]["replicas"] == 2
+    assert tq_health(c, gitops, "orders")[0] == "Synced"
+    c.api.merge_patch(
+        app_path(gitops), {"spec": {"ignoreDifferences": None, "syncPolicy": {"syncOptions": None}}}
+    )
+    waiting(lambda: get_tq(c, ns, "orders")["spec"]["replicas"] == 1, 60, "Git's replicas back")
+
     # kubectl scale on a TaskQueue whose Git manifest leaves spec.replicas out: not a diff, so a full
     # comparison keeps the hand-set pin (docs/gitops.md, "Scaling by hand").
     before = c.get(app_path(gitops))["status"].get("reconciledAt")
