@@ -125,9 +125,9 @@ def wrapper_gomod(gomod_text: str, version: str) -> str:
     return "\n".join(lines)
 
 
-def _cached(out: Path, version: str) -> bool:
+def _cached(out: Path, version: str, *, need_binary: bool = True) -> bool:
     stamp = out / ".complete"
-    if not stamp.is_file() or not (out / "argocd").is_file():
+    if not stamp.is_file() or (need_binary and not (out / "argocd").is_file()):
         return False
     data = json.loads(stamp.read_text())
     return bool(data.get("version") == version) and all((out / c).is_file() for c in CRD_FILES)
@@ -139,7 +139,7 @@ def ensure_argocd(log: Log = _log, *, build: bool = True, version: str = ARGOCD_
     out = work / "bin"
     explicit = os.environ.get("ARGOCD")
     with _locked(work / ".lock"):
-        if not _cached(out, version):
+        if not _cached(out, version, need_binary=not explicit):
             if not build:
                 raise ArgoCDUnavailableError(
                     f"Argo CD v{version} is not built yet in {out}: run `make argocd-bin`."
