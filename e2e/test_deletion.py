@@ -3,6 +3,7 @@
 - ``deletionPolicy: Retain`` (the default): deleting a TaskQueue mid-burst stops its workers and keeps
   every key of the queue; re-creating it runs every one of the 1,000 messages.
 - ``deletionPolicy: Purge``: the queue's keys are gone.
+- Retain with the coordination Redis unreachable: the deletion goes through at once, with a Warning.
 - Two TaskQueues on one queue: the younger one gets ``Conflict`` and a Warning Event, and a purge
   never happens while the other still uses the queue.
 
@@ -17,9 +18,10 @@ import pytest
 import redis
 
 from localcluster.cluster import LocalCluster
+from localcluster.procs import free_port
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
-from support import Operator, cond, get_dep, get_tq, taskqueue, until
+from support import Operator, cond, get_dep, get_tq, redis_secret, taskqueue, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
 
@@ -123,3 +125,26 @@ def test_a_shared_queue_is_reported_and_never_purged_while_in_use(
     c.kubectl("delete", "taskqueue", "first", "-n", ns, "--wait=false", check=True)
     until(operator, lambda: _gone(c, ns, "first"), 60, "first gone")
     assert not _keys(r, ns, "shared")
+
+
+def test_retain_with_redis_unreachable_never_holds_up_the_deletion(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str
+) -> None:
+    c = kube_cluster
+    redis_secret(c, ns, f"redis://127.0.0.1:{free_port()}/0", name="nowhere")  # nothing listens there
+    ref = {"urlSecretRef": {"name": "nowhere", "key": "url"}}
+    c.apply(taskqueue("lost", redis_url, replicas=0, coordination=ref), ns)
+    until(
+        operator,
+        lambda: cond(get_tq(c, ns, "lost"), "Degraded").get("reason") == "RedisUnreachable",
+        30,
+        "Degraded",
+    )
+    c.kubectl("delete", "taskqueue", "lost", "-n", ns, "--wait=false", check=True)
+    # Well inside the 60 s --finalizer-timeout that a Purge would spend retrying.
+    until(operator, lambda: _gone(c, ns, "lost"), 30, "TaskQueue gone")
+    (event,) = until(
+        operator, lambda: _events(c, ns, "QueueCleanupFailed"), 30, "the QueueCleanupFailed Event"
+    )
+    assert event["type"] == "Warning" and "so it was kept" in event["message"]
+    assert "127.0.0.1" not in event["message"]  # a reason class, never the Secret's target
