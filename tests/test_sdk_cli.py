@@ -17,7 +17,8 @@ from sluiceway import codec, fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import resolve_queue
 from tests.support.redis_server import free_port
-from tests.support.workers import SpawnWorker, wait_for
+from tests.support.terminal import PtyProcess
+from tests.support.workers import REPO, SpawnWorker, wait_for
 
 pytestmark = pytest.mark.redis
 KEYS = Keys("default", "jobs")
@@ -188,7 +189,7 @@ def test_metrics_and_health_endpoint(r: redis.Redis, redis_url: str, spawn_worke
 def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
-    total = 5000
+    total = 20_000
     sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(total)))
     port = free_port()
     w = spawn_worker("-f", "tests.tasks:noop", "-q", "jobs", "-c", "4", "--metrics-port", str(port))
@@ -198,8 +199,10 @@ def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
     line = next(x for x in body.splitlines() if x.startswith("sluiceway_redis_round_trips_total"))
     round_trips = float(line.rsplit(" ", 1)[1])
     # Settling and fetching share round trips, many messages each: one round trip per message
-    # (or two, fetch and ack) would read 5,000 to 10,000 here.
-    assert 0 < round_trips < total * 0.1
+    # (or two, fetch and ack) would read 20,000 to 40,000 here. docs/benchmarks.md states 0.011
+    # to 0.014 per message at the default settings, start-up included (20,000 messages amortize
+    # it as the benchmark does); 0.02 leaves a loaded machine's smaller batches some room.
+    assert 0 < round_trips < total * 0.02
     print(
         f"\n[figures] {total} no-op messages: {round_trips:.0f} Redis round trips ({round_trips / total:.4f} per message)"
     )
@@ -216,3 +219,23 @@ def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: Spaw
     assert (s.ready, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0)
     w.terminate()
     w.wait()
+
+
+def test_stats_watch_is_a_live_view_refreshed_in_place(r: redis.Redis, redis_url: str) -> None:
+    """In a terminal, ``stats --watch`` redraws one table as the queue changes; Ctrl-C ends it
+    with code 0 and no traceback."""
+    env = {**os.environ, "SLUICEWAY_REDIS_URL": redis_url, "TERM": "xterm-256color", "COLUMNS": "160"}
+    term = PtyProcess(
+        [sys.executable, "-m", "sluiceway", "stats", "--watch", "--interval", "0.2", "-q", "jobs"], env, REPO
+    )
+    try:
+        term.wait_for(lambda: "default/jobs" in term.output, 30, "the first view")
+        sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(4321)))
+        term.wait_for(lambda: "4321" in term.output, 30, "the view to show the new backlog")
+        # Redrawn in place: the live view moves the cursor up over its last frame.
+        assert "\x1b[1A" in term.output or "\x1b[2K" in term.output, repr(term.output[-500:])
+        term.ctrl_c()
+        assert term.wait(15) == 0, term.output[-2000:]
+    finally:
+        term.close()
+    assert "Traceback" not in term.output
