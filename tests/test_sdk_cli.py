@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -214,7 +213,6 @@ def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: Spaw
     sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(50)))
     w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs")
     wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 50, 20, what="acks")
-    time.sleep(0.1)
     s = fleet.queue_stats(r, KEYS)
     assert (s.ready, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0)
     w.terminate()

@@ -259,7 +259,12 @@ def test_heartbeats_describe_each_worker(r: redis.Redis, redis_url: str, spawn_w
     publish(redis_url, 200, sleep=0.01)
     w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--worker-id", "hb", *FAST)
     wait_for(lambda: all_done(r, 200), 30, what="work done")
-    time.sleep(0.6)
+    # The next heartbeat after the last ack carries the final figures.
+    wait_for(
+        lambda: [h["processed"] for h in fleet.heartbeats(r, KEYS)] == [200],
+        10,
+        what="a heartbeat after the work",
+    )
     (hb,) = fleet.heartbeats(r, KEYS)
     assert hb["worker"] == "hb" and hb["state"] == "running" and hb["concurrency"] == 4
     assert hb["processed"] == 200 and hb["busy"] == 0
