@@ -227,9 +227,9 @@ def test_stats_watch_is_a_live_view_refreshed_in_place(r: redis.Redis, redis_url
         [sys.executable, "-m", "sluiceway", "stats", "--watch", "--interval", "0.2", "-q", "jobs"], env, REPO
     )
     try:
-        term.wait_for(lambda: "default/jobs" in term.output, 30, "the first view")
+        term.wait_for(lambda: "default/jobs" in term.text, 30, "the first view")
         sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(4321)))
-        term.wait_for(lambda: "4321" in term.output, 30, "the view to show the new backlog")
+        term.wait_for(lambda: "4321" in term.text, 30, "the view to show the new backlog")
         # Redrawn in place: the live view moves the cursor up over its last frame.
         assert "\x1b[1A" in term.output or "\x1b[2K" in term.output, repr(term.output[-500:])
         term.ctrl_c()

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import re
 import signal
 import struct
 import termios
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
 
 
 class PtyProcess:
@@ -49,8 +52,14 @@ class PtyProcess:
 
     @property
     def output(self) -> str:
+        """Everything written so far, escape sequences included."""
         with self._lock:
             return self._out.decode(errors="replace")
+
+    @property
+    def text(self) -> str:
+        """What a reader sees: the output without colours and cursor movements."""
+        return _ESCAPE.sub("", self.output)
 
     def wait_for(self, check: Callable[[], object], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
