@@ -109,9 +109,10 @@ def test_a_stalled_worker_takes_fresh_slots_instead_of_bunching_late_starts(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     """The 10 ms rule: a task more than 10 ms late for its slot (here the whole process was
-    stopped) takes a fresh one, so a stall never crowds one window."""
-    qps = 40
-    publish(redis_url, [{"n": i} for i in range(2000)])
+    stopped) takes a fresh one, so a stall never crowds one window. At 10 QPS a start recorded
+    late by a loaded machine's scheduler still lands in its own 100 ms interval."""
+    qps = 10
+    publish(redis_url, [{"n": i} for i in range(1000)])
     port = free_port()
     stalled = spawn_worker(
         *RECORD, "-c", "4", "--qps", str(qps), "--metrics-port", str(port), SLUICEWAY_METRICS_PORT=str(port)
