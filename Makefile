@@ -19,6 +19,7 @@ system-deps: ## Install Debian packages the tests and demo use (redis-server, ra
 	@bash scripts/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
+	@echo "Installing the Python packages into $(VENV) (pip, quiet: about 30 s the first time)..."
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -U pip
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'

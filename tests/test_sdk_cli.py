@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -16,7 +16,8 @@ from sluiceway import codec, fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import resolve_queue
 from tests.support.redis_server import free_port
-from tests.support.workers import SpawnWorker, wait_for
+from tests.support.terminal import PtyProcess
+from tests.support.workers import REPO, SpawnWorker, wait_for
 
 pytestmark = pytest.mark.redis
 KEYS = Keys("default", "jobs")
@@ -83,8 +84,77 @@ def test_cli_help_reads_well() -> None:
     assert out.returncode == 0
     for text in ("--function", "--qps", "SLUICEWAY_QPS", "Exit codes", "module:callable"):
         assert text in out.stdout
+    help_text = " ".join(out.stdout.split())  # argparse wraps lines
+    # Defaults come from WorkerSettings, so help cannot drift from what the worker does.
+    for text in ("default 8]", "default 15.0]", "default INFO]", "default the task timeout]"):
+        assert text in help_text, text
+    assert "{redis}" in help_text and "rabbitmq" not in help_text, "only brokers that run are offered"
     assert _cli("--version").stdout.startswith("sluiceway ")
     assert _cli("stats").returncode == 2
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+
+
+def test_cli_errors_are_one_line_with_a_documented_exit_code(r: redis.Redis, redis_url: str) -> None:
+    url = ["--redis-url", redis_url]
+    _one_line_error(
+        _cli("worker", "-f", "tests.tasks:noop", "-q", "jobs", "--log-level", "bogus"), 2, "--log-level"
+    )
+    env_level = subprocess.run(
+        [sys.executable, "-m", "sluiceway", "worker", "-f", "tests.tasks:noop", "-q", "jobs"],
+        env={**os.environ, "SLUICEWAY_LOG_LEVEL": "bogus", "SLUICEWAY_REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _one_line_error(env_level, 2, "invalid settings", "log level 'bogus'")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, '{"$sluiceway": {}}'), 2, "reserved for metadata")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, '{"x": NaN}'), 2, "NaN is not valid JSON")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, '{"x": 1}', '{"y": Infinity}'), 2, "message 2")
+    _one_line_error(_cli("publish", "-q", "a/jobs", "-n", "b", *url, "{}"), 2, "names namespace 'a'")
+    _one_line_error(_cli("publish", "-q", "bad name!", *url, "{}"), 2, "queue 'bad name!'")
+    _one_line_error(_cli("stats", "-q", "a/b/c", *url), 2, "queue 'b/c'")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, "--delay", "nan", "{}"), 2, "--delay")
+    assert r.llen(KEYS.ready) == 0 and r.zcard(KEYS.delayed) == 0, "a refused publish sends nothing"
+    down = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    for args in (("stats", "-q", "jobs"), ("publish", "-q", "jobs", "{}"), ("dlq", "-q", "jobs")):
+        out = _cli(*args, "--redis-url", down)
+        _one_line_error(out, 5, "cannot reach Redis at redis://:***@127.0.0.1")
+        assert "hunter2" not in out.stderr
+
+
+def test_cli_dlq_replay_counts(r: redis.Redis, redis_url: str) -> None:
+    url = ["--redis-url", redis_url]
+    for n in range(3):
+        r.lpush(KEYS.dead, json.dumps({"reason": "error", "detail": "x", "payload": json.dumps({"n": n})}))
+    zero = _cli("dlq", "-q", "jobs", *url, "--replay", "0")
+    assert zero.returncode == 0 and zero.stdout.strip() == "replayed 0 message(s)", zero
+    assert r.llen(KEYS.dead) == 3 and r.llen(KEYS.ready) == 0
+    _one_line_error(_cli("dlq", "-q", "jobs", *url, "--replay", "-1"), 2, "--replay")
+    assert r.llen(KEYS.dead) == 3
+    assert _cli("dlq", "-q", "jobs", *url, "--replay", "2").stdout.strip() == "replayed 2 message(s)"
+    assert r.llen(KEYS.dead) == 1 and r.llen(KEYS.ready) == 2
+
+
+def test_cli_stats_counts_running_tasks(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
+    sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i, "sleep": 30} for i in range(3)))
+    w = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", "4", "--heartbeat", "0.2", "--lease", "5"
+    )
+    wait_for(lambda: sum(h["busy"] for h in fleet.heartbeats(r, KEYS)) == 3, 20, what="3 running tasks")
+    out = _cli("stats", "-q", "jobs", "--redis-url", redis_url)
+    assert out.returncode == 0, out.stderr
+    assert "1 live, running 3 task(s)" in out.stdout, out.stdout
+    assert "3/4 tasks running" in out.stdout, out.stdout
+    every = json.loads(_cli("stats", "--all", "--json", "--redis-url", redis_url).stdout)
+    assert [q["queue"] for q in every] == ["default/jobs"]
+    w.kill()
 
 
 def test_metrics_and_health_endpoint(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:
@@ -118,7 +188,7 @@ def test_metrics_and_health_endpoint(r: redis.Redis, redis_url: str, spawn_worke
 def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
-    total = 5000
+    total = 20_000
     sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(total)))
     port = free_port()
     w = spawn_worker("-f", "tests.tasks:noop", "-q", "jobs", "-c", "4", "--metrics-port", str(port))
@@ -128,8 +198,10 @@ def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
     line = next(x for x in body.splitlines() if x.startswith("sluiceway_redis_round_trips_total"))
     round_trips = float(line.rsplit(" ", 1)[1])
     # Settling and fetching share round trips, many messages each: one round trip per message
-    # (or two, fetch and ack) would read 5,000 to 10,000 here.
-    assert 0 < round_trips < total * 0.1
+    # (or two, fetch and ack) would read 20,000 to 40,000 here. docs/benchmarks.md states 0.011
+    # to 0.014 per message at the default settings, start-up included (20,000 messages amortize
+    # it as the benchmark does); 0.02 leaves a loaded machine's smaller batches some room.
+    assert 0 < round_trips < total * 0.02
     print(
         f"\n[figures] {total} no-op messages: {round_trips:.0f} Redis round trips ({round_trips / total:.4f} per message)"
     )
@@ -141,8 +213,27 @@ def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: Spaw
     sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(50)))
     w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs")
     wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 50, 20, what="acks")
-    time.sleep(0.1)
     s = fleet.queue_stats(r, KEYS)
     assert (s.ready, s.delayed, s.in_flight, s.dead) == (0, 0, 0, 0)
     w.terminate()
     w.wait()
+
+
+def test_stats_watch_is_a_live_view_refreshed_in_place(r: redis.Redis, redis_url: str) -> None:
+    """In a terminal, ``stats --watch`` redraws one table as the queue changes; Ctrl-C ends it
+    with code 0 and no traceback."""
+    env = {**os.environ, "SLUICEWAY_REDIS_URL": redis_url, "TERM": "xterm-256color", "COLUMNS": "160"}
+    term = PtyProcess(
+        [sys.executable, "-m", "sluiceway", "stats", "--watch", "--interval", "0.2", "-q", "jobs"], env, REPO
+    )
+    try:
+        term.wait_for(lambda: "default/jobs" in term.text, 30, "the first view")
+        sluiceway.Publisher(redis_url).publish_batch("jobs", ({"n": i} for i in range(4321)))
+        term.wait_for(lambda: "4321" in term.text, 30, "the view to show the new backlog")
+        # Redrawn in place: the live view moves the cursor up over its last frame.
+        assert "\x1b[1A" in term.output or "\x1b[2K" in term.output, repr(term.output[-500:])
+        term.ctrl_c()
+        assert term.wait(15) == 0, term.output[-2000:]
+    finally:
+        term.close()
+    assert "Traceback" not in term.output

@@ -7,12 +7,19 @@ against the limit, ETA and the last scaling reason until the queue is drained an
 at zero; prints a summary; and tears everything down on exit, on error and on Ctrl-C.
 
 Run it with ``PYTHONPATH=e2e python -m clusterdemo [--messages N] [--keep]``.
+
+Tearing down never depends on the terminal: output goes through :class:`Terminal`, which drops
+what it can no longer write (``make demo | tee LOG`` loses its reader first on Ctrl-C), and every
+process the run starts is recorded by pid and process group in the run directory, so the end-of-run
+check and the next run's sweep find exactly this run's processes and nothing of the user's.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,11 +35,19 @@ import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from tests.support.redis_server import RedisServer
 
 from localcluster.binaries import BinariesUnavailableError, ensure_binaries
 from localcluster.cluster import LocalCluster
-from localcluster.procs import ClusterError, sweep_stale
+from localcluster.procs import (
+    ClusterError,
+    ManagedProcess,
+    Registry,
+    free_port,
+    started_processes,
+    survivors,
+    sweep_stale,
+    wait_until,
+)
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
@@ -46,6 +61,7 @@ from support import (
     install_crd,
     install_operator_rbac,
     redis_secret,
+    start_bound,
     start_operator,
 )
 
@@ -60,6 +76,57 @@ class DemoError(RuntimeError):
     pass
 
 
+class Terminal(io.TextIOBase):
+    """The demo's stdout, which never raises: once a write fails (the reader of a pipe is gone,
+    the terminal was closed), the rest of the output is dropped and the run carries on tearing down.
+
+    The file descriptor is pointed at /dev/null then, so the interpreter's last flush at exit does
+    not fail either.
+    """
+
+    def __init__(self, stream: io.TextIOBase | Any) -> None:
+        self._stream = stream
+        self.lost = False
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lose()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lose()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.lost and bool(self._stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self._stream, "encoding", None) or "utf-8")
+
+    def _lose(self) -> None:
+        self.lost = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
 @dataclass
 class Sample:
     """What one refresh of the live view shows."""
@@ -70,7 +137,7 @@ class Sample:
     backlog: int
     in_flight: int
     live: int
-    busy: int
+    running: int  # tasks running now, over all live workers
     done: int
     dead: int
     retried: int
@@ -100,50 +167,69 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="after the drain, keep everything running until Ctrl-C"
     )
     args = p.parse_args(argv)
-    console = Console(soft_wrap=not sys.stdout.isatty())
-    # SIGTERM (CI cancelling, `timeout`) tears down like Ctrl-C does. SIGINT is set explicitly
-    # too: a shell that starts a command in the background sets SIGINT to "ignore", and Python
-    # then installs no KeyboardInterrupt handler, so Ctrl-C would be lost.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    out = Terminal(sys.stdout)
+    sys.stdout = out
+    console = Console(file=out, soft_wrap=not out.isatty())
+    # SIGTERM (CI cancelling, `timeout`) and SIGHUP (a closed terminal) tear down like Ctrl-C does.
+    # SIGINT is set explicitly too: a shell that starts a command in the background sets SIGINT to
+    # "ignore", and Python then installs no KeyboardInterrupt handler, so Ctrl-C would be lost.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    run_dir: Path | None = None
     try:
-        return _demo(console, args.messages, args.timeout, args.keep)
+        run_dir = _new_run(console)
+        return _demo(console, run_dir, args.messages, args.timeout, args.keep)
     except KeyboardInterrupt:
-        console.print("\n[yellow]Interrupted.[/] Everything started has been stopped.")
+        console.print("\n[yellow]Interrupted.[/]")
+        if run_dir is not None:
+            try:
+                _check_no_strays(console, run_dir)
+            except DemoError as exc:
+                console.print(f"[red]{exc}[/]")
+                return 1
         return 130
     except (DemoError, ClusterError, BinariesUnavailableError) as exc:
         console.print(f"\n[red]Demo failed:[/] {exc}")
         return 1
 
 
+_interrupted = False
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # Only the first signal interrupts: a second Ctrl-C (or the SIGHUP that follows a closed
+    # terminal) must not break off the teardown the first one started.
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _demo(console: Console, messages: int, timeout: float, keep: bool) -> int:
+def _new_run(console: Console) -> Path:
     RUNS.mkdir(parents=True, exist_ok=True)
     # Runs whose owner died (kill -9, a closed terminal) left processes: end them, drop their dirs.
     sweep_stale(RUNS, lambda m: console.print(f"[dim]{m}[/]"))
     run_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir()
+    return run_dir
+
+
+def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: bool) -> int:
+    # The operator and Redis; the cluster keeps its own registry in run_dir/cluster.
+    registry = Registry(run_dir)
     console.print(f"[bold]Sluiceway on a local Kubernetes cluster[/] (run dir {_rel(run_dir)})")
     console.print("Control-plane binaries (the first run builds them: about 5 minutes):")
     binaries = ensure_binaries(lambda m: console.print(f"  [dim]{m}[/]"))
-    pids: set[int] = set()  # every process this run starts, checked at the end
     with ExitStack() as stack:
         started = time.monotonic()
+        # Redis first, so it is stopped last: draining workers hand their messages back to it.
+        redis_url = _start_redis(run_dir, registry, stack)
+        console.print(f"Redis at {redis_url} (a private redis-server for this run)")
         console.print("Starting etcd, kube-apiserver, kube-controller-manager and the test kubelet...")
         cluster = LocalCluster.start(
             run_dir / "cluster", binaries=binaries, log=lambda m: console.print(f"  [dim]{m}[/]")
         )
         stack.callback(_stop_cluster, console, cluster)
-        pids.update(p.pid for p in cluster.processes)
-        server = RedisServer()
-        server.start()
-        stack.callback(server.close)
-        if server.proc is not None:
-            pids.add(server.proc.pid)
-        console.print(f"Redis at {server.url} (a private redis-server for this run)")
         install_crd(cluster)
         cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=True)
         cluster.kubectl("create", "namespace", NAMESPACE, check=True)
@@ -154,13 +240,13 @@ def _demo(console: Console, messages: int, timeout: float, keep: bool) -> int:
         )
         kubeconfig = install_operator_rbac(cluster, OPERATOR_NAMESPACE)
         op = start_operator(kubeconfig, OPERATOR_NAMESPACE, run_dir / "operator.log")
+        registry.add(op.proc.pid, "operator")
         stack.callback(op.stop)
-        pids.add(op.proc.pid)
         console.print(
             f"Operator running as ServiceAccount {OPERATOR_NAMESPACE}/sluiceway-operator "
             f"(log {_rel(op.log)}); cluster ready in {time.monotonic() - started:.0f} s."
         )
-        redis_secret(cluster, NAMESPACE, server.url)
+        redis_secret(cluster, NAMESPACE, redis_url)
         manifest = _example(run_dir)
         done = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(manifest))
         if done.returncode != 0:
@@ -169,7 +255,7 @@ def _demo(console: Console, messages: int, timeout: float, keep: bool) -> int:
         spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
         _wait(op, lambda: cond(get_tq(cluster, NAMESPACE, "thumbnails"), "Ready"), 60, "the TaskQueue Ready")
         _hints(console, cluster)
-        client = redis.Redis.from_url(server.url)
+        client = redis.Redis.from_url(redis_url)
         stack.callback(client.close)
         limit = float(spec["rateLimit"]["qps"])
         run = Run(
@@ -183,7 +269,7 @@ def _demo(console: Console, messages: int, timeout: float, keep: bool) -> int:
             )
             or 1,
         )
-        Publisher(server.url).publish_batch(
+        Publisher(redis_url).publish_batch(
             f"{NAMESPACE}/thumbnails",
             (
                 {"path": f"img-{i}.{'txt' if i % POISON_EVERY == POISON_EVERY - 1 else 'png'}"}
@@ -194,14 +280,44 @@ def _demo(console: Console, messages: int, timeout: float, keep: bool) -> int:
             f"Published a burst of {messages} messages ({messages // POISON_EVERY} of them not PNGs). "
             f"Limit {limit:g} QPS fleet-wide; the QPS ceiling is {run.ceiling} pods.\n"
         )
-        _watch(console, cluster, op, client, run, timeout, pids)
+        _watch(console, cluster, op, client, run, timeout)
         ok = _summary(console, client, run)
         if keep:
-            console.print("\n[bold]--keep[/]: everything stays up; press Ctrl-C to stop it.")
+            console.print(
+                "\n[bold]--keep[/]: the cluster, Redis and the operator stay up to explore; "
+                "press Ctrl-C to stop them.\n"
+                f"  export KUBECONFIG={cluster.kubeconfig}\n"
+                f"  export SLUICEWAY_REDIS_URL={redis_url}\n"
+                f"  {cluster.kubectl_path} get tq,deploy,pods -n {NAMESPACE}\n"
+                f'  sluiceway publish -q {NAMESPACE}/thumbnails --repeat 500 \'{{"path": "a.png"}}\'\n'
+                f"  sluiceway stats -q {NAMESPACE}/thumbnails --watch"
+            )
             while op.proc.poll() is None:
                 time.sleep(1)
-    _check_no_strays(console, run_dir, pids)
+            raise DemoError(f"the operator exited ({op.proc.returncode}):\n{op.tail(20)}")
+    _check_no_strays(console, run_dir)
     return 0 if ok else 1
+
+
+def _start_redis(run_dir: Path, registry: Registry, stack: ExitStack) -> str:
+    """A private redis-server in its own process group, so a Ctrl-C in the terminal reaches only
+    the demo, which stops Redis after the workers have drained into it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise DemoError("redis-server is not installed: run `make system-deps` (Debian package redis-server)")
+    port = free_port()
+    data = run_dir / "redis"
+    data.mkdir()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
+    proc = ManagedProcess("redis-server", argv, run_dir / "redis.log", registry)
+    stack.callback(proc.stop)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    try:
+        wait_until(lambda: bool(client.ping()), 15, f"redis-server on port {port}", watch=[proc])
+    finally:
+        client.close()
+    return url
 
 
 def _example(run_dir: Path) -> Path:
@@ -236,7 +352,6 @@ def _watch(
     client: redis.Redis,
     run: Run,
     timeout: float,
-    pids: set[int],
 ) -> None:
     keys = Keys(NAMESPACE, "thumbnails")
     t0 = time.monotonic()
@@ -248,8 +363,6 @@ def _watch(
             if op.proc.poll() is not None:
                 raise DemoError(f"the operator exited ({op.proc.returncode}):\n{op.tail(20)}")
             s = _sample(cluster, client, keys, rates, time.monotonic() - t0)
-            for pod_pids in cluster.pods_processes(NAMESPACE).values():
-                pids.update(pod_pids)
             run.peak_qps = max(run.peak_qps, s.qps)
             if not run.history or run.history[-1] != s.replicas:
                 run.history.append(s.replicas)
@@ -284,7 +397,10 @@ def _sample(
     tq = get_tq(cluster, NAMESPACE, "thumbnails")
     status = tq.get("status", {})
     last = status.get("lastScale") or {}
-    # Starts per second ~ settlements per second (acks, retries, dead letters), over the last ~3 s.
+    # Throughput: settlements (acks, retries, dead letters) per second over the last ~3 s. It
+    # follows the starts a task duration later, and the two counter reads that bound each
+    # interval are taken a poll apart, so it can read a little over the limit while no 1-second
+    # window holds more starts than the bound of docs/worker.md allows.
     rates.append((elapsed, stats.acked + stats.retried + stats.dead_total))
     while len(rates) > 2 and rates[0][0] < elapsed - 3:
         rates.popleft()
@@ -298,7 +414,7 @@ def _sample(
         backlog=stats.backlog,
         in_flight=stats.in_flight,
         live=len(beats),
-        busy=sum(1 for b in beats if b["busy"]),
+        running=sum(int(b["busy"]) for b in beats),
         done=stats.acked,
         dead=stats.dead_total,
         retried=stats.retried,
@@ -317,7 +433,7 @@ def _view(s: Sample, run: Run) -> Table:
         caption_justify="left",
         min_width=90,
     )
-    for col in ("replicas (ready)", "backlog", "in flight", "workers (busy)", "fleet QPS / limit"):
+    for col in ("replicas (ready)", "backlog", "in flight", "workers (tasks)", "settled/s / QPS limit"):
         table.add_column(col, justify="right")
     table.add_column("ETA", justify="right")
     table.add_column("done / dead", justify="right")
@@ -326,7 +442,7 @@ def _view(s: Sample, run: Run) -> Table:
         f"{s.replicas} ({s.ready}) [dim]ceiling {run.ceiling}[/]",
         str(s.backlog),
         str(s.in_flight),
-        f"{s.live} ({s.busy})",
+        f"{s.live} ({s.running} tasks)",
         qps,
         _eta(s),
         f"{s.done} / {s.dead}",
@@ -337,7 +453,7 @@ def _view(s: Sample, run: Run) -> Table:
 def _line(s: Sample, run: Run) -> str:
     return (
         f"t={s.elapsed:5.1f}s replicas={s.replicas} ready={s.ready} backlog={s.backlog} "
-        f"in-flight={s.in_flight} workers={s.live} busy={s.busy} qps={s.qps:.0f}/{run.limit:g} "
+        f"in-flight={s.in_flight} workers={s.live} tasks={s.running} settled/s={s.qps:.0f}/{run.limit:g} "
         f"eta={_eta(s)} done={s.done} dead={s.dead} last-scale={s.reason}"
     )
 
@@ -360,7 +476,9 @@ def _summary(console: Console, client: redis.Redis, run: Run) -> bool:
     )
     console.print(
         f"Replicas: {steps} (peak {max(run.history, default=0)}, QPS ceiling {run.ceiling}); "
-        f"fleet QPS peaked at {run.peak_qps:.0f} (limit {run.limit:g}, 3-second average)."
+        f"throughput peaked at {run.peak_qps:.0f} settled/s over 3 s (limit {run.limit:g} QPS: "
+        f"no 1-second window may hold more than {start_bound(run.limit)} starts, "
+        "docs/worker.md#guarantees)."
     )
     for entry in dead:
         console.print(f"Dead letter: reason={entry['reason']}: {entry['detail']}")
@@ -374,48 +492,19 @@ def _stop_cluster(console: Console, cluster: LocalCluster) -> None:
     cluster.stop()
 
 
-def _check_no_strays(console: Console, run_dir: Path, pids: set[int]) -> None:
-    """Every process of this run is gone: the ones we saw (operator, Redis, pods, components) and
-    any process whose command line or working directory is inside the run directory."""
+def _check_no_strays(console: Console, run_dir: Path) -> None:
+    """None of the processes this run started is left, nor anything in their process groups.
+
+    Identity comes from the run's ledgers (pid, process group, start time), never from command
+    lines: a user's `tail -F` of the operator log names the run directory too, and is not ours.
+    """
+    started = started_processes(run_dir)
     deadline = time.monotonic() + 10
-    while True:
-        found = sorted({p for p in pids if _alive(p)} | set(processes_of(run_dir)))
-        if not found or time.monotonic() > deadline:
-            break
+    while (found := survivors(started)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if found:
         raise DemoError(f"stray processes left behind: {found}")
-    console.print(f"Cleaned up: none of the {len(pids)} processes of this run is left.")
-
-
-def processes_of(run_dir: Path) -> list[int]:
-    """Pids whose command line names ``run_dir`` or whose working directory is inside it."""
-    needle = str(run_dir.resolve())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if needle in cmdline or cwd == needle or cwd.startswith(needle + os.sep):
-            found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
+    console.print(f"Cleaned up: none of the {len(started)} processes of this run is left.")
 
 
 def _exists(cluster: LocalCluster, path: str) -> bool:

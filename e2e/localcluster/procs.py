@@ -87,10 +87,17 @@ def group_alive(pgid: int) -> bool:
 
 
 class Registry:
-    """The pid file of one run directory."""
+    """The pid file of one run directory, and its ledger.
+
+    ``pids.json`` lists what is running now (entries leave when stopped), so a later run can kill
+    what a killed run left. ``started.jsonl`` is append-only: every process this registry ever
+    started, with its process group and start time, so a run can check afterwards that none of its
+    processes outlived it, by identity and never by command line.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "pids.json"
+        self.ledger = run_dir / "started.jsonl"
         self._lock = threading.Lock()
         self._entries: dict[int, dict[str, object]] = {}
         self._owner = {"pid": os.getpid(), "start": _proc_start_time(os.getpid())}
@@ -101,10 +108,19 @@ class Registry:
         tmp.write_text(json.dumps({"owner": self._owner, "groups": list(self._entries.values())}))
         tmp.replace(self.path)
 
-    def add(self, pid: int, name: str) -> None:
+    def add(self, pid: int, name: str, *, group: bool = True) -> None:
+        """Record ``pid``; ``group``: it leads its own process group, which is killed as a whole."""
+        entry: dict[str, object] = {
+            "pid": pid,
+            "pgid": pid if group else None,
+            "name": name,
+            "start": _proc_start_time(pid),
+        }
         with self._lock:
-            self._entries[pid] = {"pgid": pid, "name": name, "start": _proc_start_time(pid)}
+            self._entries[pid] = entry
             self._flush()
+            with self.ledger.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def remove(self, pid: int) -> None:
         with self._lock:
@@ -115,6 +131,24 @@ class Registry:
         with self._lock:
             self._owner = {"pid": pid, "start": _proc_start_time(pid)}
             self._flush()
+
+
+def _entry_pid(entry: Mapping[str, object]) -> int:
+    # Older pid files have only "pgid": every entry was a group leader then.
+    return int(str(entry.get("pid") or entry.get("pgid")))
+
+
+def _kill_entry(entry: Mapping[str, object], sig: int) -> bool:
+    """Signal an entry's group (or lone process) if the pid is still that incarnation."""
+    pid = _entry_pid(entry)
+    if _proc_start_time(pid) != entry.get("start"):
+        return False
+    if entry.get("pgid") is not None:
+        kill_group(int(str(entry["pgid"])), sig)
+    else:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    return True
 
 
 def sweep_run(run_dir: Path, log: Callable[[str], None]) -> bool:
@@ -130,20 +164,68 @@ def sweep_run(run_dir: Path, log: Callable[[str], None]) -> bool:
     if owner_pid and _proc_start_time(owner_pid) == owner.get("start") and pid_alive(owner_pid):
         return False
     for entry in data.get("groups", []):
-        pgid = int(entry["pgid"])
-        if _proc_start_time(pgid) == entry.get("start"):
-            log(f"killing leftover {entry.get('name')} (pid {pgid}) of a dead run in {run_dir}")
-            kill_group(pgid, signal.SIGKILL)
+        if _kill_entry(entry, signal.SIGKILL):
+            log(f"killing leftover {entry.get('name')} (pid {_entry_pid(entry)}) of a dead run in {run_dir}")
     return True
 
 
 def sweep_stale(root: Path, log: Callable[[str], None]) -> None:
-    """Kill process groups of runs under ``root`` whose owner died, and remove those runs."""
+    """Kill the processes of runs under ``root`` whose owner died, and remove those runs.
+
+    A run is a directory directly under ``root``; its pid files sit in it or one level deeper
+    (the cluster demo keeps its own beside the cluster's ``<run>/cluster/pids.json``).
+    """
     if not root.is_dir():
         return
-    for pidfile in root.glob("*/pids.json"):
-        if sweep_run(pidfile.parent, log):
-            shutil.rmtree(pidfile.parent, ignore_errors=True)
+    for run in sorted(d for d in root.iterdir() if d.is_dir()):
+        pidfiles = [run / "pids.json", *sorted(run.glob("*/pids.json"))]
+        stale = [sweep_run(f.parent, log) for f in pidfiles if f.is_file()]
+        if stale and all(stale):
+            shutil.rmtree(run, ignore_errors=True)
+
+
+def started_processes(run_dir: Path) -> list[dict[str, object]]:
+    """Every process the registries in ``run_dir`` (or one level below) ever started."""
+    out: list[dict[str, object]] = []
+    for ledger in [run_dir / "started.jsonl", *sorted(run_dir.glob("*/started.jsonl"))]:
+        with contextlib.suppress(OSError):
+            out.extend(json.loads(line) for line in ledger.read_text().splitlines() if line.strip())
+    return out
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def survivors(started: Sequence[Mapping[str, object]]) -> list[int]:
+    """Live pids among ``started`` and in their process groups: what outlived its run.
+
+    A process counts when it is the same incarnation as a recorded pid (start time), or when it is
+    in a recorded process group and started no earlier than that group's leader did (Linux does
+    not reuse a pid while a group of that number exists, so such a process is the group's own).
+    """
+    own: dict[int, int] = {}  # pid -> start ticks
+    groups: dict[int, int] = {}  # pgid -> leader start ticks
+    for e in started:
+        start = e.get("start")
+        if start is None:
+            continue
+        own[_entry_pid(e)] = int(str(start))
+        if e.get("pgid") is not None:
+            groups[int(str(e["pgid"]))] = int(str(start))
+    found: list[int] = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            continue
+        pgid, start = int(fields[2]), int(fields[19])
+        if own.get(pid) == start or (pgid in groups and start >= groups[pgid]):
+            found.append(pid)
+    return sorted(found)
 
 
 class ManagedProcess:

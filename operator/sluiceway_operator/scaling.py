@@ -439,7 +439,10 @@ def _why(d: Decision, policy: Policy) -> str:
         case Reason.NO_LIVE_WORKERS:
             return f"work waits but no worker heartbeats ({d.stale_workers} stale): not shrinking"
         case Reason.STABILIZATION:
-            return f"held by the {policy.stabilization_seconds:g} s scale-down stabilization window"
+            window = f"the highest recommendation of the last {policy.stabilization_seconds:g} s"
+            if d.desired < d.current:  # a step down, only not as far as the latest recommendation
+                return f"down to {window} (scale-down stabilization window)"
+            return f"held at {window} (scale-down stabilization window)"
         case Reason.BUSY_WORKERS:
             return f"{d.busy_workers} workers are busy: never below them"
         case Reason.STEP_TO_ONE:

@@ -174,6 +174,7 @@ def test_rule_scale_down_waits_for_the_stabilization_window() -> None:
     # The backlog is gone but the workers are idle: the window still remembers 10.
     d = decide(obs(now=30, backlog=0, workers=idle_fleet(10), current=10), POLICY, d.state)
     assert (d.desired, d.reason) == (10, Reason.STABILIZATION)
+    assert d.message.startswith("stay at 10: held at the highest recommendation of the last 60 s")
     d = decide(obs(now=61, backlog=0, workers=idle_fleet(10), current=10), POLICY, d.state)
     assert d.desired < 10
 
@@ -182,6 +183,8 @@ def test_rule_stabilization_takes_the_highest_recommendation_in_the_window() -> 
     state = ScalingState(window=(Recommendation(10, 8), Recommendation(40, 4)), last_active=60)
     d = decide(obs(now=60, backlog=100, workers=idle_fleet(9), current=9), POLICY, state)
     assert (d.desired, d.reason) == (8, Reason.STABILIZATION)
+    # A step down (the demo's 3 -> 1) is not "held": it says where it stopped and why.
+    assert d.message.startswith("9 -> 8: down to the highest recommendation of the last 60 s")
     d = decide(obs(now=75, backlog=100, workers=idle_fleet(8), current=8), POLICY, d.state)
     assert d.desired == 4  # 8 (t=10) has left the 60 s window; 4 (t=40) is the highest left
 

@@ -14,6 +14,7 @@ from sluiceway import contract as c
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -170,6 +171,8 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append("metrics port must be 0-65535 (0 disables)")
     if s.log_format not in ("json", "console"):
         out.append("log format must be json or console")
+    if s.log_level.upper() not in LOG_LEVELS:
+        out.append(f"log level {s.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
     if s.fetch_batch < 1:
         out.append("fetch batch must be >= 1")
     return out

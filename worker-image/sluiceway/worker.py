@@ -331,8 +331,15 @@ class Worker:
     def _give_back(self, tasks: Sequence[Task], why: str, *, return_slots: bool) -> None:
         slots = self.last_slots if return_slots else None
         # Only the newest lease's slots can go back, and only its unstarted tail: tasks start in
-        # slot order, so its unstarted tasks are exactly the last slots of that lease.
+        # slot order, so its unstarted tasks are exactly the last slots of that lease, unless a
+        # task of it that is not handed back here holds a later slot (it may still start).
         unused = sum(1 for t in tasks if t.slots is slots and t.started == 0.0) if slots else 0
+        if unused:
+            mine = {id(t) for t in tasks}
+            last = max(t.due for t in tasks if t.slots is slots)
+            with self.lock:
+                if any(t.slots is slots and id(t) not in mine and t.due > last for t in self.held.values()):
+                    unused = 0
         if not tasks and not unused:
             return
         tokens = [t.delivery.token for t in tasks]
@@ -485,6 +492,8 @@ class Worker:
         if result.settle_error:
             self._exchange_failed(transit.done, result.settle_error)
         else:
+            if self.exchange_failures:
+                self.log.info("Redis is reachable again", failed_round_trips=self.exchange_failures)
             self.exchange_failures = 0
         if result.gone:
             self.log.warning(
@@ -597,10 +606,10 @@ class Worker:
                 task: Task = item
                 # Without a rate limit there is no slot to wait for (the common fast path).
                 if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
-                    # Drain hands unstarted messages back; this one was already in our hands. Its
-                    # slot is not handed back: a later slot may already have started, and only a
-                    # lease's unstarted tail can be returned (the drain does that).
-                    self._give_back([task], "not started before shutdown", return_slots=False)
+                    # Drain hands unstarted messages back; this one was already in our hands, its
+                    # slot too when it is the newest lease's last (under a rate limit a waiting
+                    # message is always here, never in `ready`).
+                    self._give_back([task], "not started before shutdown", return_slots=True)
                     continue
                 self._run_sync(task, me)
             except TaskTimeout:
@@ -686,7 +695,7 @@ class Worker:
             task: Task = item
             if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
                 self.async_room.release()
-                self._give_back([task], "not started before shutdown", return_slots=False)
+                self._give_back([task], "not started before shutdown", return_slots=True)
                 continue
             self.loop.call_soon_threadsafe(self._start_async, task)
 
@@ -912,7 +921,7 @@ class Worker:
         failures = 0
         while True:
             try:
-                return fn()
+                result = fn()
             except redis_lib.RedisError as exc:
                 failures += 1
                 delay = _redis_backoff(failures, draw=1.0)
@@ -923,12 +932,19 @@ class Worker:
                     return None
                 self.log.warning(f"{what} failed; retrying", error=str(exc), retry_in=delay)
                 time.sleep(delay)
+            else:
+                if failures:
+                    self.log.info(f"Redis is reachable again: {what} done", failed_attempts=failures)
+                return result
 
 
 def _redis_backoff(failures: int, *, draw: float) -> float:
     """Seconds before trying Redis again after ``failures`` failures in a row: 0.1 s, doubling
-    up to 5 s; ``draw`` in [0, 1) spreads it over the upper half (1.0: no spread)."""
-    return retry_delay(failures, base=0.2, cap=5.0, draw=draw)
+    up to 1 s; ``draw`` in [0, 1) spreads it over the upper half (1.0: no spread).
+
+    The cap is what a worker may lose after Redis comes back, so it stays short; one connection
+    attempt per second per worker costs Redis nothing."""
+    return retry_delay(failures, base=0.2, cap=1.0, draw=draw)
 
 
 def _signature_or_none(fn: Callable[..., Any]) -> inspect.Signature | None:
