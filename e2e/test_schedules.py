@@ -141,3 +141,46 @@ def test_every_minute_schedule_publishes_once_wakes_the_fleet_and_survives_a_res
     assert runs == dedupe >= 1
     c.kubectl("delete", "taskqueue", "clock", "-n", ns, "--wait=false")
     sampler.stop()
+
+
+@pytest.mark.parametrize(
+    ("schedule", "field", "fragment"),
+    [
+        ({"cron": "61 25 * * *"}, "spec.schedules[0].cron", "minute 0-59"),
+        ({"cron": "* * * *"}, "spec.schedules[0].cron", "5 fields"),
+        ({"cron": "*/0 * * * *"}, "spec.schedules[0].cron", "at least 1"),
+        ({"cron": "0 3 * * *", "timeZone": "Mars/Phobos"}, "spec.schedules[0].timeZone", "IANA database"),
+        ({"cron": "0 3 * * *", "timeZone": "Local"}, "spec.schedules[0].timeZone", "IANA database"),
+        ({"cron": "* * * * *", "interval": {"seconds": 5}}, "spec.schedules[0]", "exactly one"),
+        ({}, "spec.schedules[0]", "exactly one"),
+        ({"interval": {"seconds": 0}}, "spec.schedules[0].interval.seconds", ""),
+        ({"at": "tomorrow"}, "spec.schedules[0].at", ""),
+    ],
+)
+def test_admission_rejects_a_bad_schedule_naming_the_field(
+    kube_cluster: LocalCluster, setup: tuple[Any, ...], schedule: dict[str, Any], field: str, fragment: str
+) -> None:
+    c = kube_cluster
+    ns = c.fresh_namespace("admit")
+    body = taskqueue("bad", "redis://unused:1/0", schedules=[{"name": "s", **schedule}])
+    done = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(body))
+    assert done.returncode != 0, f"admitted: {schedule}"
+    assert field in done.stderr and fragment in done.stderr, done.stderr
+
+
+def test_admission_accepts_what_the_scheduler_can_run(
+    kube_cluster: LocalCluster, setup: tuple[Any, ...]
+) -> None:
+    c = kube_cluster
+    ns = c.fresh_namespace("admit")
+    schedules = [
+        {"name": "a", "cron": "*/5 0-6,22-23 1,15 jan-jun MON-fri", "timeZone": "Europe/Berlin"},
+        {"name": "b", "cron": "00 03 * * 7", "timeZone": "America/New_York"},
+        {"name": "c", "interval": {"seconds": 30, "start": "2026-12-01T10:00:00+01:00"}},
+        {"name": "d", "at": "2030-01-01T00:00:00Z"},
+        # Admission cannot see these two; the operator marks only this schedule (test below).
+        {"name": "e", "cron": "0 0 30 2 *"},
+    ]
+    body = taskqueue("good", "redis://unused:1/0", schedules=schedules, paused=True)
+    done = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(body))
+    assert done.returncode == 0, done.stderr

@@ -27,6 +27,7 @@ start in the afternoon.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,6 +44,47 @@ _MINUTE: Final = dt.timedelta(minutes=1)
 _MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _WEEKDAYS: Final = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _DAYS_IN_MONTH: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the most each can have
+
+
+# (label, low, high, names): the one statement of what each field accepts. ``CRON_PATTERN`` and the
+# parser below are both built from it.
+_FIELDS: Final = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _WEEKDAYS),  # 0 and 7 are both Sunday
+)
+
+
+def _number_pattern(low: int, high: int) -> str:
+    """A regex (no backslashes) for the decimal numbers low..high (< 100), leading zeros allowed."""
+    parts: list[str] = []
+    if low <= 9:
+        parts.append(f"[{low}-{min(high, 9)}]")
+    full = [t for t in range(1, high // 10 + 1) if low <= 10 * t and 10 * t + 9 <= high]
+    if full:
+        tens_class = str(full[0]) if len(full) == 1 else f"[{full[0]}-{full[-1]}]"
+        parts.append(f"{tens_class}[0-9]")
+    for tens in range(1, high // 10 + 1):
+        first, last = max(0, low - 10 * tens), min(9, high - 10 * tens)
+        if first <= last and tens not in full:
+            parts.append(f"{tens}[{first}-{last}]")
+    return "0*(" + "|".join(parts) + ")"
+
+
+def _field_pattern(low: int, high: int, names: tuple[str, ...]) -> str:
+    value = _number_pattern(low, high) + ("|" + "|".join(names) if names else "")
+    item = f"([*]|({value})(-({value}))?)(/0*[1-9][0-9]*)?"
+    return f"{item}(,{item})*"
+
+
+# What admission accepts (the CRD's CEL rule on spec.schedules[].cron embeds this verbatim): five
+# space-separated fields, every number in its field's range, every step at least 1. Two things only
+# the parser sees stay with the operator, which marks just that schedule: a range that runs backwards
+# (``5-1``) and a date that never exists (``0 0 30 2 *``).
+CRON_PATTERN: Final = "(?i)^" + " +".join(f"({_field_pattern(lo, hi, n)})" for _, lo, hi, n in _FIELDS) + "$"
+_SHAPE: Final = re.compile(CRON_PATTERN)
 
 
 class CronError(ValueError):
@@ -97,18 +139,23 @@ def parse(expr: str, time_zone: str) -> Cron:
     parts = expr.split()
     if len(parts) != 5:
         raise CronError(f"{expr!r} must have 5 fields, not {len(parts)}")
-    minute, hour, dom, month, dow = parts
-    weekdays = _field(dow, 0, 7, _WEEKDAYS, "day of week")
+    minutes, hours, days, months, weekdays = (
+        _field(text, low, high, names, label)
+        for text, (label, low, high, names) in zip(parts, _FIELDS, strict=True)
+    )
+    if not _SHAPE.match(expr):
+        # Every field parsed, so only the separators can be wrong (tabs, leading spaces).
+        raise CronError(f"{expr!r}: separate the 5 fields with spaces only")
     cron = Cron(
         expr=expr,
         zone=zone,
-        minutes=_field(minute, 0, 59, (), "minute"),
-        hours=_field(hour, 0, 23, (), "hour"),
-        days=_field(dom, 1, 31, (), "day of month"),
-        months=_field(month, 1, 12, _MONTHS, "month"),
+        minutes=minutes,
+        hours=hours,
+        days=days,
+        months=months,
         weekdays=frozenset(d % 7 for d in weekdays),
-        any_day=dom == "*",
-        any_weekday=dow == "*",
+        any_day=parts[2] == "*",
+        any_weekday=parts[4] == "*",
     )
     # "0 0 30 2 *" passes every range check and still never fires: say so instead of searching.
     if cron.any_weekday and not any(d <= _DAYS_IN_MONTH[m - 1] for m in cron.months for d in cron.days):

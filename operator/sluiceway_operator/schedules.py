@@ -98,10 +98,14 @@ class Schedules:
         if state.last_fire is None:
             state.last_fire = _time(recorded.get("lastFireTime"))
         entry: dict[str, Any] = {"name": sched.name}
+        if sched.problem is not None:
+            return await self._failed(meta, sched, state, entry, sched.problem)
+        if sched.cron is None:
+            return await self._failed(meta, sched, state, entry, "only cron schedules run yet")
         try:
             parsed = cron.parse(sched.cron, sched.time_zone)
         except cron.CronError as exc:
-            return await self._failed(meta, sched, state, entry, str(exc))
+            return await self._failed(meta, sched, state, entry, f"spec.schedules[].cron or timeZone: {exc}")
         if state.cursor is None:
             state.cursor = _restored_cursor(recorded, state.last_fire, meta, now)
         error: str | None = None
