@@ -136,9 +136,9 @@ class Keys:
         """HASH of fleet-wide counters (acked, retried, dead, requeued)."""
         return self.prefix + "stats"
 
-    def schedule_fire(self, schedule: str, fire_epoch: int) -> str:
-        """STRING with a TTL: one schedule's scheduled time (unix s) was published; set with NX."""
-        return self.prefix + f"schedule:{schedule}:{fire_epoch}"
+    def schedule_fire(self, schedule: str, wall: str) -> str:
+        """STRING with a TTL: one schedule's scheduled wall time was published; set with NX."""
+        return self.prefix + f"schedule:{schedule}:{wall}"
 
     def all_static(self) -> list[str]:
         return [
