@@ -311,11 +311,13 @@ class Schedules:
 
     # --- Firing -----------------------------------------------------------------------------------
 
-    async def _fire(self, name: str, *, scheduled: dt.datetime) -> None:
+    async def _fire(self, name: str, *, scheduled: dt.datetime | None = None) -> None:
         """One run of a job: publish the message of ``scheduled`` once, retrying a failed push until
-        the deadline or the next fire time, whichever comes first."""
+        the deadline or the next fire time, whichever comes first. (``scheduled`` has a default only
+        because APScheduler checks the signature against the job's own arguments when adding it;
+        ``ScheduledTimeExecutor`` always passes it.)"""
         state = self.states.get(name)
-        if state is None or state.schedule is None or state.trigger is None:
+        if scheduled is None or state is None or state.schedule is None or state.trigger is None:
             return
         sched, trigger = state.schedule, state.trigger
         wall = triggers.wall_time(trigger, scheduled)
