@@ -67,7 +67,9 @@ async def test_after_downtime_only_the_latest_missed_time_is_published(
     )
     await loop.safe_tick(raw)
     await eventually(lambda: r.llen(KEYS.ready) == 1)
-    msg = codec.decode(r.lindex(KEYS.ready, 0))
+    raw_msg = r.lindex(KEYS.ready, 0)
+    assert raw_msg is not None
+    msg = codec.decode(raw_msg)
     assert msg.kwargs == {"k": "v"} and msg.meta.published_at == latest.timestamp()
     (fired,) = await eventually(lambda: events(api, "ScheduleFired"))
     assert "skipped 7 missed" in fired["message"]
@@ -105,7 +107,7 @@ async def test_an_interval_publishes_once_per_fire_time(
     loop.schedules.close()  # as the loop's end does: no job outlives it
     assert process_scheduler().get_jobs() == []
     stamps = [codec.decode(m).meta.published_at for m in r.lrange(KEYS.ready, 0, -1)]
-    assert len(stamps) == len(set(stamps)) and all(float(s).is_integer() for s in stamps)
+    assert len(stamps) == len(set(stamps)) and all(s is not None and s.is_integer() for s in stamps)
     dedupe = list(r.scan_iter(match=KEYS.prefix + "schedule:every:*"))
     assert len(dedupe) == len(stamps)
 
