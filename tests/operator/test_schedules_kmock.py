@@ -154,3 +154,21 @@ async def test_paused_scales_to_zero_and_stops_the_schedules(
     await loop.safe_tick(body(schedules=schedules, paused=False))
     assert last_status(api)["desiredReplicas"] > 0
     assert [j.id for j in process_scheduler().get_jobs()] == [f"{NS}/jobs/every"]
+
+
+async def test_a_failed_publication_is_reported_then_heals(
+    api: km.KubernetesEmulator, loop: TaskQueueLoop, r: redis.Redis
+) -> None:
+    raw = body(schedules=[{"name": "every", "interval": {"seconds": 1}, "message": {}}])
+    await loop.safe_tick(raw)
+    good = loop.schedules.client
+    loop.schedules.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # nothing listens there
+    state = loop.schedules.states["every"]
+    # Retried until the next fire time, then given up on, and shown on the schedule.
+    await eventually(lambda: state.problem and "publish of" in state.problem)
+    failed = (await eventually(lambda: events(api, "ScheduleFailed")))[0]
+    assert "ConnectionError" in failed["message"]
+    loop.schedules.client = good
+    await eventually(lambda: state.problem is None and r.llen(KEYS.ready) >= 1)
+    await loop.safe_tick(raw)
+    assert "lastError" not in last_status(api)["schedules"][0]
