@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import logging
 import sys
 import time
 import weakref
@@ -118,6 +119,9 @@ class ScheduledTimeExecutor(AsyncIOExecutor):  # type: ignore[misc]  # apschedul
 
 def new_scheduler() -> AsyncIOScheduler:
     """A started scheduler on the running loop, with the catch-up policy as its job defaults."""
+    # Every run is logged as "schedule fired" (or missed) by us; APScheduler's own per-run INFO
+    # lines would double that. Its warnings stay.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     scheduler = AsyncIOScheduler(
         executors={"default": ScheduledTimeExecutor()},
         job_defaults={
