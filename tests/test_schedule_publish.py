@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
@@ -17,9 +18,20 @@ KEYS = Keys("team-a", "reports")
 FIRE = 1_717_218_000  # 2024-06-01T05:00:00Z
 
 
-def publish(c: redis.Redis, fire: int = FIRE) -> bool:
+def wall(fire: int) -> str:
+    return dt.datetime.fromtimestamp(fire, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def publish(c: redis.Redis, fire: int = FIRE, schedule_name: str = "nightly") -> bool:
     return schedule.publish_once(
-        c, KEYS, taskqueue="reports", schedule="nightly", fire_epoch=fire, message={"n": 7}, ttl_seconds=60
+        c,
+        KEYS,
+        taskqueue="reports",
+        schedule=schedule_name,
+        wall=wall(fire),
+        fire_epoch=fire,
+        message={"n": 7},
+        ttl_seconds=60,
     )
 
 
@@ -57,17 +69,15 @@ def test_message_is_the_kwargs_with_traceable_metadata(r: redis.Redis) -> None:
     assert msg.kwargs == {"n": 7}
     assert msg.meta.published_at == FIRE
     assert msg.meta.trace == "schedule/nightly"
-    assert msg.meta.id == schedule.fire_id("team-a", "reports", "nightly", FIRE)
-    assert msg.meta.id != schedule.fire_id("team-a", "reports", "nightly", FIRE + 60)
-    key = KEYS.schedule_fire("nightly", FIRE)
-    assert key == "sluiceway:{team-a/reports}:schedule:nightly:1717218000"
+    assert msg.meta.id == schedule.fire_id("team-a", "reports", "nightly", wall(FIRE))
+    assert msg.meta.id != schedule.fire_id("team-a", "reports", "nightly", wall(FIRE + 60))
+    key = KEYS.schedule_fire("nightly", wall(FIRE))
+    assert key == "sluiceway:{team-a/reports}:schedule:nightly:2024-06-01T05:00:00Z"
     assert 0 < r.ttl(key) <= 60
 
 
 def test_another_time_or_schedule_publishes_again(r: redis.Redis) -> None:
     assert publish(r)
     assert publish(r, FIRE + 60)
-    assert schedule.publish_once(
-        r, KEYS, taskqueue="reports", schedule="hourly", fire_epoch=FIRE, message={}, ttl_seconds=60
-    )
+    assert publish(r, FIRE, "hourly")
     assert r.llen(KEYS.ready) == 3

@@ -49,6 +49,7 @@ from .observe import observation as make_observation
 from .reconcile import apply_deployment, cost_changes, delete_pod, get_deployment, render, set_deletion_costs
 from .scaling import Decision, PodInfo, Policy, ScalingState, decide, deletion_costs, silent_pods
 from .schedules import Schedules
+from .schedules import degraded as schedules_degraded
 from .settings import Config
 from .spec import SecretKeyRef, SpecError, TaskQueueSpec, keys_for, parse_spec
 from .status import Fault, conditions_for, fault_status, observed_status
@@ -133,17 +134,20 @@ class TaskQueueLoop:
         self._secret: tuple[str, float] | None = None
         self._acked: tuple[int, float] | None = None
         self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
-        self.schedules = Schedules(namespace, name, deps.kube)
+        self.schedules = Schedules(namespace, name, deps.kube, wake=self.wake.set)
         self.log = log.bind(namespace=namespace, taskqueue=name)
 
     # --- The loop ---------------------------------------------------------------------------------
 
     async def run(self, body: Callable[[], Mapping[str, Any]], stopped: Callable[[], bool]) -> None:
-        while not stopped():
-            self.wake.clear()
-            delay = await self.safe_tick(body())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=delay)
+        try:
+            while not stopped():
+                self.wake.clear()
+                delay = await self.safe_tick(body())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=delay)
+        finally:
+            self.schedules.close()  # no jobs outlive their TaskQueue's loop
 
     async def safe_tick(self, body: Mapping[str, Any]) -> float:
         """One tick that never raises: a fault becomes Degraded and a backoff."""
@@ -304,6 +308,7 @@ class TaskQueueLoop:
             silent=silent,
             no_live_alarm=self.alarm_since is not None and now - self.alarm_since > grace,
         )
+        conds = schedules_degraded(schedules, conds, generation=generation, now=now)
         new = observed_status(
             old,
             decision,

@@ -6,7 +6,7 @@ crontab differently from every cron a Kubernetes user knows: weekday 0 is Monday
 ``0 9 * * 1-5`` would fire Tuesday to Saturday), and a restricted day-of-month and day-of-week must
 both match, where cron fires when either does. The semantics here are those of Kubernetes CronJob
 (robfig/cron): 0 and 7 are Sunday; when both day fields are restricted a day matches if either does,
-and a day field counts as unrestricted only when it is exactly ``*``.
+and a day field counts as unrestricted when one of its items is ``*`` without a step above 1.
 
 Time zones and DST, on the wall clock of the zone:
 
@@ -16,28 +16,22 @@ Time zones and DST, on the wall clock of the zone:
 * a wall time that happens twice (fall back, 02:30 on the last Sunday of October) fires once, at its
   first occurrence.
 
-Catch-up policy (``due_fires``): each scheduled time is published at most once. When ticks were
-missed (operator downtime, a slow tick), only the most recent missed time is published, and only if
-it is at most ``STARTING_DEADLINE`` late; older missed times are counted as skipped. This is
-CronJob's ``concurrencyPolicy: Forbid`` spirit with a ``startingDeadlineSeconds`` of one hour: a
-queue consumer wants the latest run, not a burst of stale duplicates, and a nightly job should not
-start in the afternoon.
+The catch-up policy (which missed times are published after downtime) is not here: APScheduler's
+coalescing and misfire grace time give it (``schedules.py``); ``triggers.CronJobTrigger`` puts this
+matcher behind APScheduler's trigger interface.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-STARTING_DEADLINE: Final = dt.timedelta(hours=1)
 # Feb 29 on a restricted weekday can be 28 years away (and 2100 is no leap year); nothing that can
 # match at all is further than this.
 _HORIZON_YEARS: Final = 30
-# Counting skipped fires walks them one by one; after a very long downtime of an every-minute
-# schedule the count stops here (and reads "at least").
-MAX_COUNTED: Final = 10_000
 
 _MINUTE: Final = dt.timedelta(minutes=1)
 _MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -45,8 +39,53 @@ _WEEKDAYS: Final = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _DAYS_IN_MONTH: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the most each can have
 
 
+# (label, low, high, names): the one statement of what each field accepts. ``CRON_PATTERN`` and the
+# parser below are both built from it.
+_FIELDS: Final = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _WEEKDAYS),  # 0 and 7 are both Sunday
+)
+
+
+def _number_pattern(low: int, high: int) -> str:
+    """A regex (no backslashes) for the decimal numbers low..high (< 100), leading zeros allowed."""
+    parts: list[str] = []
+    if low <= 9:
+        parts.append(f"[{low}-{min(high, 9)}]")
+    full = [t for t in range(1, high // 10 + 1) if low <= 10 * t and 10 * t + 9 <= high]
+    if full:
+        tens_class = str(full[0]) if len(full) == 1 else f"[{full[0]}-{full[-1]}]"
+        parts.append(f"{tens_class}[0-9]")
+    for tens in range(1, high // 10 + 1):
+        first, last = max(0, low - 10 * tens), min(9, high - 10 * tens)
+        if first <= last and tens not in full:
+            parts.append(f"{tens}[{first}-{last}]")
+    return "0*(" + "|".join(parts) + ")"
+
+
+def _field_pattern(low: int, high: int, names: tuple[str, ...]) -> str:
+    value = _number_pattern(low, high) + ("|" + "|".join(names) if names else "")
+    item = f"([*]|({value})(-({value}))?)(/0*[1-9][0-9]*)?"
+    return f"{item}(,{item})*"
+
+
+# What admission accepts (the CRD's CEL rule on spec.schedules[].cron embeds this verbatim): five
+# space-separated fields, every number in its field's range, every step at least 1. Two things only
+# the parser sees stay with the operator, which marks just that schedule: a range that runs backwards
+# (``5-1``) and a date that never exists (``0 0 30 2 *``).
+CRON_PATTERN: Final = "(?i)^" + " +".join(f"({_field_pattern(lo, hi, n)})" for _, lo, hi, n in _FIELDS) + "$"
+_SHAPE: Final = re.compile(CRON_PATTERN)
+
+
 class CronError(ValueError):
-    """The expression or the time zone cannot be used; the message says why."""
+    """The expression or the time zone cannot be used; the message says why, ``field`` which."""
+
+    def __init__(self, message: str, *, field: str = "cron") -> None:
+        super().__init__(message)
+        self.field = field  # "cron" or "timeZone", as in spec.schedules[]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +99,8 @@ class Cron:
     days: frozenset[int]
     months: frozenset[int]
     weekdays: frozenset[int]
-    any_day: bool  # day-of-month is exactly "*"
-    any_weekday: bool  # day-of-week is exactly "*"
+    any_day: bool  # day-of-month leaves the day open (see _unrestricted)
+    any_weekday: bool  # day-of-week likewise
 
     def day_matches(self, day: dt.date) -> bool:
         dom = day.day in self.days
@@ -71,49 +110,47 @@ class Cron:
         return dom or dow
 
 
-@dataclass(frozen=True, slots=True)
-class FirePlan:
-    """What one tick should do for one schedule.
-
-    ``fire`` is the scheduled time to publish now (or None); ``skipped`` counts missed times that
-    will never be published (capped at ``MAX_COUNTED``); ``cursor`` is the moment up to which every
-    scheduled time is dealt with, which the caller passes back as ``last_fire`` once ``fire`` is
-    published (and not before: a failed publication is retried while inside the deadline); ``next``
-    is the first scheduled time after ``now``.
-    """
-
-    fire: dt.datetime | None
-    skipped: int
-    cursor: dt.datetime | None
-    next: dt.datetime | None
-
-
 def parse(expr: str, time_zone: str) -> Cron:
     """Parse ``expr`` in ``time_zone``; raise ``CronError`` if either is unusable."""
     try:
         zone = ZoneInfo(time_zone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise CronError(f"unknown time zone {time_zone!r}") from exc
+        raise CronError(f"unknown time zone {time_zone!r}", field="timeZone") from exc
     parts = expr.split()
     if len(parts) != 5:
         raise CronError(f"{expr!r} must have 5 fields, not {len(parts)}")
-    minute, hour, dom, month, dow = parts
-    weekdays = _field(dow, 0, 7, _WEEKDAYS, "day of week")
+    minutes, hours, days, months, weekdays = (
+        _field(text, low, high, names, label)
+        for text, (label, low, high, names) in zip(parts, _FIELDS, strict=True)
+    )
+    if not _SHAPE.match(expr):
+        # Every field parsed, so only the separators can be wrong (tabs, leading spaces).
+        raise CronError(f"{expr!r}: separate the 5 fields with spaces only")
     cron = Cron(
         expr=expr,
         zone=zone,
-        minutes=_field(minute, 0, 59, (), "minute"),
-        hours=_field(hour, 0, 23, (), "hour"),
-        days=_field(dom, 1, 31, (), "day of month"),
-        months=_field(month, 1, 12, _MONTHS, "month"),
+        minutes=minutes,
+        hours=hours,
+        days=days,
+        months=months,
         weekdays=frozenset(d % 7 for d in weekdays),
-        any_day=dom == "*",
-        any_weekday=dow == "*",
+        any_day=_unrestricted(parts[2]),
+        any_weekday=_unrestricted(parts[4]),
     )
     # "0 0 30 2 *" passes every range check and still never fires: say so instead of searching.
     if cron.any_weekday and not any(d <= _DAYS_IN_MONTH[m - 1] for m in cron.months for d in cron.days):
         raise CronError(f"{expr!r} names no day that exists in its months, so it never fires")
     return cron
+
+
+def _unrestricted(text: str) -> bool:
+    """Whether a day field leaves the day open, as robfig/cron decides: an item that is ``*`` with no
+    step above 1 (``*``, ``*/1``, ``*,5``). ``*/2`` restricts: its days OR with the other field's."""
+    for item in text.split(","):
+        base, _, step = item.partition("/")
+        if base == "*" and (not step or int(step) <= 1):
+            return True
+    return False
 
 
 def _field(text: str, low: int, high: int, names: tuple[str, ...], label: str) -> frozenset[int]:
@@ -209,33 +246,3 @@ def _instant(zone: ZoneInfo, wall: dt.datetime) -> dt.datetime | None:
     if instant.astimezone(zone).replace(tzinfo=None) != wall:
         return None  # in a spring-forward gap: the round trip lands on another wall time
     return instant
-
-
-def due_fires(cron: Cron, last_fire: dt.datetime | None, created: dt.datetime, now: dt.datetime) -> FirePlan:
-    """Decide which scheduled time, if any, to publish at ``now``.
-
-    Scheduled times after ``last_fire`` (or after ``created`` when nothing was handled yet) and at
-    or before ``now`` are due. Only the most recent one is published, and only if it is at most
-    ``STARTING_DEADLINE`` late; the others are skipped. A time at or before ``last_fire`` is never
-    returned, so feeding ``cursor`` back as ``last_fire`` publishes each scheduled time at most once.
-    """
-    baseline = last_fire if last_fire is not None else created
-    upcoming = next_fire(cron, max(baseline, now))
-    # Only a time inside the deadline window can be published: find the latest one there by walking
-    # that window (at most 60 minutes of fires), not the whole downtime.
-    window_start = max(baseline, now - STARTING_DEADLINE)
-    latest: dt.datetime | None = None
-    in_window = 0
-    t = next_fire(cron, window_start)
-    while t is not None and t <= now:
-        latest, in_window = t, in_window + 1
-        t = next_fire(cron, t)
-    # Everything between the baseline and the window is skipped; count it (up to a cap).
-    skipped = 0
-    older = next_fire(cron, baseline)
-    while older is not None and older <= window_start and skipped < MAX_COUNTED:
-        skipped += 1
-        older = next_fire(cron, older)
-    # Every due time up to ``now`` is now either published (the latest) or skipped.
-    skipped += max(0, in_window - 1)
-    return FirePlan(fire=latest, skipped=skipped, cursor=max(baseline, now), next=upcoming)

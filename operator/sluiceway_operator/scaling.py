@@ -8,7 +8,7 @@ in globals, so a test can replay any sequence of ticks.
 
 The rules, in the order they apply (``docs/scaling.md`` has the formulas and the reasoning):
 
-1. A pin (``spec.replicas``) wins over everything.
+1. ``spec.paused`` means zero pods; otherwise a pin (``spec.replicas``) wins over everything.
 2. Need: enough pods to drain backlog + in-flight work within ``targetDrainSeconds``, with per-pod
    throughput from Little's law (``concurrency / task latency``).
 3. QPS ceiling: never more pods than the fleet-wide QPS limit can keep busy
@@ -43,6 +43,7 @@ class Reason(StrEnum):
     """The bound that decided a scaling decision. Stable strings: they appear in status and Events."""
 
     PINNED = "Pinned"
+    PAUSED = "Paused"
     DRAIN = "DrainTarget"
     QPS_CEILING = "QPSCeiling"
     MIN_REPLICAS = "MinReplicas"
@@ -153,6 +154,7 @@ class Policy:
     qps_headroom: float = 0.1
     assumed_task_seconds: float = 1.0
     pinned: int | None = None
+    paused: bool = False  # spec.paused: zero pods, whatever else holds
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -176,6 +178,7 @@ class Policy:
             qps_headroom=s.qps_headroom,
             assumed_task_seconds=s.assumed_task_seconds,
             pinned=spec.replicas,
+            paused=spec.paused,
         )
 
 
@@ -323,7 +326,10 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
     window = _push(state.window, Recommendation(now, rec), now - policy.stabilization_seconds)
     next_state = ScalingState(window=window, last_active=last_active)
 
-    if policy.pinned is not None:
+    if policy.paused:
+        # Paused wins over a pin: nothing consumes, and the messages stay queued.
+        desired, reason = 0, Reason.PAUSED
+    elif policy.pinned is not None:
         desired, reason = policy.pinned, Reason.PINNED
     elif rec >= current:
         # Up (or level): at once and in one step. From zero this is the wake-up, straight to need.
@@ -426,6 +432,8 @@ def _why(d: Decision, policy: Policy) -> str:
     match d.reason:
         case Reason.PINNED:
             return f"pinned by spec.replicas to {d.desired}"
+        case Reason.PAUSED:
+            return "paused by spec.paused: no workers, messages stay queued"
         case Reason.DRAIN:
             return f"sized to drain within {policy.target_drain_seconds:g} s"
         case Reason.QPS_CEILING:

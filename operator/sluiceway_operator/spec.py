@@ -13,6 +13,7 @@ that the CRD's ``default:`` values say the same.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -76,14 +77,14 @@ DEFAULTS: Final[Mapping[str, Any]] = {
         "qpsHeadroom": 0.1,
         "assumedTaskSeconds": 1,
     },
+    "paused": False,
     "schedules[]": {"timeZone": "UTC", "suspend": False},
 }
 
-# The same patterns the CRD's CEL rules use; the worker runtime accepts exactly these.
-FUNCTION_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-QUEUE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# One definition each, in the contract: the CRD's CEL rules and the worker use the same.
+FUNCTION_RE: Final = contract.FUNCTION_RE
+QUEUE_RE: Final = contract.QUEUE_RE
 DNS_LABEL_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-TIME_ZONE_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$")
 ENV_NAME_RE: Final = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 RESERVED_ENV_PREFIX: Final = "SLUICEWAY_"
 RESERVED_LABELS: Final = frozenset(
@@ -92,6 +93,7 @@ RESERVED_LABELS: Final = frozenset(
 RESERVED_PREFIX: Final = "sluiceway.dev/"
 POD_DELETION_COST: Final = "controller.kubernetes.io/pod-deletion-cost"
 MAX_NAME_LENGTH: Final = 63  # the TaskQueue name becomes a label value
+MAX_INTERVAL_SECONDS: Final = 31_536_000  # a year
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +150,28 @@ class Scaling:
 
 
 @dataclass(frozen=True, slots=True)
+class Interval:
+    seconds: int
+    start: dt.datetime | None  # None = the TaskQueue's creation, so the phase survives restarts
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
+    """One ``spec.schedules[]`` entry: exactly one of ``cron``, ``interval`` and ``at`` is set.
+
+    ``problem`` says why the entry cannot fire (it names the field); such an entry marks only
+    itself, never the TaskQueue or its other schedules. The cron expression and the zone are
+    checked where they are used, by ``cron.parse`` (their one owner).
+    """
+
     name: str
-    cron: str
+    cron: str | None
+    interval: Interval | None
+    at: dt.datetime | None
     time_zone: str
     message: Mapping[str, Any]
     suspend: bool
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +217,7 @@ class TaskQueueSpec:
     liveness: Liveness
     scaling: Scaling
     replicas: int | None  # the /scale pin; None = autoscale
+    paused: bool  # no consumption and no schedules; nothing is deleted
     schedules: tuple[Schedule, ...]
     pod_template: PodTemplate
     deletion_policy: DeletionPolicy = DeletionPolicy.RETAIN
@@ -217,7 +236,7 @@ def parse_spec(raw: Mapping[str, Any], *, name: str) -> TaskQueueSpec:
     image = r.required_string("image", max_length=1024)
     function = r.required_string("function", max_length=512)
     if not FUNCTION_RE.match(function):
-        raise SpecError("spec.function", f"{function!r} must look like 'package.module:callable'")
+        raise SpecError("spec.function", f"{function!r} {contract.FUNCTION_PROBLEM}")
     pull = r.choice("imagePullPolicy", ("Always", "IfNotPresent", "Never"), DEFAULTS["imagePullPolicy"])
 
     spec = TaskQueueSpec(
@@ -234,6 +253,7 @@ def parse_spec(raw: Mapping[str, Any], *, name: str) -> TaskQueueSpec:
         liveness=_liveness(r.child("liveness")),
         scaling=_scaling(r.child("scaling")),
         replicas=r.optional_integer("replicas", low=0, high=10000),
+        paused=r.boolean("paused", DEFAULTS["paused"]),
         schedules=_schedules(r),
         pod_template=_pod_template(r.child("podTemplate")),
         deletion_policy=DeletionPolicy(
@@ -255,9 +275,7 @@ def _broker(r: _Reader, name: str) -> Broker:
     kind = BrokerType(r.choice("type", tuple(BrokerType), None))
     queue = r.string("queue", max_length=200) or name
     if not QUEUE_RE.match(queue):
-        raise SpecError(
-            r.path("queue"), f"{queue!r} must be 1-200 characters of letters, digits, '.', '_' or '-'"
-        )
+        raise SpecError(r.path("queue"), f"{queue!r} {contract.QUEUE_PROBLEM}")
     if kind is BrokerType.RABBITMQ and queue.startswith("amq."):
         raise SpecError(r.path("queue"), "RabbitMQ reserves queue names that start with 'amq.'")
     ref = _secret_ref(r.child("urlSecretRef"))
@@ -308,9 +326,10 @@ def _liveness(r: _Reader) -> Liveness:
     d = DEFAULTS["liveness"]
     heartbeat = r.number("heartbeatSeconds", d["heartbeatSeconds"], low=0.1, high=300)
     lease = r.number("leaseSeconds", d["leaseSeconds"], low=1, high=3600)
-    if lease < 2 * heartbeat:
-        # A lease must survive one missed renewal, or a slow heartbeat requeues live work.
-        raise SpecError(r.path("leaseSeconds"), "must be at least twice heartbeatSeconds")
+    if contract.lease_too_short(lease, heartbeat):
+        raise SpecError(
+            r.path("leaseSeconds"), f"must be at least {contract.MIN_LEASE_HEARTBEATS} x heartbeatSeconds"
+        )
     return Liveness(
         heartbeat_seconds=heartbeat,
         lease_seconds=lease,
@@ -340,7 +359,6 @@ def _scaling(r: _Reader) -> Scaling:
 
 
 def _schedules(r: _Reader) -> tuple[Schedule, ...]:
-    d = DEFAULTS["schedules[]"]
     out: list[Schedule] = []
     seen: set[str] = set()
     for i, item in enumerate(r.items("schedules", max_items=100)):
@@ -350,23 +368,67 @@ def _schedules(r: _Reader) -> tuple[Schedule, ...]:
         if sname in seen:
             raise SpecError(f"spec.schedules[{i}].name", f"duplicate schedule name {sname!r}")
         seen.add(sname)
-        cron = item.required_string("cron", max_length=128)
-        problem = cron_problem(cron)
-        if problem:
-            raise SpecError(item.path("cron"), problem)
-        zone = item.string("timeZone", max_length=64) or d["timeZone"]
-        if not TIME_ZONE_RE.match(zone):
-            raise SpecError(item.path("timeZone"), f"{zone!r} is not an IANA time zone name")
-        out.append(
-            Schedule(
-                name=sname,
-                cron=cron,
-                time_zone=zone,
-                message=item.mapping("message"),
-                suspend=item.boolean("suspend", d["suspend"]),
-            )
-        )
+        try:
+            out.append(_schedule(item, sname))
+        except SpecError as exc:
+            # Admission rejects these; an object stored before a CRD upgrade can still hold one.
+            out.append(_broken_schedule(item, sname, str(exc)))
     return tuple(out)
+
+
+def _schedule(item: _Reader, sname: str) -> Schedule:
+    d = DEFAULTS["schedules[]"]
+    cron = item.string("cron", max_length=128)
+    interval = _interval(item.child("interval"))
+    at = _date_time(item, "at")
+    given = [key for key, value in (("cron", cron), ("interval", interval), ("at", at)) if value is not None]
+    if len(given) != 1:
+        raise SpecError(item.where, f"set exactly one of cron, interval and at, not {given or 'none'}")
+    return Schedule(
+        name=sname,
+        cron=cron,
+        interval=interval,
+        at=at,
+        time_zone=item.string("timeZone", max_length=64) or d["timeZone"],
+        message=item.mapping("message"),
+        suspend=item.boolean("suspend", d["suspend"]),
+    )
+
+
+def _broken_schedule(item: _Reader, sname: str, problem: str) -> Schedule:
+    d = DEFAULTS["schedules[]"]
+    return Schedule(
+        name=sname,
+        cron=None,
+        interval=None,
+        at=None,
+        time_zone=d["timeZone"],
+        message={},
+        suspend=False,
+        problem=problem,
+    )
+
+
+def _interval(r: _Reader) -> Interval | None:
+    if not r.present:
+        return None
+    seconds = r.optional_integer("seconds", low=1, high=MAX_INTERVAL_SECONDS)
+    if seconds is None:
+        raise SpecError(r.path("seconds"), "is required")
+    return Interval(seconds=seconds, start=_date_time(r, "start"))
+
+
+def _date_time(r: _Reader, key: str) -> dt.datetime | None:
+    text = r.string(key, max_length=64)
+    if text is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise SpecError(r.path(key), f"{text!r} must be an RFC 3339 date-time with an offset")
+    return moment.astimezone(dt.UTC)
 
 
 def _pod_template(r: _Reader) -> PodTemplate:
@@ -416,61 +478,6 @@ def _pod_template(r: _Reader) -> PodTemplate:
             supplemental_groups=tuple(sc.int_list("supplementalGroups", low=0, high=2**31 - 1)),
         ),
     )
-
-
-# --- Cron ------------------------------------------------------------------------------------------
-
-_MONTHS: Final = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_WEEKDAYS: Final = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-_CRON_FIELDS: Final[tuple[tuple[str, int, int, Mapping[str, int]], ...]] = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day of month", 1, 31, {}),
-    ("month", 1, 12, {m: i + 1 for i, m in enumerate(_MONTHS)}),
-    # 0 and 7 are both Sunday in every common cron.
-    ("day of week", 0, 7, {d: i for i, d in enumerate(_WEEKDAYS)}),
-)
-
-
-def cron_problem(cron: str) -> str | None:
-    """Why ``cron`` is not a standard five-field expression, or ``None`` when it is.
-
-    Accepts ``*``, numbers, names (``jan``, ``mon``), ranges, steps and lists: the common subset every
-    cron implementation agrees on, so a schedule means the same thing wherever it is read.
-    """
-    parts = cron.split()
-    if len(parts) != 5:
-        return f"{cron!r} must have 5 fields (minute hour day-of-month month day-of-week), not {len(parts)}"
-    for text, (label, low, high, names) in zip(parts, _CRON_FIELDS, strict=True):
-        for item in text.split(","):
-            problem = _cron_item(item.lower(), low, high, names)
-            if problem:
-                return f"{label} field {text!r}: {problem}"
-    return None
-
-
-def _cron_item(item: str, low: int, high: int, names: Mapping[str, int]) -> str | None:
-    base, _, step = item.partition("/")
-    if step and (not step.isdigit() or int(step) < 1):
-        return f"step {step!r} must be a positive number"
-    if base == "*":
-        return None
-    bounds = base.split("-")
-    if len(bounds) > 2 or not all(bounds):
-        return f"{item!r} is not a value or a range"
-    values: list[int] = []
-    for b in bounds:
-        if b.isdigit():
-            values.append(int(b))
-        elif b in names:
-            values.append(names[b])
-        else:
-            return f"{b!r} is not a number{' or a name' if names else ''}"
-    if not all(low <= v <= high for v in values):
-        return f"{item!r} is outside {low}-{high}"
-    if len(values) == 2 and values[0] > values[1]:
-        return f"range {item!r} runs backwards"
-    return None
 
 
 # --- A reader that names the field in every error -------------------------------------------------

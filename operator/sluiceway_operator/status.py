@@ -38,7 +38,16 @@ def conditions_for(
     def c(t: ConditionType, status: bool, reason: ConditionReason, message: str) -> Condition:
         return condition(t, status, reason, message, generation=generation, now=now)
 
-    if desired == 0:
+    if decision.reason is Reason.PAUSED:
+        ready = condition(
+            ConditionType.READY,
+            True,
+            Reason.PAUSED,
+            "Paused by spec.paused: no workers; messages stay queued and schedules do not publish.",
+            generation=generation,
+            now=now,
+        )
+    elif desired == 0:
         ready = c(ConditionType.READY, True, ConditionReason.IDLE_AT_ZERO, "No work: scaled to zero.")
     elif ready_replicas >= desired:
         ready = c(ConditionType.READY, True, ConditionReason.WORKERS_READY, "All desired workers are ready.")

@@ -110,7 +110,8 @@ async def test_a_quiet_tick_writes_nothing(api: km.KubernetesEmulator, loop: Tas
 async def test_invalid_spec_sets_ready_false_with_the_field_and_touches_no_deployment(
     api: km.KubernetesEmulator, loop: TaskQueueLoop
 ) -> None:
-    bad = body(schedules=[{"name": "x", "cron": "99 * * * *", "message": {}}])
+    # A bad schedule marks only its schedule (test_schedules_kmock.py); a bad scaling field is the spec's.
+    bad = body(concurrency={"perPod": 0})
     first = await loop.safe_tick(bad)
     second = await loop.safe_tick(bad)
     assert second > first  # backs off
@@ -118,7 +119,7 @@ async def test_invalid_spec_sets_ready_false_with_the_field_and_touches_no_deplo
     (status,) = requests(api, "PATCH", STATUS)  # the second tick changed nothing: no write
     ready = next(c for c in status.data["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-    assert "spec.schedules[0].cron" in ready["message"]
+    assert "spec.concurrency.perPod" in ready["message"]
     assert len(requests(api, "POST", EVENTS)) == 1  # one Warning, not one per retry
 
 

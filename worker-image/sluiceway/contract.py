@@ -8,6 +8,7 @@ it never imports the runtime's internals.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final, TypedDict
 
@@ -40,6 +41,27 @@ ENV_LOG_LEVEL: Final = "SLUICEWAY_LOG_LEVEL"
 
 DEFAULT_NAMESPACE: Final = "default"
 DEFAULT_METRICS_PORT: Final = 9464
+
+# --- Rules both sides check: the operator (spec.py), the worker (settings.py) and the CRD's CEL rules,
+# which embed these patterns verbatim (tests/operator/test_validation_agreement.py holds them to it).
+# No backslashes in the patterns, so they read the same in Python, in YAML and in a CEL string.
+FUNCTION_PATTERN: Final = "^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+# The one charset that is safe as a Redis hash tag, a RabbitMQ queue and a Kafka topic.
+QUEUE_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+FUNCTION_RE: Final = re.compile(FUNCTION_PATTERN)
+QUEUE_RE: Final = re.compile(QUEUE_PATTERN)
+FUNCTION_PROBLEM: Final = "must look like 'package.module:callable'"
+QUEUE_PROBLEM: Final = (
+    "must be 1-200 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+# A lease must survive one missed renewal, or a slow heartbeat requeues live work.
+MIN_LEASE_HEARTBEATS: Final = 2
+
+
+def lease_too_short(lease_seconds: float, heartbeat_seconds: float) -> bool:
+    """True when a lease could expire between two heartbeats that renew it."""
+    return lease_seconds < MIN_LEASE_HEARTBEATS * heartbeat_seconds
+
 
 # --- Messages: a JSON object of keyword arguments. Metadata, when present, sits under this key;
 # it can never collide with a Python keyword argument because "$" is not valid in an identifier.
@@ -114,9 +136,9 @@ class Keys:
         """HASH of fleet-wide counters (acked, retried, dead, requeued)."""
         return self.prefix + "stats"
 
-    def schedule_fire(self, schedule: str, fire_epoch: int) -> str:
-        """STRING with a TTL: one schedule's scheduled time (unix s) was published; set with NX."""
-        return self.prefix + f"schedule:{schedule}:{fire_epoch}"
+    def schedule_fire(self, schedule: str, wall: str) -> str:
+        """STRING with a TTL: one schedule's scheduled wall time was published; set with NX."""
+        return self.prefix + f"schedule:{schedule}:{wall}"
 
     def all_static(self) -> list[str]:
         return [

@@ -1,9 +1,13 @@
 """Publish one scheduled message exactly once per scheduled time.
 
-The operator calls this for each due ``spec.schedules[]`` entry. A restarted operator, a retry after
-a lost reply, or a second operator process may publish the same scheduled time again; the dedupe
-key makes that a no-op. Recording the fire and pushing the message happen in one Lua script, so
-there is no moment where one is done and the other is not.
+The operator calls ``publish_once`` for each fire of a ``spec.schedules[]`` entry. A restarted
+operator, a retry after a lost reply, or a second operator process may publish the same scheduled
+time again; the dedupe key (the schedule and its scheduled wall time) makes that a no-op. Recording
+the fire and pushing the message happen in one Lua script, so there is no moment where one is done
+and the other is not.
+
+This function is the whole seam: a broker other than Redis plugs in here with its own atomic
+"record, then push" (today the operator reports any other broker on the schedule).
 """
 
 from __future__ import annotations
@@ -29,16 +33,22 @@ return 0
 """
 
 
-def fire_id(namespace: str, taskqueue: str, schedule: str, fire_epoch: int) -> str:
+def fire_id(namespace: str, taskqueue: str, schedule: str, wall: str) -> str:
     """The message id of one scheduled time: the same on every retry, so duplicates are traceable."""
-    return uuid.uuid5(_ID_NAMESPACE, f"{namespace}/{taskqueue}/{schedule}/{fire_epoch}").hex
+    return uuid.uuid5(_ID_NAMESPACE, f"{namespace}/{taskqueue}/{schedule}/{wall}").hex
 
 
 def payload(
-    message: Mapping[str, Any], *, namespace: str, taskqueue: str, schedule: str, fire_epoch: int
+    message: Mapping[str, Any],
+    *,
+    namespace: str,
+    taskqueue: str,
+    schedule: str,
+    wall: str,
+    fire_epoch: float,
 ) -> bytes:
     meta = codec.Meta(
-        id=fire_id(namespace, taskqueue, schedule, fire_epoch),
+        id=fire_id(namespace, taskqueue, schedule, wall),
         published_at=float(fire_epoch),  # the scheduled time, not the (maybe late) moment of the push
         trace=f"schedule/{schedule}",
     )
@@ -51,19 +61,26 @@ def publish_once(
     *,
     taskqueue: str,
     schedule: str,
-    fire_epoch: int,
+    wall: str,
+    fire_epoch: float,
     message: Mapping[str, Any],
     ttl_seconds: int,
 ) -> bool:
-    """LPUSH the scheduled message unless this scheduled time was already published.
+    """LPUSH the scheduled message unless this scheduled wall time was already published.
 
-    Returns True if this call published it. ``ttl_seconds`` must outlast every retry of the same
-    scheduled time (the operator's starting deadline plus clock skew).
+    ``wall`` is the scheduled wall time (the dedupe key), ``fire_epoch`` the same moment in unix
+    seconds (the message's timestamp). Returns True if this call published it. ``ttl_seconds`` must
+    outlast every retry of the same scheduled time (the operator's starting deadline plus clock skew).
     """
     body = payload(
-        message, namespace=keys.namespace, taskqueue=taskqueue, schedule=schedule, fire_epoch=fire_epoch
+        message,
+        namespace=keys.namespace,
+        taskqueue=taskqueue,
+        schedule=schedule,
+        wall=wall,
+        fire_epoch=fire_epoch,
     )
     done = client.eval(
-        _PUBLISH_ONCE, 2, keys.schedule_fire(schedule, fire_epoch), keys.ready, body, max(1, ttl_seconds)
+        _PUBLISH_ONCE, 2, keys.schedule_fire(schedule, wall), keys.ready, body, max(1, ttl_seconds)
     )
     return bool(done)

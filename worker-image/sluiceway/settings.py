@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -12,8 +11,9 @@ from typing import Any
 
 from sluiceway import contract as c
 
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# One definition each, shared with the operator and the CRD.
+QUEUE_NAME = c.QUEUE_RE
+FUNCTION_REF = c.FUNCTION_RE
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -134,9 +134,9 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Work
 def _problems(s: WorkerSettings) -> list[str]:
     out: list[str] = []
     if not FUNCTION_REF.match(s.function):
-        out.append(f"function {s.function!r} must look like 'package.module:callable'")
+        out.append(f"function {s.function!r} {c.FUNCTION_PROBLEM}")
     if not QUEUE_NAME.match(s.queue):
-        out.append(f"queue {s.queue!r} must be 1-200 characters of letters, digits, '.', '_' or '-'")
+        out.append(f"queue {s.queue!r} {c.QUEUE_PROBLEM}")
     if not s.namespace or "}" in s.namespace or "{" in s.namespace:
         out.append(f"namespace {s.namespace!r} must be non-empty and free of braces")
     if s.broker not in ("redis", "rabbitmq", "kafka"):
@@ -165,7 +165,7 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append("max message age must be >= 0 (0 = no limit)")
     if s.heartbeat_seconds <= 0:
         out.append("heartbeat interval must be > 0")
-    if s.lease_seconds < 2 * s.heartbeat_seconds:
+    if c.lease_too_short(s.lease_seconds, s.heartbeat_seconds):
         out.append("lease must be at least twice the heartbeat interval, so a renewal can miss once")
     if not 0 <= s.metrics_port <= 65535:
         out.append("metrics port must be 0-65535 (0 disables)")
