@@ -17,3 +17,10 @@ cluster-down: ## Stop the cluster started by `make cluster-up` (and anything it 
 
 cluster-status: ## Print the KUBECONFIG of the running local cluster, if any
 	@$(LOCALCLUSTER) status --run-dir $(CLUSTER_RUN_DIR)
+
+.PHONY: helm-bin
+helm-bin: venv ## Build (first run only) or locate the Helm 3 CLI the chart tests use ($$HELM wins)
+	@PYTHONPATH=e2e $(PY) -m localcluster.helm
+
+# The chart tests (e2e/test_helm.py) need Helm; build it before pytest starts, not inside a test.
+test: helm-bin
