@@ -1,0 +1,414 @@
+"""The Helm chart (charts/sluiceway) with the real Helm 3 CLI against the real local control plane.
+
+Helm comes from ``localcluster.helm`` (``$HELM`` or a cached build; ``make test`` builds it first).
+
+The test kubelet mounts no ServiceAccount token, so the chart's operator pod gets ``KUBECONFIG``
+through ``extraEnv``: a kubeconfig whose exec credential plugin asks the API server for a token of
+the chart's own ServiceAccount (a TokenRequest, which is what a token mount holds). The operator
+then acts with exactly the RBAC the chart installed; the pod's image maps to the local
+``python -m sluiceway_operator`` (e2e/localcluster/images.py).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from localcluster.binaries import KUBE_VERSION
+from localcluster.cluster import LocalCluster, write_kubeconfig
+from localcluster.helm import ensure_helm, helm_env
+from localcluster.procs import free_port
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from sluiceway.publish import Publisher
+from sluiceway_operator.manifests import deployment_name, operator_rbac
+from support import CRD, ROOT, cond, get_tq, install_crd, replicas, taskqueue
+
+CHART = ROOT / "charts" / "sluiceway"
+TQ = "sluiceway.dev/v1alpha1"
+
+TOKEN_PLUGIN = """#!/bin/sh
+# Stands in for the token mount the test kubelet lacks: a token of the chart's ServiceAccount.
+token=$("$KUBECTL" --kubeconfig "$ADMIN_KUBECONFIG" create token "$SA" -n "$SA_NAMESPACE" --duration=1h) || exit 1
+printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"%s"}}\\n' "$token"
+"""
+
+
+class Helm:
+    def __init__(self, binary: Path, home: Path, kubeconfig: Path | None = None) -> None:
+        self.binary, self.home, self.kubeconfig = binary, home, kubeconfig
+
+    def run(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        env = helm_env(self.home)
+        if self.kubeconfig is not None:
+            env["KUBECONFIG"] = str(self.kubeconfig)
+        proc = subprocess.run(
+            [str(self.binary), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> Path:
+    return ensure_helm()
+
+
+@pytest.fixture
+def helm(helm_bin: Path, tmp_path: Path) -> Helm:
+    return Helm(helm_bin, tmp_path / "helm-home")
+
+
+def render(helm: Helm, *args: str) -> list[dict[str, Any]]:
+    out = helm.run("template", "t", str(CHART), "--kube-version", KUBE_VERSION, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples: rules compared by what they grant, not how they are split."""
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule.get("apiGroups", [])
+        for r in rule.get("resources", [])
+        for v in rule.get("verbs", [])
+    }
+
+
+SOURCE_RULES = next(d for d in operator_rbac() if d["kind"] == "ClusterRole")["rules"]
+ALL_OPTIONS = [
+    "--set=metrics.serviceMonitor.enabled=true",
+    "--set=metrics.prometheusRule.enabled=true",
+    "--set=metrics.grafanaDashboard.enabled=true",
+]
+
+
+# --- No cluster: the chart itself -------------------------------------------------------------------
+
+
+def test_chart_crd_is_the_repositorys_crd(helm: Helm) -> None:
+    shown = helm.run("show", "crds", str(CHART)).stdout
+    assert list(yaml.safe_load_all(shown)) == list(yaml.safe_load_all(CRD.read_text()))
+
+
+def test_chart_rbac_is_rbac_yaml_cluster_wide_and_split_by_scope_when_namespaced(helm: Helm) -> None:
+    docs = render(helm)
+    (role,) = by_kind(docs, "ClusterRole")
+    assert role["rules"] == SOURCE_RULES
+    assert not by_kind(docs, "Role")
+
+    docs = render(helm, "--set=watchNamespaces={team-a,team-b}")
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    cluster_wide = rule_set(cluster_role["rules"])
+    assert {r for _, r, _ in cluster_wide} <= {"customresourcedefinitions", "namespaces"}
+    for role in roles:
+        # Together the Role and the ClusterRole grant exactly what rbac.yaml grants.
+        assert rule_set(role["rules"]) | cluster_wide == rule_set(SOURCE_RULES)
+    (dep,) = by_kind(docs, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_chart_pod_is_restricted_and_takes_scheduling_values(helm: Helm) -> None:
+    docs = render(
+        helm,
+        "--set=nodeSelector.pool=ops",
+        "--set=tolerations[0].key=ops,tolerations[0].operator=Exists",
+        "--set=imagePullSecrets[0].name=regcred",
+        "--set=image.digest=sha256:" + "a" * 64,
+        "--set=log.level=debug,log.format=console",
+    )
+    (dep,) = by_kind(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["nodeSelector"] == {"pool": "ops"}
+    assert pod["tolerations"] == [{"key": "ops", "operator": "Exists"}]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert container["image"] == "ghcr.io/sluiceway/operator@sha256:" + "a" * 64
+    assert "--log-level=DEBUG" in container["args"] and "--log-format=console" in container["args"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_helm_lint_strict(helm: Helm) -> None:
+    helm.run("lint", "--strict", str(CHART))
+    helm.run("lint", "--strict", str(CHART), *ALL_OPTIONS, "--set=watchNamespaces={a}")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("config.workerMetricsPort=-1", "at '/config/workerMetricsPort'"),
+        ("watchNamespaces={Not_A_Namespace}", "at '/watchNamespaces/0'"),
+        ("log.format=xml", "at '/log/format'"),
+        ("metrics.prometheusRule.degradedFor=soon", "at '/metrics/prometheusRule/degradedFor'"),
+        ("replicas=2", "additional properties 'replicas' not allowed"),
+    ],
+)
+def test_a_wrong_value_fails_with_its_path(helm: Helm, value: str, message: str) -> None:
+    proc = helm.run("template", "t", str(CHART), f"--set={value}", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+# --- Against the local control plane ----------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, helm: Helm) -> None:
+    c = kube_cluster
+    install_crd(c)
+    ns = c.fresh_namespace("helm-dry")
+    for extra in ([], ["--set=watchNamespaces={" + ns + "}", "--set=metrics.grafanaDashboard.enabled=true"]):
+        out = helm.run(
+            "template", "dry", str(CHART), "-n", ns, "--kube-version", KUBE_VERSION, "--include-crds", *extra
+        ).stdout
+        applied = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out)
+        assert applied.returncode == 0, applied.stderr
+    # The check is real: the API server rejects what the schemas reject.
+    bad = out.replace("containerPort:", "containerPortt:", 1)
+    rejected = c.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", ns, "-f", "-", input=bad)
+    assert rejected.returncode != 0 and "containerPortt" in rejected.stderr
+
+
+def token_kubeconfig(c: LocalCluster, tmp_path: Path, namespace: str, sa: str) -> Path:
+    plugin = tmp_path / "sa-token-plugin"
+    plugin.write_text(TOKEN_PLUGIN)
+    plugin.chmod(0o755)
+    env = {
+        "KUBECTL": str(c.kubectl_path),
+        "ADMIN_KUBECONFIG": str(c.kubeconfig),
+        "SA": sa,
+        "SA_NAMESPACE": namespace,
+    }
+    user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": str(plugin),
+            "env": [{"name": k, "value": v} for k, v in env.items()],
+            "interactiveMode": "Never",
+        }
+    }
+    return write_kubeconfig(tmp_path / f"{sa}.kubeconfig", c.server, c.pki.ca_crt, user, embed_ca=True)
+
+
+class Release:
+    """A release of the chart into its own namespace, with values for the local cluster."""
+
+    def __init__(self, c: LocalCluster, helm: Helm, tmp_path: Path, *values: str) -> None:
+        self.c, self.helm = c, helm
+        self.name = f"sw-{secrets.token_hex(3)}"
+        self.namespace = c.fresh_namespace("helm")
+        self.fullname = f"{self.name}-operator"
+        self.port = free_port()
+        kubeconfig = token_kubeconfig(c, tmp_path, self.namespace, self.fullname)
+        self.values = [
+            "--set=image.repository=sluiceway/operator",
+            f"--set=metrics.port={self.port}",
+            "--set=config.workerMetricsPort=0",  # pods share the host network here
+            "--set=log.format=console",
+            "--set=extraEnv[0].name=KUBECONFIG",
+            f"--set=extraEnv[0].value={kubeconfig}",
+            *values,
+        ]
+
+    def install(self, *extra: str) -> float:
+        started = time.monotonic()
+        self.helm.run(
+            "install",
+            self.name,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--wait",
+            "--timeout=180s",
+            *self.values,
+            *extra,
+        )
+        return time.monotonic() - started
+
+    def upgrade(self, *extra: str) -> None:
+        self.helm.run(
+            "upgrade",
+            self.name,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--wait",
+            "--timeout=180s",
+            *self.values,
+            *extra,
+        )
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(
+            json.loads(self.helm.run("history", self.name, "-n", self.namespace, "-o", "json").stdout)
+        )
+
+    def args(self) -> list[str]:
+        dep = self.c.get(f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{self.fullname}")
+        return list(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    def pod_log(self) -> str:
+        pods = self.c.get(f"/api/v1/namespaces/{self.namespace}/pods")["items"]
+        return "\n".join(self.c.pod_log(self.namespace, p["metadata"]["name"])[-4000:] for p in pods)
+
+    def uninstall(self) -> None:
+        self.helm.run("uninstall", self.name, "-n", self.namespace, "--wait", "--timeout=120s", check=False)
+
+
+@pytest.fixture
+def release(kube_cluster: LocalCluster, helm: Helm, tmp_path: Path) -> Iterator[Release]:
+    helm.kubeconfig = kube_cluster.kubeconfig
+    r = Release(kube_cluster, helm, tmp_path)
+    yield r
+    r.uninstall()
+
+
+def wait_for(c: LocalCluster, check: Any, timeout: float, what: str, release: Release) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what} (last: {last!r})\n{release.pod_log()}"
+    )
+
+
+def forget(c: LocalCluster, ns: str, name: str) -> None:
+    """Delete a TaskQueue whose operator is gone: its finalizer would hold it (and its namespace) forever."""
+    c.kubectl("patch", "taskqueue", name, "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    c.kubectl("delete", "taskqueue", name, "-n", ns, "--wait=false")
+
+
+@pytest.mark.cluster
+@pytest.mark.redis
+@pytest.mark.timeout(600)
+def test_install_reconciles_and_drains_then_upgrade_rollback_and_uninstall_keep_the_work(
+    kube_cluster: LocalCluster, release: Release, ns: str, redis_url: str, r: redis.Redis
+) -> None:
+    c = kube_cluster
+    install_crd(c)  # crds/ is skipped when the CRD exists (other modules install it): Helm's rule
+    seconds = release.install()
+    c.apply(taskqueue("hq", redis_url), ns)
+    ready = lambda: (t := get_tq(c, ns, "hq")) and cond(t, "Ready").get("status") == "True" and t  # noqa: E731
+    wait_for(c, ready, 60, "the TaskQueue Ready under the chart's operator", release)
+    print(f"\n[helm figures] helm install --wait {seconds:.1f} s")
+
+    messages = 200
+    Publisher(redis_url).publish_batch(f"{ns}/hq", ({"n": i} for i in range(messages)))
+    wait_for(c, lambda: r.hlen("test:done") >= messages, 180, "the burst drained", release)
+    assert sorted(int(k) for k in r.hkeys("test:done")) == list(range(messages))
+
+    # Upgrade with changed values: the operator restarts with them and keeps reconciling.
+    release.upgrade("--set=log.level=DEBUG", "--set=podAnnotations.sluiceway\\.dev/test=upgraded")
+    assert "--log-level=DEBUG" in release.args()
+    c.kubectl(
+        "patch", "taskqueue", "hq", "-n", ns, "--type=merge", "-p", '{"spec":{"concurrency":{"perPod":3}}}'
+    )
+    wait_for(
+        c,
+        lambda: (
+            (d := c.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{deployment_name('hq')}"))
+            and {
+                e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+            }.get("SLUICEWAY_CONCURRENCY")
+            == "3"
+        ),
+        60,
+        "the upgraded operator to apply a spec change",
+        release,
+    )
+    release.helm.run("rollback", release.name, "1", "-n", release.namespace, "--wait", "--timeout=180s")
+    assert "--log-level=INFO" in release.args()
+    assert [h["revision"] for h in release.history()] == [1, 2, 3]
+
+    # Queued work survives the uninstall: pin the fleet to zero, queue 100, uninstall.
+    c.kubectl("patch", "taskqueue", "hq", "-n", ns, "--type=merge", "-p", '{"spec":{"replicas":0}}')
+    wait_for(
+        c, lambda: replicas(c, ns, "hq") == 0 and not any(c.pods_processes(ns).values()), 90, "zero", release
+    )
+    Publisher(redis_url).publish_batch(f"{ns}/hq", ({"n": messages + i} for i in range(100)))
+    release.uninstall()
+    gone = lambda: not c.get(f"/api/v1/namespaces/{release.namespace}/pods")["items"]  # noqa: E731
+    wait_for(c, gone, 60, "the operator pod gone", release)
+    assert c.kubectl("get", "crd", "taskqueues.sluiceway.dev").returncode == 0
+    assert get_tq(c, ns, "hq")["metadata"]["name"] == "hq"
+    stats = fleet.queue_stats(r, Keys(ns, "hq"))
+    assert stats.backlog == 100, stats
+    forget(c, ns, "hq")
+
+
+@pytest.mark.cluster
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_namespaced_install_watches_only_its_namespaces_and_is_denied_other_secrets(
+    kube_cluster: LocalCluster, helm: Helm, tmp_path: Path, ns: str, redis_url: str
+) -> None:
+    c = kube_cluster
+    helm.kubeconfig = c.kubeconfig
+    install_crd(c)
+    other = c.fresh_namespace("helm-other")
+    c.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "sluiceway-redis"},
+            "stringData": {"url": redis_url},
+        },
+        other,
+    )
+    release = Release(c, helm, tmp_path, "--set=watchNamespaces={" + ns + "}")
+    try:
+        release.install()
+        sa = f"system:serviceaccount:{release.namespace}:{release.fullname}"
+
+        def can(verb: str, resource: str, where: str) -> str:
+            return c.kubectl("auth", "can-i", verb, resource, "-n", where, "--as", sa).stdout.strip()
+
+        assert can("get", "secrets", ns) == "yes"
+        assert can("get", "secrets", other) == "no"
+        assert can("delete", "pods", other) == "no"
+        assert can("delete", "pods", "kube-system") == "no"
+        # The operator's own credentials, not impersonation: a real 403 from the API server.
+        token = c.serviceaccount_kubeconfig(release.namespace, release.fullname)
+        denied = c.kubectl("get", "secret", "sluiceway-redis", "-n", other, kubeconfig=token)
+        assert denied.returncode != 0 and "Forbidden" in denied.stderr, denied.stderr
+        assert c.kubectl("get", "secret", "sluiceway-redis", "-n", ns, kubeconfig=token).returncode == 0
+
+        c.apply(taskqueue("mine", redis_url), ns)
+        c.apply(taskqueue("theirs", redis_url), other)
+        ready = lambda: (t := get_tq(c, ns, "mine")) and cond(t, "Ready").get("status") == "True"  # noqa: E731
+        wait_for(c, ready, 60, "the watched namespace's TaskQueue Ready", release)
+        # The operator never saw the other namespace: no status, no finalizer, no Deployment.
+        theirs = get_tq(c, other, "theirs")
+        assert "status" not in theirs and not theirs["metadata"].get("finalizers"), theirs
+        assert c.kubectl("get", "deployment", deployment_name("theirs"), "-n", other).returncode != 0
+        c.kubectl("delete", "taskqueue", "mine", "-n", ns, "--wait=true", "--timeout=60s", check=True)
+    finally:
+        release.uninstall()
+        c.kubectl("delete", "taskqueue", "--all", "-n", other, "--wait=false")
