@@ -11,9 +11,6 @@ then acts with exactly the RBAC the chart installed; the pod's image maps to the
 
 from __future__ import annotations
 
-import json
-import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,42 +20,15 @@ import pytest
 import redis
 import yaml
 
+from helmsupport import CHART, Helm, Release
 from localcluster.binaries import KUBE_VERSION
-from localcluster.cluster import LocalCluster, write_kubeconfig
-from localcluster.helm import ensure_helm, helm_env
-from localcluster.procs import free_port
+from localcluster.cluster import LocalCluster
+from localcluster.helm import ensure_helm
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
 from sluiceway_operator.manifests import deployment_name, operator_rbac
-from support import CRD, ROOT, cond, get_tq, install_crd, replicas, taskqueue
-
-CHART = ROOT / "charts" / "sluiceway"
-TQ = "sluiceway.dev/v1alpha1"
-
-TOKEN_PLUGIN = """#!/bin/sh
-# Stands in for the token mount the test kubelet lacks: a token of the chart's ServiceAccount.
-token=$("$KUBECTL" --kubeconfig "$ADMIN_KUBECONFIG" create token "$SA" -n "$SA_NAMESPACE" --duration=1h) || exit 1
-printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"%s"}}\\n' "$token"
-"""
-
-
-class Helm:
-    def __init__(self, binary: Path, home: Path, kubeconfig: Path | None = None) -> None:
-        self.binary, self.home, self.kubeconfig = binary, home, kubeconfig
-
-    def run(self, *args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        env = helm_env(self.home)
-        if self.kubeconfig is not None:
-            env["KUBECONFIG"] = str(self.kubeconfig)
-        proc = subprocess.run(
-            [str(self.binary), *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
+from support import CRD, cond, get_tq, install_crd, replicas, taskqueue
 
 
 @pytest.fixture(scope="module")
@@ -190,92 +160,6 @@ def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, hel
     bad = out.replace("containerPort:", "containerPortt:", 1)
     rejected = c.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", ns, "-f", "-", input=bad)
     assert rejected.returncode != 0 and "containerPortt" in rejected.stderr
-
-
-def token_kubeconfig(c: LocalCluster, tmp_path: Path, namespace: str, sa: str) -> Path:
-    plugin = tmp_path / "sa-token-plugin"
-    plugin.write_text(TOKEN_PLUGIN)
-    plugin.chmod(0o755)
-    env = {
-        "KUBECTL": str(c.kubectl_path),
-        "ADMIN_KUBECONFIG": str(c.kubeconfig),
-        "SA": sa,
-        "SA_NAMESPACE": namespace,
-    }
-    user = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1",
-            "command": str(plugin),
-            "env": [{"name": k, "value": v} for k, v in env.items()],
-            "interactiveMode": "Never",
-        }
-    }
-    return write_kubeconfig(tmp_path / f"{sa}.kubeconfig", c.server, c.pki.ca_crt, user, embed_ca=True)
-
-
-class Release:
-    """A release of the chart into its own namespace, with values for the local cluster."""
-
-    def __init__(self, c: LocalCluster, helm: Helm, tmp_path: Path, *values: str) -> None:
-        self.c, self.helm = c, helm
-        self.name = f"sw-{secrets.token_hex(3)}"
-        self.namespace = c.fresh_namespace("helm")
-        self.fullname = f"{self.name}-operator"
-        self.port = free_port()
-        kubeconfig = token_kubeconfig(c, tmp_path, self.namespace, self.fullname)
-        self.values = [
-            "--set=image.repository=sluiceway/operator",
-            f"--set=metrics.port={self.port}",
-            "--set=config.workerMetricsPort=0",  # pods share the host network here
-            "--set=log.format=console",
-            "--set=extraEnv[0].name=KUBECONFIG",
-            f"--set=extraEnv[0].value={kubeconfig}",
-            *values,
-        ]
-
-    def install(self, *extra: str) -> float:
-        started = time.monotonic()
-        self.helm.run(
-            "install",
-            self.name,
-            str(CHART),
-            "-n",
-            self.namespace,
-            "--wait",
-            "--timeout=180s",
-            *self.values,
-            *extra,
-        )
-        return time.monotonic() - started
-
-    def upgrade(self, *extra: str) -> None:
-        self.helm.run(
-            "upgrade",
-            self.name,
-            str(CHART),
-            "-n",
-            self.namespace,
-            "--wait",
-            "--timeout=180s",
-            *self.values,
-            *extra,
-        )
-
-    def history(self) -> list[dict[str, Any]]:
-        return list(
-            json.loads(self.helm.run("history", self.name, "-n", self.namespace, "-o", "json").stdout)
-        )
-
-    def args(self) -> list[str]:
-        dep = self.c.get(f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{self.fullname}")
-        return list(dep["spec"]["template"]["spec"]["containers"][0]["args"])
-
-    def pod_log(self) -> str:
-        pods = self.c.get(f"/api/v1/namespaces/{self.namespace}/pods")["items"]
-        return "\n".join(self.c.pod_log(self.namespace, p["metadata"]["name"])[-4000:] for p in pods)
-
-    def uninstall(self) -> None:
-        self.helm.run("uninstall", self.name, "-n", self.namespace, "--wait", "--timeout=120s", check=False)
 
 
 @pytest.fixture
