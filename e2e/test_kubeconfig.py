@@ -16,6 +16,7 @@ client both authenticated), and its deletion completes (the finalizer's patch we
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -160,9 +161,17 @@ def test_operator_starts_serves_healthz_and_reconciles(
         # kopf's login and the operator's client each ran the plugin; one of them got the invalid
         # token, was refused, and logged in again.
         assert plugin_calls(tmp_path) >= 3, op.tail()
-        # Tokens live 65 s and are renewed 60 s early: a renewal follows within a few ticks.
+        # Tokens live 65 s and are renewed 60 s early, before the next call: a spec change makes
+        # the operator call the API (an idle TaskQueue costs no call), with a fresh token.
         seen = plugin_calls(tmp_path)
-        until(op, lambda: plugin_calls(tmp_path) > seen, 30, "the plugin to run again before the expiry")
+        edits = iter(range(10**6))
+
+        def renewed() -> bool:
+            patch = json.dumps({"spec": {"concurrency": {"perPod": 2 + next(edits) % 2}}})
+            c.kubectl("patch", "taskqueue", "kc", "-n", ns, "--type=merge", "-p", patch, check=True)
+            return plugin_calls(tmp_path) > seen
+
+        until(op, renewed, 40, "the plugin to run again before the expiry")
     c.kubectl("delete", "taskqueue", "kc", "-n", ns, "--wait=false", check=True)
     until(op, lambda: not c.kubectl("get", "taskqueue", "kc", "-n", ns).stdout, 60, "the deletion to finish")
     assert op.proc.poll() is None, op.tail()
