@@ -30,6 +30,9 @@ from sluiceway.publish import Publisher
 from sluiceway_operator.manifests import deployment_name, operator_rbac
 from support import CRD, cond, get_tq, install_crd, replicas, taskqueue
 
+# Every test here needs Helm, a Go-built tool like the control plane: keep them out of `make test-unit`.
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def helm_bin() -> Path:
