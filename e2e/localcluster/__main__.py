@@ -46,7 +46,7 @@ def export_text(state: dict[str, object], kubectl: object = "kubectl") -> str:
     return (
         f"Local cluster at {state['server']}. Use it with:\n\n"
         f"    export KUBECONFIG={state['kubeconfig']}\n\n"
-        'Run the operator against it from this checkout (docs/local-cluster.md, "The operator"):\n\n'
+        'Run the operator against it from this checkout (docs/local-cluster.md, "The operator against a cluster, from a laptop"):\n\n'
         f"    KUBECONFIG={state['kubeconfig']} {kubectl} apply --server-side -f crds/taskqueue.yaml\n"
         f"    {operator_command(state['kubeconfig'])}\n"
     )
