@@ -77,6 +77,10 @@ class Release:
         self.c, self.helm = c, helm
         self.name = f"sw-{secrets.token_hex(3)}"
         self.namespace = c.fresh_namespace("helm")
+        # The API server's PodSecurity admission then rejects an operator pod that is not restricted.
+        c.kubectl(
+            "label", "namespace", self.namespace, "pod-security.kubernetes.io/enforce=restricted", check=True
+        )
         self.fullname = f"{self.name}-operator"
         self.port = free_port()
         kubeconfig = token_kubeconfig(c, tmp_path, self.namespace, self.fullname)

@@ -153,12 +153,20 @@ def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, hel
     c = kube_cluster
     install_crd(c)
     ns = c.fresh_namespace("helm-dry")
+    c.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", check=True)
     for extra in ([], ["--set=watchNamespaces={" + ns + "}", "--set=metrics.grafanaDashboard.enabled=true"]):
         out = helm.run(
             "template", "dry", str(CHART), "-n", ns, "--kube-version", KUBE_VERSION, "--include-crds", *extra
         ).stdout
         applied = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=out)
         assert applied.returncode == 0, applied.stderr
+        assert "PodSecurity" not in applied.stderr, applied.stderr  # the pod meets "restricted"
+    lax = helm.run(
+        "template", "dry", str(CHART), "-n", ns, "--kube-version", KUBE_VERSION,
+        "--set=securityContext.allowPrivilegeEscalation=true",
+    ).stdout  # fmt: skip
+    warned = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=lax)
+    assert 'would violate PodSecurity "restricted:latest"' in warned.stderr, warned.stderr
     # The check is real: the API server rejects what the schemas reject.
     bad = out.replace("containerPort:", "containerPortt:", 1)
     rejected = c.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", ns, "-f", "-", input=bad)
