@@ -125,6 +125,20 @@ def test_exec_plugin_token_and_its_expiry(pki: Pki, tmp_path: Path) -> None:
     assert to_kopf(creds).expiration == expires
 
 
+def test_exec_plugin_client_certificate(pki: Pki, tmp_path: Path) -> None:
+    # Some plugins (AKS kubelogin in some modes, Teleport) hand out a client certificate, not a token.
+    status = {
+        "clientCertificateData": pki.client_crt("admin").read_text(),
+        "clientKeyData": pki.client_key("admin").read_text(),
+    }
+    script = exec_plugin(tmp_path, status)
+    path = kubeconfig(tmp_path / "cfg", {"certificate-authority-data": b64(pki.ca_crt)}, exec_user(script))
+    creds = login_kubeconfig(str(path))
+    assert creds.authorization is None
+    assert creds.cert_path and Path(creds.cert_path).read_text() == status["clientCertificateData"]
+    assert isinstance(creds.ssl_context(), ssl.SSLContext)  # the pair loads
+
+
 def test_a_failing_exec_plugin_is_a_login_error_naming_it(pki: Pki, tmp_path: Path) -> None:
     script = exec_plugin(tmp_path, {}, exit_code=3)
     path = kubeconfig(tmp_path / "cfg", {"certificate-authority-data": b64(pki.ca_crt)}, exec_user(script))
