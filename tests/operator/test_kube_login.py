@@ -139,6 +139,22 @@ def test_exec_plugin_client_certificate(pki: Pki, tmp_path: Path) -> None:
     assert isinstance(creds.ssl_context(), ssl.SSLContext)  # the pair loads
 
 
+def test_oidc_auth_provider_id_token(pki: Pki, tmp_path: Path) -> None:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    exp = int(datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC).timestamp())
+    id_token = f"{part({'alg': 'RS256'})}.{part({'iss': 'https://idp.example', 'exp': exp})}.c2ln"
+    user = {
+        "auth-provider": {
+            "name": "oidc",
+            "config": {"client-id": "k8s", "idp-issuer-url": "https://idp.example", "id-token": id_token},
+        }
+    }
+    path = kubeconfig(tmp_path / "cfg", {"certificate-authority-data": b64(pki.ca_crt)}, user)
+    assert login_kubeconfig(str(path)).authorization == f"Bearer {id_token}"
+
+
 def test_a_failing_exec_plugin_is_a_login_error_naming_it(pki: Pki, tmp_path: Path) -> None:
     script = exec_plugin(tmp_path, {}, exit_code=3)
     path = kubeconfig(tmp_path / "cfg", {"certificate-authority-data": b64(pki.ca_crt)}, exec_user(script))
