@@ -167,6 +167,12 @@ def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, hel
     ).stdout  # fmt: skip
     warned = c.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-", input=lax)
     assert 'would violate PodSecurity "restricted:latest"' in warned.stderr, warned.stderr
+    # helm install applies values.schema.json before sending anything.
+    helm.kubeconfig = c.kubeconfig
+    failed = helm.run("install", "bad", str(CHART), "-n", ns, "--set=metrics.port=0", check=False)
+    assert failed.returncode != 0 and "at '/metrics/port'" in failed.stderr, failed.stderr
+    assert not c.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]
+    assert "bad" not in helm.run("list", "-n", ns, "-a", "-q").stdout
     # The check is real: the API server rejects what the schemas reject.
     bad = out.replace("containerPort:", "containerPortt:", 1)
     rejected = c.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", ns, "-f", "-", input=bad)
