@@ -148,7 +148,6 @@ def test_a_wrong_value_fails_with_its_path(helm: Helm, value: str, message: str)
 # --- Against the local control plane ----------------------------------------------------------------
 
 
-@pytest.mark.cluster
 def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, helm: Helm) -> None:
     c = kube_cluster
     install_crd(c)
@@ -177,6 +176,25 @@ def test_template_passes_the_api_servers_dry_run(kube_cluster: LocalCluster, hel
     bad = out.replace("containerPort:", "containerPortt:", 1)
     rejected = c.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", ns, "-f", "-", input=bad)
     assert rejected.returncode != 0 and "containerPortt" in rejected.stderr
+
+
+def test_the_namespaced_split_matches_the_api_servers_scopes(kube_cluster: LocalCluster, helm: Helm) -> None:
+    """A resource rbac.yaml gains later lands in the ClusterRole or the Roles by its real scope."""
+    out = kube_cluster.kubectl("api-resources", "--namespaced=false", "-o", "name", check=True).stdout
+    cluster_scoped = {name.split(".", 1)[0] for name in out.split()}
+    docs = render(helm, "--set=watchNamespaces={team-a}")
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    (role,) = by_kind(docs, "Role")
+    granted_cluster_wide = {r for _, r, _ in rule_set(cluster_role["rules"])}
+    granted_per_namespace = {r for _, r, _ in rule_set(role["rules"])}
+    for _, resource, _ in rule_set(SOURCE_RULES):
+        if resource.split("/", 1)[0] in cluster_scoped:
+            assert resource in granted_cluster_wide, (
+                f"{resource} is cluster-scoped: it belongs in the ClusterRole"
+            )
+        else:
+            assert resource in granted_per_namespace, f"{resource} is namespaced: it belongs in the Roles"
+            assert resource not in granted_cluster_wide, f"{resource} must not be granted cluster-wide"
 
 
 @pytest.fixture
