@@ -39,7 +39,8 @@ STRATEGIC: Final = "application/strategic-merge-patch+json"
 
 # Renew expiring credentials this long before they expire (an EKS token lives 15 min).
 RENEW_BEFORE: Final = datetime.timedelta(seconds=60)
-IN_CLUSTER_TOKEN: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
+IN_CLUSTER_TOKEN: Final = f"{SERVICE_ACCOUNT_DIR}/token"
 
 
 class ApiError(Exception):
@@ -102,7 +103,7 @@ def _from_configuration(cfg: Any, expiry: Any, namespace: str | None, source: st
         insecure=not cfg.verify_ssl,
         cert_path=cfg.cert_file or None,
         key_path=cfg.key_file or None,
-        authorization=str(authorization) if authorization else None,
+        authorization=str(authorization).strip() if authorization else None,  # a token file may end in \n
         expires_at=_utc(expiry),
         namespace=namespace,
         source=source,
@@ -163,17 +164,26 @@ class _ErrorRecords(logging.Handler):
         logging.getLogger().removeHandler(self)
 
 
-def login_in_cluster() -> Credentials:
+def login_in_cluster(
+    environ: Mapping[str, str] | None = None, account_dir: str = SERVICE_ACCOUNT_DIR
+) -> Credentials:
+    """The pod's ServiceAccount: ``KUBERNETES_SERVICE_HOST/PORT`` and the mounted token and CA."""
     from kubernetes.client import Configuration
-    from kubernetes.config import ConfigException, load_incluster_config
+    from kubernetes.config import ConfigException
+    from kubernetes.config.incluster_config import InClusterConfigLoader
 
     cfg = Configuration()
     try:
-        load_incluster_config(client_configuration=cfg, try_refresh_token=False)  # type: ignore[no-untyped-call]
+        InClusterConfigLoader(  # type: ignore[no-untyped-call]
+            token_filename=os.path.join(account_dir, "token"),
+            cert_filename=os.path.join(account_dir, "ca.crt"),
+            try_refresh_token=False,  # a 401 logs in again, which re-reads the rotated token
+            environ=os.environ if environ is None else environ,
+        ).load_and_set(cfg)
     except ConfigException as exc:
         raise LoginError(f"in-cluster login failed: {exc}") from exc
     namespace = None
-    ns_file = os.path.join(os.path.dirname(IN_CLUSTER_TOKEN), "namespace")
+    ns_file = os.path.join(account_dir, "namespace")
     if os.path.isfile(ns_file):
         namespace = _read_text(ns_file)
     return _from_configuration(cfg, None, namespace, "in-cluster")
@@ -189,7 +199,7 @@ def login(environ: Mapping[str, str] | None = None) -> Credentials:
     if env.get("KUBECONFIG"):
         return login_kubeconfig(env["KUBECONFIG"], context)
     if env.get("KUBERNETES_SERVICE_HOST") and os.path.isfile(IN_CLUSTER_TOKEN):
-        return login_in_cluster()
+        return login_in_cluster(env)
     home = os.path.expanduser("~/.kube/config")
     if os.path.isfile(home):
         return login_kubeconfig(home, context)

@@ -20,7 +20,15 @@ import yaml
 from aiohttp import web
 
 from localcluster.pki import Pki, create_pki
-from sluiceway_operator.kube import Credentials, Kube, LoginError, login, login_kubeconfig, to_kopf
+from sluiceway_operator.kube import (
+    Credentials,
+    Kube,
+    LoginError,
+    login,
+    login_in_cluster,
+    login_kubeconfig,
+    to_kopf,
+)
 
 SERVER = "https://127.0.0.1:6443"
 
@@ -174,6 +182,21 @@ def test_login_order_and_what_it_says_when_there_is_nothing(pki: Pki, tmp_path: 
     broken.chmod(stat.S_IRUSR | stat.S_IWUSR)
     with pytest.raises(LoginError, match="cannot use the kubeconfig"):
         login({"KUBECONFIG": str(broken)})
+
+
+def test_in_cluster_service_account(pki: Pki, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("sa-token\n")
+    (tmp_path / "ca.crt").write_bytes(pki.ca_crt.read_bytes())
+    (tmp_path / "namespace").write_text("sluiceway-system")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    creds = login_in_cluster(env, str(tmp_path))
+    assert creds.server == "https://10.96.0.1:443"
+    assert creds.ca_path == str(tmp_path / "ca.crt")
+    assert creds.authorization == "bearer sa-token"  # no trailing newline in a header
+    assert creds.namespace == "sluiceway-system"
+    (tmp_path / "token").unlink()
+    with pytest.raises(LoginError, match="in-cluster login failed"):
+        login_in_cluster(env, str(tmp_path))
 
 
 async def test_a_401_logs_in_again_once_and_retries() -> None:
