@@ -184,6 +184,19 @@ def test_login_order_and_what_it_says_when_there_is_nothing(pki: Pki, tmp_path: 
         login({"KUBECONFIG": str(broken)})
 
 
+def test_the_context_variable_picks_another_context(pki: Pki, tmp_path: Path) -> None:
+    path = kubeconfig(tmp_path / "cfg", {"certificate-authority-data": b64(pki.ca_crt)}, {"token": "t"})
+    config = yaml.safe_load(path.read_text())
+    config["clusters"].append(
+        {"name": "c2", "cluster": {"server": "https://10.0.0.2:6443", "insecure-skip-tls-verify": True}}
+    )
+    config["contexts"].append({"name": "other", "context": {"cluster": "c2", "user": "u"}})
+    path.write_text(yaml.safe_dump(config))
+    assert login({"KUBECONFIG": str(path)}).server == SERVER
+    other = login({"KUBECONFIG": str(path), "SLUICEWAY_OPERATOR_KUBE_CONTEXT": "other"})
+    assert (other.server, other.insecure, other.ssl_context()) == ("https://10.0.0.2:6443", True, False)
+
+
 def test_in_cluster_service_account(pki: Pki, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("sa-token\n")
     (tmp_path / "ca.crt").write_bytes(pki.ca_crt.read_bytes())
