@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
 import ssl
 import stat
 import sys
@@ -195,6 +196,21 @@ def test_the_context_variable_picks_another_context(pki: Pki, tmp_path: Path) ->
     assert login({"KUBECONFIG": str(path)}).server == SERVER
     other = login({"KUBECONFIG": str(path), "SLUICEWAY_OPERATOR_KUBE_CONTEXT": "other"})
     assert (other.server, other.insecure, other.ssl_context()) == ("https://10.0.0.2:6443", True, False)
+
+
+def test_kubeconfig_may_be_several_files(pki: Pki, tmp_path: Path) -> None:
+    # As kubectl merges them: the first file names the context, a later one holds the user.
+    full = yaml.safe_load(
+        kubeconfig(
+            tmp_path / "full", {"certificate-authority-data": b64(pki.ca_crt)}, {"token": "t2"}
+        ).read_text()
+    )
+    first = {k: v for k, v in full.items() if k != "users"}
+    second = {"apiVersion": "v1", "kind": "Config", "users": full["users"]}
+    (tmp_path / "a").write_text(yaml.safe_dump(first))
+    (tmp_path / "b").write_text(yaml.safe_dump(second))
+    creds = login({"KUBECONFIG": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"})
+    assert (creds.server, creds.authorization) == (SERVER, "Bearer t2")
 
 
 def test_in_cluster_service_account(pki: Pki, tmp_path: Path) -> None:
