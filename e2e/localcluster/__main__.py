@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from .binaries import BinariesUnavailableError, ensure_binaries
+from .binaries import BinariesUnavailableError, _from_assets, build_dir, ensure_binaries
 from .cluster import LocalCluster
 from .procs import ClusterError, pid_alive, sweep_run
 
@@ -53,11 +53,9 @@ def export_text(state: dict[str, object], kubectl: object = "kubectl") -> str:
 
 
 def _print_export(state: dict[str, object]) -> None:
-    try:
-        kubectl: object = ensure_binaries(lambda _: None, build=False).kubectl
-    except BinariesUnavailableError:
-        kubectl = "kubectl"
-    print(export_text(state, kubectl))
+    # The kubectl ensure_binaries would return, without taking its build lock just to print.
+    kubectl = _from_assets().get("kubectl") or build_dir() / "bin" / "kubectl"
+    print(export_text(state, kubectl if kubectl.is_file() else "kubectl"))
 
 
 def cmd_up(run_dir: Path, apiserver_port: int | None, timeout: float) -> int:
