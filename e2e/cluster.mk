@@ -9,7 +9,7 @@ CLUSTER_RUN_DIR ?= .run/cluster
 cluster-bins: venv ## Build (first run only) or locate etcd, kube-apiserver, kube-controller-manager, kubectl
 	@PYTHONPATH=e2e $(PY) -m localcluster.binaries
 
-cluster-up: cluster-bins ## Start a local cluster in the background and print the KUBECONFIG to export
+cluster-up: cluster-bins ## Start a local cluster in the background; print the KUBECONFIG and how to run the operator
 	@$(LOCALCLUSTER) up --run-dir $(CLUSTER_RUN_DIR)
 
 cluster-down: ## Stop the cluster started by `make cluster-up` (and anything it left behind)
@@ -21,3 +21,9 @@ cluster-status: ## Print the KUBECONFIG of the running local cluster, if any
 .PHONY: argocd-bin
 argocd-bin: venv ## Build (first run only, about 8 min) or locate Argo CD v3.2.11 for the GitOps tests
 	@PYTHONPATH=e2e $(PY) -m localcluster.argocd
+.PHONY: helm-bin
+helm-bin: venv ## Build (first run only) or locate the Helm 3 CLI the chart tests use (HELM=path wins)
+	@PYTHONPATH=e2e $(PY) -m localcluster.helm
+
+# The chart tests (e2e/test_helm.py) need Helm; build it before pytest starts, not inside a test.
+test: helm-bin

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from .binaries import BinariesUnavailableError, ensure_binaries
+from .binaries import BinariesUnavailableError, _from_assets, build_dir, ensure_binaries
 from .cluster import LocalCluster
 from .procs import ClusterError, pid_alive, sweep_run
 
@@ -33,10 +33,29 @@ def _state(run_dir: Path) -> dict[str, object] | None:
     return state if isinstance(pid, int) and pid_alive(pid) else None
 
 
-def _print_export(state: dict[str, object]) -> None:
-    print(
-        f"Local cluster at {state['server']}. Use it with:\n\n    export KUBECONFIG={state['kubeconfig']}\n"
+# Pods share the host network here, so worker pods get no metrics port (two would clash on it).
+OPERATOR_ARGS = ("--worker-metrics-port", "0", "--log-format", "console")
+
+
+def operator_command(kubeconfig: object) -> str:
+    """The shell line that runs the operator from this checkout against the cluster (docs/local-cluster.md)."""
+    return f"KUBECONFIG={kubeconfig} .venv/bin/sluiceway-operator {' '.join(OPERATOR_ARGS)}"
+
+
+def export_text(state: dict[str, object], kubectl: object = "kubectl") -> str:
+    return (
+        f"Local cluster at {state['server']}. Use it with:\n\n"
+        f"    export KUBECONFIG={state['kubeconfig']}\n\n"
+        'Run the operator against it from this checkout (docs/local-cluster.md, "The operator against a cluster, from a laptop"):\n\n'
+        f"    KUBECONFIG={state['kubeconfig']} {kubectl} apply --server-side -f crds/taskqueue.yaml\n"
+        f"    {operator_command(state['kubeconfig'])}\n"
     )
+
+
+def _print_export(state: dict[str, object]) -> None:
+    # The kubectl ensure_binaries would return, without taking its build lock just to print.
+    kubectl = _from_assets().get("kubectl") or build_dir() / "bin" / "kubectl"
+    print(export_text(state, kubectl if kubectl.is_file() else "kubectl"))
 
 
 def cmd_up(run_dir: Path, apiserver_port: int | None, timeout: float) -> int:

@@ -178,11 +178,15 @@ class _MemorySampler:
 
 
 class _Runner:
-    def __init__(self, go: Path, logfile: Path, log: Log) -> None:
+    def __init__(self, go: Path, logfile: Path, log: Log, hint: str = "") -> None:
         self.go = go
         self.env = _go_env(go)
         self.logfile = logfile
         self.log = log
+        self.hint = hint or (
+            "Fix the cause above (network to the Go module proxy, disk space, Go version), then rerun "
+            "`make cluster-bins`; or point KUBEBUILDER_ASSETS at prebuilt envtest binaries."
+        )
 
     def go_cmd(self, args: Sequence[str], cwd: Path, what: str) -> str:
         cmd = [str(self.go), *args]
@@ -213,8 +217,8 @@ class _Runner:
             raise BinariesUnavailableError(
                 f"{what} failed (go exited {proc.returncode}). Last lines of {self.logfile}:\n"
                 + "\n".join("    " + t for t in tail)
-                + "\nFix the cause above (network to the Go module proxy, disk space, Go version), then rerun "
-                "`make cluster-bins`; or point KUBEBUILDER_ASSETS at prebuilt envtest binaries."
+                + "\n"
+                + self.hint
             )
         self.log(f"  {what}: {time.monotonic() - started:.0f}s")
         return out

@@ -10,6 +10,7 @@ kills them all, and a failed start stops whatever it had started before it raise
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -56,12 +57,25 @@ class Ports:
 
 
 def write_kubeconfig(
-    path: Path, server: str, ca: Path, user: Mapping[str, str], name: str = "localcluster"
+    path: Path,
+    server: str,
+    ca: Path,
+    user: Mapping[str, Any],
+    name: str = "localcluster",
+    *,
+    embed_ca: bool = False,
 ) -> Path:
+    """A kubeconfig for ``server``. ``embed_ca`` writes the CA as ``certificate-authority-data``
+    (base64 PEM), the form `kubectl config view --flatten`, kind, EKS and GKE write; else its path."""
+    cluster: dict[str, str] = {"server": server}
+    if embed_ca:
+        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+    else:
+        cluster["certificate-authority"] = str(ca)
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "clusters": [{"name": name, "cluster": cluster}],
         "users": [{"name": name, "user": dict(user)}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
         "current-context": name,
@@ -391,8 +405,10 @@ class LocalCluster:
         """A kubeconfig that acts as ServiceAccount ``namespace/name``, with exactly its RBAC permissions."""
         token = self.serviceaccount_token(namespace, name, expiration_seconds)
         path = self.run_dir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
+        # Embedded CA: the form users' kubeconfigs have (the admin kubeconfig keeps the file path,
+        # so both forms are exercised).
         return write_kubeconfig(
-            path, self.server, self.pki.ca_crt, {"token": token}, name=f"sa-{namespace}-{name}"
+            path, self.server, self.pki.ca_crt, {"token": token}, name=f"sa-{namespace}-{name}", embed_ca=True
         )
 
     def require_kubelet(self) -> Kubelet:

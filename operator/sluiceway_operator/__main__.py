@@ -16,8 +16,20 @@ import kopf
 
 from sluiceway import log as slog
 
-from . import handlers
+from . import handlers, metrics
+from .kube import login_handler
 from .settings import parse_args
+
+# Log in through the `kubernetes` package (kube.py): kopf's built-in kubeconfig reader handles
+# neither exec nor OIDC credential plugins. Registering a login handler replaces kopf's own.
+kopf.on.login(retries=4, backoff=5)(login_handler)
+metrics.REGISTRY.register(
+    metrics.StatusCollector(
+        lambda: [
+            (ns, name, loop.status) for (ns, name), loop in handlers.Runtime.loops.items() if loop.status
+        ]
+    )
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,12 +76,15 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     # Redis calls run in threads; the default pool (cores + 4) would queue 1,000 TaskQueues' ticks.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(32))
-    from .kube import Kube
+    from .kube import Kube, LoginError
 
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.PermanentError("no Kubernetes credentials (in-cluster or kubeconfig)")
-    Runtime.deps = Deps(kube=Kube.from_kopf(info), config=Runtime.config)
+    # The same login as kopf's (kube.login_handler): the `kubernetes` package's loaders. A bad
+    # kubeconfig does not heal by itself, so exit with the reason rather than retry forever.
+    try:
+        kube = await Kube.connect()
+    except LoginError as exc:
+        raise kopf.PermanentError(str(exc)) from exc
+    Runtime.deps = Deps(kube=kube, config=Runtime.config)
     if Runtime.config.http_port:
         Runtime.http = metrics.HttpServer(Runtime.config.http_port)
         await Runtime.http.start()

@@ -273,7 +273,8 @@ DEFAULT_OPERATOR_NAMESPACE: Final = "sluiceway-system"
 def operator_rbac(namespace: str = DEFAULT_OPERATOR_NAMESPACE) -> list[dict[str, Any]]:
     """The ServiceAccount, ClusterRole and ClusterRoleBinding from the packaged ``rbac.yaml``.
 
-    ``rbac.yaml`` is the single source: the chart and the tests load it through this function.
+    ``rbac.yaml`` is the single source: the tests load it through this function, and the Helm chart
+    reads the same file through a link (charts/sluiceway/files/rbac.yaml).
     ``namespace`` replaces the namespace of the ServiceAccount and of the binding's subject.
     """
     text = resources.files(__package__).joinpath(RBAC_RESOURCE).read_text(encoding="utf-8")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import (
@@ -14,6 +15,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 
@@ -85,6 +88,46 @@ def forget(namespace: str, taskqueue: str) -> None:
         for labels in list(labelled._metrics):  # prometheus_client has no public "remove matching"
             if labels[:2] == (namespace, taskqueue):
                 labelled.remove(*labels)
+
+
+StatusSource = Callable[[], Iterable[tuple[str, str, Mapping[str, Any]]]]
+
+
+class StatusCollector(Collector):
+    """Each TaskQueue's last written status, at scrape time: what the chart's alerts read.
+
+    ``source`` yields (namespace, name, status); the series follow the status the operator wrote,
+    so an alert and ``kubectl get tq`` never disagree.
+    """
+
+    def __init__(self, source: StatusSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily(
+            "sluiceway_taskqueue_live_workers",
+            "Workers heartbeating, from the TaskQueue's status.liveWorkers",
+            labels=["namespace", "taskqueue"],
+        )
+        conds = GaugeMetricFamily(
+            "sluiceway_taskqueue_condition",
+            "1 for each condition in the TaskQueue's status, by type, status and reason",
+            labels=["namespace", "taskqueue", "type", "status", "reason"],
+        )
+        for namespace, name, status in self.source():
+            if "liveWorkers" in status:
+                live.add_metric([namespace, name], float(status["liveWorkers"]))
+            for c in status.get("conditions") or []:
+                labels = [
+                    namespace,
+                    name,
+                    str(c.get("type", "")),
+                    str(c.get("status", "")),
+                    str(c.get("reason", "")),
+                ]
+                conds.add_metric(labels, 1.0)
+        yield live
+        yield conds
 
 
 class HttpServer:

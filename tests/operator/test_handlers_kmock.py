@@ -12,7 +12,7 @@ import redis
 
 from sluiceway.contract import Keys
 from sluiceway_operator.autoscaler import Deps, PodView, TaskQueueLoop
-from sluiceway_operator.kube import Kube
+from sluiceway_operator.kube import Credentials, Kube
 from sluiceway_operator.settings import Config
 
 pytestmark = pytest.mark.redis
@@ -70,7 +70,7 @@ def api(kmock: km.KubernetesEmulator, redis_url: str) -> km.KubernetesEmulator:
 
 @pytest.fixture
 async def loop(api: km.KubernetesEmulator) -> Any:
-    kube = Kube(str(api.url), ssl_context=False)
+    kube = Kube(Credentials(str(api.url), insecure=True))
     pods: list[PodView] = []
     yield TaskQueueLoop(NS, "jobs", Deps(kube=kube, config=Config()), pods=lambda: pods)
     await kube.close()
