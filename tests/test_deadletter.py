@@ -19,7 +19,9 @@ def test_a_lone_surrogate_survives_encoding_exactly() -> None:
 
 @given(st.binary(max_size=200))
 def test_a_dead_letter_record_keeps_any_payload_byte_for_byte(payload: bytes) -> None:
-    entry = json.loads(deadletter.record(reason="error", detail="d\ud800", payload=payload, errors=["\udfff"]))
+    entry = json.loads(
+        deadletter.record(reason="error", detail="d\ud800", payload=payload, errors=["\udfff"])
+    )
     assert deadletter.payload_of(entry) == payload
     assert entry["detail"] == "d\\ud800" and entry["errors"] == ["\\udfff"]
 
