@@ -25,12 +25,15 @@ from sluiceway import connection
 from sluiceway.contract import Keys
 from sluiceway.scripts import Scripts
 from sluiceway.transports.base import (
+    AsyncSink,
     Batch,
     Delivery,
     Exchanged,
     Outcomes,
+    Sink,
     SlotLease,
     Token,
+    WorkerLink,
 )
 
 # How many due retries one fetch promotes; bounds the script's run time (Redis is single-threaded).
@@ -366,3 +369,7 @@ def async_sink(url: str) -> AsyncRedisSink:
 def _server_ms(t: tuple[int, int]) -> int:
     # Delays are measured on the Redis clock, like the retry schedule, so publisher skew is moot.
     return int(t[0]) * 1000 + int(t[1]) // 1000
+
+
+def _conforms(t: RedisTransport, s: RedisSink, a: AsyncRedisSink) -> tuple[WorkerLink, Sink, AsyncSink]:
+    return t, s, a  # mypy checks these classes against the seam's protocols
