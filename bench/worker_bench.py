@@ -157,11 +157,12 @@ def worker_throughput(url: str, n: int, concurrency: int, tree: Path | None = No
     # Time from the first ack to the last, so process start-up does not count.
     while fleet.queue_stats(client, KEYS).acked == 0:
         time.sleep(0.001)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds(proc.pid)
     first = fleet.queue_stats(client, KEYS).acked
     while (done := fleet.queue_stats(client, KEYS).acked) < n:
         time.sleep(0.005)
     rate = (done - first) / (time.perf_counter() - t0)
+    LAST_CPU_US[0] = (_cpu_seconds(proc.pid) - cpu0) / max(done - first, 1) * 1e6
     # Counted by the worker itself: start-up (a handful) and heartbeats included.
     round_trips = _round_trips(metrics_port)
     proc.terminate()
@@ -195,16 +196,34 @@ def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[flo
     return len(window) / seconds / qps, max_in_window(window, 1.0)
 
 
-def compare(url: str, n: int, concurrency: int, ref: str, rounds: int = 5) -> tuple[float, float]:
-    """Median msg/s of this tree and of ``ref``, alternating which goes first in each round."""
+# CPU time (user + system) the worker process spent per message in the last throughput run, µs.
+# Steadier than msg/s on a shared machine: waiting for a core does not count.
+LAST_CPU_US = [0.0]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compare(
+    url: str, n: int, concurrency: int, ref: str, rounds: int = 5
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (msg/s, CPU µs per message) of this tree and of ``ref``, alternating which goes
+    first in each round."""
     base = reference_tree(ref)
-    mine: list[float] = []
-    theirs: list[float] = []
+    mine: list[tuple[float, float]] = []
+    theirs: list[tuple[float, float]] = []
     for i in range(rounds):
-        runs: list[tuple[list[float], Path | None]] = [(mine, None), (theirs, base)]
+        runs: list[tuple[list[tuple[float, float]], Path | None]] = [(mine, None), (theirs, base)]
         for sink, tree in runs if i % 2 == 0 else reversed(runs):
-            sink.append(worker_throughput(url, n, concurrency, tree)[0])
-    return statistics.median(mine), statistics.median(theirs)
+            rate = worker_throughput(url, n, concurrency, tree)[0]
+            sink.append((rate, LAST_CPU_US[0]))
+
+    def median(xs: list[tuple[float, float]]) -> tuple[float, float]:
+        return statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
+
+    return median(mine), median(theirs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,10 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.compare_with:
             for c in (1, 8):
-                now, then = compare(url, args.messages, c, args.compare_with)
+                (now, now_cpu), (then, then_cpu) = compare(url, args.messages, c, args.compare_with)
                 print(
                     f"worker (-c {c}) vs {args.compare_with}: median of 5 alternating rounds "
-                    f"{now:,.0f} vs {then:,.0f} msg/s = {now / then:.1%}",
+                    f"{now:,.0f} vs {then:,.0f} msg/s = {now / then:.1%}; "
+                    f"CPU {now_cpu:.1f} vs {then_cpu:.1f} µs/message = {now_cpu / then_cpu:.1%}",
                     flush=True,
                 )
             if args.compare_only:
