@@ -24,7 +24,6 @@ from typing import Any
 import kopf
 import structlog
 
-from sluiceway import fleet
 
 from . import events, metrics
 from .autoscaler import DeploymentView, Deps, PodView, TaskQueueLoop, deployment_view
@@ -39,10 +38,10 @@ from .deletion import (
     sharing,
 )
 from .manifests import GROUP, LABEL_MANAGED_BY, LABEL_TASKQUEUE, MANAGER
-from .observe import purge, secret_value
+from .observe import backlog_source, purge, secret_value
 from .scaling import POD_DELETION_COST
 from .settings import Config
-from .spec import DeletionPolicy, SpecError, keys_for, parse_spec
+from .spec import DeletionPolicy, SpecError, parse_spec
 
 log = structlog.get_logger("sluiceway_operator")
 
@@ -244,11 +243,11 @@ async def taskqueue_deleted(
         listed = await deps.kube.get(_taskqueues_path(namespace))
         shared = sharing(name, queue, queue_users((listed or {}).get("items") or []))
         plan = deletion_plan(parsed.deletion_policy, shared)
-        client = deps.redis.get(await secret_value(deps.kube, namespace, ref))
-        keys = keys_for(namespace, parsed)
-        stats = await asyncio.wait_for(asyncio.to_thread(fleet.queue_stats, client, keys), timeout=budget)
-        counts = QueueCounts(stats.ready, stats.delayed, stats.in_flight, stats.dead)
-        removed = await asyncio.wait_for(purge(client, keys), timeout=budget) if plan.purge else 0
+        url = await secret_value(deps.kube, namespace, ref)
+        source = await backlog_source(deps.kube, deps.redis, namespace, parsed, deps.redis.get(url), url)
+        backlog = await asyncio.wait_for(asyncio.to_thread(source.backlog), timeout=budget)
+        counts = QueueCounts(backlog.ready, backlog.delayed, backlog.in_flight or 0, backlog.dead)
+        removed = await asyncio.wait_for(purge(source), timeout=budget) if plan.purge else 0
     except Exception as exc:
         gave_up = runtime.total_seconds() >= deps.config.finalizer_timeout or retry >= 4
         if parsed.deletion_policy is DeletionPolicy.RETAIN or gave_up:

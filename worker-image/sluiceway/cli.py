@@ -400,7 +400,8 @@ def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
 
     messages = _read_messages(args.messages)
     try:
-        pub = Publisher(url)
+        # Without --redis-url the broker comes from the environment, as for the SDK.
+        pub = Publisher(args.redis_url) if args.redis_url else Publisher()
     except ValueError as exc:
         raise _CommandError(ToolExit.USAGE, f"--redis-url {_redacted(url)!r}: {exc}") from None
     qname = f"{keys.namespace}/{keys.queue}"

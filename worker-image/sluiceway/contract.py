@@ -85,7 +85,8 @@ class Keys:
 
     @property
     def ready(self) -> str:
-        """LIST of ready messages: publishers LPUSH, workers take from the right."""
+        """LIST of ready messages, each exactly as published: publishers LPUSH, workers take from
+        the right."""
         return self.prefix + "queue"
 
     @property
@@ -127,9 +128,11 @@ class Keys:
         return self.prefix + "seq"
 
     @property
-    def redeliveries(self) -> str:
-        """HASH payload-digest -> times its lease expired; bounds poison messages that kill workers."""
-        return self.prefix + "redeliveries"
+    def redelivered(self) -> str:
+        """LIST of messages that went back to the queue unsettled (a worker died, hung or was
+        stopped mid-task), as ``<count>:<payload>``: the count bounds messages that kill workers.
+        Workers take from it before ``ready``."""
+        return self.prefix + "redelivered"
 
     @property
     def stats(self) -> str:
@@ -149,7 +152,7 @@ class Keys:
             self.workers,
             self.ratelimit,
             self.sequence,
-            self.redeliveries,
+            self.redelivered,
             self.stats,
         ]
 
