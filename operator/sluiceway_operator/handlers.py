@@ -24,7 +24,6 @@ from typing import Any
 import kopf
 import structlog
 
-
 from . import events, metrics
 from .autoscaler import DeploymentView, Deps, PodView, TaskQueueLoop, deployment_view
 from .deletion import (
