@@ -92,7 +92,13 @@ async def test_backlog_at_zero_applies_the_need_in_one_step_and_explains_it(
     st = status.data["status"]
     assert st["lastScale"]["reason"] == "WakeFromZero" and st["lastScale"]["to"] == 5
     assert st["backlog"] == 250 and st["desiredReplicas"] == 5
-    assert {c["type"] for c in st["conditions"]} == {"Ready", "Scaling", "Throttled", "Degraded"}
+    assert {c["type"] for c in st["conditions"]} == {
+        "Ready",
+        "Scaling",
+        "Throttled",
+        "ScalingLimited",
+        "Degraded",
+    }
     (event,) = requests(api, "POST", EVENTS)
     assert event.data["reason"] == "WakeFromZero" and event.data["involvedObject"]["kind"] == "TaskQueue"
 
