@@ -26,6 +26,7 @@ from sluiceway.contract import Keys
 
 from . import events, metrics
 from .conditions import ConditionReason, rfc3339, status_patch
+from .faults import redis_problem, secret_target
 from .kube import ApiError, Kube, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
 from .observe import (
@@ -112,6 +113,7 @@ class TaskQueueLoop:
         self.client: redis.Redis | None = None
         self.keys: Keys | None = None
         self._secret: tuple[str, float] | None = None
+        self._secret_ref: SecretKeyRef | None = None
         self._acked: tuple[int, float] | None = None
         self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
         self.schedules = Schedules(namespace, name, deps.kube)
@@ -140,12 +142,23 @@ class TaskQueueLoop:
             return await self._fault(body, Fault(ConditionReason.INVALID_SPEC, str(exc)))
         except ObservationError as exc:
             self._secret = None  # maybe the Secret changed: read it again next time
-            return await self._fault(body, Fault(exc.reason, exc.message))
+            if exc.__cause__ is not None:
+                self.log.warning("observation failed", error=repr(exc.__cause__))
+            return await self._fault(body, Fault(exc.reason, self._redacted(exc.message)))
+        except redis.RedisError as exc:
+            # From a schedule's publication or the orphan sweep: the same redaction as observing.
+            self._secret = None
+            self.log.warning("redis call failed", error=repr(exc))
+            message = self._redacted(f"coordination Redis: {redis_problem(exc)}")
+            return await self._fault(body, Fault("RedisUnreachable", message))
         except ApiError as exc:
             return await self._fault(body, Fault(ConditionReason.RECONCILE_FAILED, f"API: {exc}"))
         except Exception as exc:
+            # Exception text may quote anything, a Secret's URL included: the log has it.
             self.log.exception("tick failed")
-            return await self._fault(body, Fault("InternalError", f"{type(exc).__name__}: {exc}"))
+            return await self._fault(
+                body, Fault("InternalError", f"{type(exc).__name__} (see the operator log)")
+            )
         finally:
             metrics.DECISION_LATENCY.observe(time.perf_counter() - started)
 
@@ -223,15 +236,26 @@ class TaskQueueLoop:
 
     # --- Pieces -----------------------------------------------------------------------------------
 
+    def _redacted(self, message: str) -> str:
+        """``message`` about the coordination Redis, naming where its URL came from, never the URL."""
+        if not message.startswith("coordination Redis:") or self._secret_ref is None:
+            return message
+        ref = self._secret_ref
+        return f"{message} ({secret_target(self.namespace, ref.name, ref.key)})"
+
     async def _redis(self, spec: TaskQueueSpec) -> tuple[redis.Redis, Keys]:
         ref: SecretKeyRef | None = spec.coordination_secret_ref or self.deps.config.default_secret
         if ref is None:  # render() already rejected this; keep mypy and readers sure
             raise SpecError("spec.coordination.urlSecretRef", "is required")
+        self._secret_ref = ref
         now = time.monotonic()
         if self._secret is None or now - self._secret[1] > SECRET_TTL:
             url = await secret_value(self.deps.kube, self.namespace, ref)
             self._secret = (url, now)
-        self.client = self.deps.redis.get(self._secret[0])
+        try:
+            self.client = self.deps.redis.get(self._secret[0])
+        except ValueError as exc:  # redis-py's parse errors quote parts of the URL
+            raise ObservationError("RedisUnreachable", f"coordination Redis: {redis_problem(exc)}") from exc
         self.keys = keys_for(self.namespace, spec)
         return self.client, self.keys
 
@@ -282,6 +306,8 @@ class TaskQueueLoop:
             now=now,
             ready_replicas=ready,
             qps=spec.rate_limit.qps,
+            min_replicas=spec.scaling.min_replicas,
+            max_replicas=spec.scaling.max_replicas,
             silent=silent,
             no_live_alarm=self.alarm_since is not None and now - self.alarm_since > grace,
         )

@@ -16,6 +16,7 @@ import redis
 from sluiceway import connection, fleet
 from sluiceway.contract import Keys
 
+from .faults import redis_problem
 from .kube import Kube, secret_path
 from .scaling import Observation, WorkerSample, worker_sample
 from .spec import SecretKeyRef, TaskQueueSpec
@@ -82,9 +83,8 @@ async def read_queue(client: redis.Redis, keys: Keys, spec: TaskQueueSpec) -> Qu
     try:
         return await asyncio.to_thread(_read, client, keys, spec.liveness.missed_heartbeats)
     except redis.RedisError as exc:
-        raise ObservationError(
-            "RedisUnreachable", f"coordination Redis: {type(exc).__name__}: {exc}"
-        ) from exc
+        # A class of failure only: the text names the host and port (see faults.py).
+        raise ObservationError("RedisUnreachable", f"coordination Redis: {redis_problem(exc)}") from exc
 
 
 def observation(view: QueueView, *, now: float, current: int, pods: int, ready: int) -> Observation:
