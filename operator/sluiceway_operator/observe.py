@@ -10,6 +10,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -68,15 +69,37 @@ class QueueView:
     acked: int  # fleet-wide completions counter, for the observed QPS
 
 
+# --- Delayed messages (publish(delay=...), retry backoff) are backlog only once they are nearly due.
+# A message due in an hour is not work to scale for: counted at once, it woke pods from zero and held
+# them up for an hour of nothing. Counted from DELAYED_LEAD_SECONDS before it is due, the fleet
+# wakes (the loop ticks every interval anyway) in time for a pod to start before the message is due.
+DELAYED_LEAD_SECONDS = 15.0
+
+# On the Redis clock, like the publisher's scores: how many delayed messages are due within the lead.
+_DUE_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '-inf', now_ms + tonumber(ARGV[1]))
+"""
+
+
+def due_delayed(client: redis.Redis, keys: Keys, delayed: int, lead: float = DELAYED_LEAD_SECONDS) -> int:
+    """Delayed messages due within ``lead`` seconds; no round trip when none are delayed."""
+    if delayed <= 0:
+        return 0
+    return int(cast(int, client.eval(_DUE_SCRIPT, 1, keys.delayed, int(lead * 1000))))
+
+
 def _read(client: redis.Redis, keys: Keys, missed: int) -> QueueView:
     stats = fleet.queue_stats(client, keys)
+    backlog = stats.ready + due_delayed(client, keys, stats.delayed)
     beats = fleet.heartbeats(client, keys)
     now = time.time()
     workers = tuple(worker_sample(hb, now=now, missed_heartbeats=missed) for hb in beats)
     times: dict[str, float] = {}
     for hb in beats:
         times[hb["pod"]] = max(times.get(hb["pod"], 0.0), float(hb["time"]))
-    return QueueView(stats.backlog, stats.in_flight, workers, times, stats.acked)
+    return QueueView(backlog, stats.in_flight, workers, times, stats.acked)
 
 
 async def read_queue(client: redis.Redis, keys: Keys, spec: TaskQueueSpec) -> QueueView:
