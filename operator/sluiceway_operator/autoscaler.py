@@ -27,7 +27,7 @@ from sluiceway.contract import Keys
 from . import events, metrics
 from .conditions import ConditionReason, rfc3339, status_patch
 from .faults import redis_problem, secret_target
-from .kube import ApiError, Kube, taskqueue_status_path
+from .kube import ApiError, Kube, secret_path, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
 from .observe import (
     ObservationError,
@@ -113,6 +113,7 @@ class TaskQueueLoop:
         self.client: redis.Redis | None = None
         self.keys: Keys | None = None
         self._secret: tuple[str, float] | None = None
+        self._secret_versions: tuple[dict[str, str], float] | None = None
         self._secret_ref: SecretKeyRef | None = None
         self._acked: tuple[int, float] | None = None
         self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
@@ -141,7 +142,7 @@ class TaskQueueLoop:
         except SpecError as exc:
             return await self._fault(body, Fault(ConditionReason.INVALID_SPEC, str(exc)))
         except ObservationError as exc:
-            self._secret = None  # maybe the Secret changed: read it again next time
+            self._secret = self._secret_versions = None  # maybe the Secret changed: read it again
             if exc.__cause__ is not None:
                 self.log.warning("observation failed", error=repr(exc.__cause__))
             return await self._fault(body, Fault(exc.reason, self._redacted(exc.message)))
@@ -199,7 +200,9 @@ class TaskQueueLoop:
             changes = cost_changes(deletion_costs(view.workers), {p.name: p.cost for p in pods})
             await set_deletion_costs(self.deps.kube, self.namespace, changes)
 
-        deployment = render(meta, spec, decision.desired, settings)
+        deployment = render(
+            meta, spec, decision.desired, settings, extra_hash_inputs=await self._secret_hash_inputs(spec)
+        )
         digest = config_hash(deployment)
         drifted = dep is None or dep.generation > self.applied_generation or dep.replicas != decision.desired
         if digest != self.applied_hash or drifted:
@@ -258,6 +261,23 @@ class TaskQueueLoop:
             raise ObservationError("RedisUnreachable", f"coordination Redis: {redis_problem(exc)}") from exc
         self.keys = keys_for(self.namespace, spec)
         return self.client, self.keys
+
+    async def _secret_hash_inputs(self, spec: TaskQueueSpec) -> dict[str, str]:
+        """The resourceVersions of the Secrets the pods read, for the config hash: a rotated broker
+        or coordination URL rolls the pods (they read it only at start). Re-read every SECRET_TTL,
+        so a rotation rolls within a minute; a resourceVersion, unlike a hash of the value, says
+        nothing about the Secret's content."""
+        now = time.monotonic()
+        if self._secret_versions is not None and now - self._secret_versions[1] <= SECRET_TTL:
+            return self._secret_versions[0]
+        refs = {r.name for r in (spec.coordination_secret_ref or self.deps.config.default_secret,
+                                 spec.broker.url_secret_ref) if r is not None}  # fmt: skip
+        versions: dict[str, str] = {}
+        for name in sorted(refs):
+            obj = await self.deps.kube.get(secret_path(self.namespace, name))
+            versions[f"secret/{name}"] = str(((obj or {}).get("metadata") or {}).get("resourceVersion", ""))
+        self._secret_versions = (versions, now)
+        return versions
 
     def _deployment_view(self) -> DeploymentView | None:
         return self.deployment() if self.deployment is not None else None

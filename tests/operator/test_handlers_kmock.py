@@ -166,3 +166,31 @@ async def test_scale_down_sets_deletion_costs_only_where_they_changed(
     }
     (apply,) = requests(api, "PATCH", DEP)
     assert apply.data["spec"]["replicas"] == 1  # busy p-b stays; one pod holds 2 busy tasks
+
+
+async def test_a_rotated_secret_rolls_the_pods(
+    api: km.KubernetesEmulator, loop: TaskQueueLoop, redis_url: str
+) -> None:
+    # Issue 9 item 5: workers read the URL only at start, so a changed Secret must change the pod
+    # template's config hash (a rolling update), and an unchanged one must not.
+    from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION
+
+    def template_hash() -> str:
+        last = requests(api, "PATCH", DEP)[-1]
+        return str(last.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION])
+
+    def secret(version: str) -> None:
+        meta = {"name": "sluiceway-redis", "resourceVersion": version}
+        data = {"url": base64.b64encode(redis_url.encode()).decode()}
+        api.objects["v1/secrets", NS, "sluiceway-redis"] = {"metadata": meta, "data": data}
+
+    secret("7")
+    await loop.safe_tick(body())
+    first = template_hash()
+    loop._secret_versions = None  # the cache's TTL has passed
+    await loop.safe_tick(body(replicas=1))  # a size change applies, with the same template
+    assert template_hash() == first
+    secret("8")
+    loop._secret_versions = None
+    await loop.safe_tick(body(replicas=1))
+    assert template_hash() != first
