@@ -319,3 +319,39 @@ def test_crd_ranges_and_the_parser_agree(path: str, prop: Mapping[str, Any]) -> 
         with pytest.raises(SpecError) as err:
             parse(**at(outside))
         assert err.value.field == f"spec.{path}"
+
+
+def crd_leaves(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        yield path, prop
+        if prop.get("type") == "object":
+            yield from crd_leaves(prop, path + ".")
+        if prop.get("type") == "array" and "items" in prop:
+            yield from crd_leaves(prop["items"], path + "[].")
+
+
+def test_kubectl_explain_shows_every_default_and_range() -> None:
+    # Issue 10 item 8: `kubectl explain tq.spec.concurrency.perPod` must say 1-10000, default 8.
+    missing = []
+    for path, prop in crd_leaves(crd_schema()):
+        if prop.get("type") not in ("integer", "number", "string", "boolean"):
+            continue
+        text = prop.get("description", "")
+        if "default" in prop:
+            value = prop["default"]
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            if f"Default: {shown}." not in text:
+                missing.append(f"{path}: default {shown}")
+        if "minimum" in prop and "maximum" in prop and "Range:" not in text:
+            missing.append(f"{path}: range")
+    assert not missing, missing
+
+
+def test_status_conditions_are_described() -> None:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert "ScalingLimited" in conditions["description"] and "Throttled" in conditions["description"]
+    for name, field in conditions["items"]["properties"].items():
+        assert field.get("description"), f"status.conditions[].{name} has no description"
