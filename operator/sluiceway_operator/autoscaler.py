@@ -144,12 +144,13 @@ class TaskQueueLoop:
         except ObservationError as exc:
             self._secret = self._secret_versions = None  # maybe the Secret changed: read it again
             if exc.__cause__ is not None:
-                self.log.warning("observation failed", error=repr(exc.__cause__))
+                cause = exc.__cause__
+                self.log.warning("observation failed", error=f"{type(cause).__name__}: {cause}")
             return await self._fault(body, Fault(exc.reason, self._redacted(exc.message)))
         except redis.RedisError as exc:
             # From a schedule's publication or the orphan sweep: the same redaction as observing.
             self._secret = None
-            self.log.warning("redis call failed", error=repr(exc))
+            self.log.warning("redis call failed", error=f"{type(exc).__name__}: {exc}")
             message = self._redacted(f"coordination Redis: {redis_problem(exc)}")
             return await self._fault(body, Fault("RedisUnreachable", message))
         except ApiError as exc:
