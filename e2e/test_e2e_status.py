@@ -88,16 +88,21 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
         60,
         "a measured latency",
     )
-    ceiling = int(measured["inputs"]["qpsCeiling"])
-    assert ceiling == 3, measured
+    # ceil(20 x 0.5 / 4 x 1.1) = 3; a loaded machine measures up to ~0.7 s, which says 4.
+    assert int(measured["inputs"]["qpsCeiling"]) < 6, measured
+
+    def at_ceiling() -> int | None:
+        d = decision(c, ns, "floor").get("inputs", {})
+        return d.get("qpsCeiling") if replicas(c, ns, "floor") == d.get("qpsCeiling") else None
+
     # One window, plus a few loop intervals and status writes of slack for a loaded machine. With
     # the busy floor the fleet stayed at 6 until the queue was empty (about 40 s at 20/s).
-    until(operator, lambda: replicas(c, ns, "floor") == ceiling, STABILIZATION + 8, "the QPS ceiling")
+    ceiling = int(until(operator, at_ceiling, STABILIZATION + 8, "the QPS ceiling"))
     tq = until(
         operator,
         lambda: (
             (t := get_tq(c, ns, "floor"))
-            and t["status"].get("replicas") == ceiling
+            and t["status"].get("replicas") == ceiling == t["status"]["decision"]["inputs"]["qpsCeiling"]
             and cond(t, "Scaling").get("status") == "False"
             and t
         ),
@@ -109,11 +114,12 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
     assert status["decision"]["reason"] == "QPSCeiling", status["decision"]
     assert cond(tq, "Scaling")["message"] == f"Stable at {ceiling}, held by QPSCeiling."
     assert (cond(tq, "Throttled")["status"], cond(tq, "Throttled")["reason"]) == ("True", "QPSCeiling")
-    assert status["lastScale"]["to"] == ceiling and status["lastScale"]["from"] == 6
+    assert status["lastScale"]["to"] == ceiling < status["lastScale"]["from"] <= 6, status["lastScale"]
 
     # Issue 10 item 5: 20 -> 40 QPS mid-run rolls the pods. The new pods have measured nothing; sized
     # on the assumed 1 s they would go to ceil(40 x 1 / 4 x 1.1) = 11 -> maxReplicas 10.
     before = len(sampler.seen)
+    log_offset = operator.log.stat().st_size
     c.kubectl(
         "patch", "taskqueue", "floor", "-n", ns, "--type=merge", "-p", '{"spec":{"rateLimit":{"qps":40}}}',
         check=True,
@@ -130,10 +136,19 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
     until(operator, lambda: replicas(c, ns, "floor") == 0, 90, "the fleet back at zero")
     seen = sampler.stop()
     after = seen[before:]
-    print(f"\nreplicas over time: {seen} (after the QPS change: {after})")
-    # 40 x 0.5 / 4 x 1.1 = 5.5 -> 6 on the remembered latency; anything near 10 is the fallback.
-    assert max(after) <= 7, seen
-    assert max(seen) <= 7, seen
+    with operator.log.open("rb") as f:
+        f.seek(log_offset)
+        scaled = [
+            line
+            for line in f.read().decode(errors="replace").splitlines()
+            if "taskqueue=floor" in line and " scaled " in line
+        ]
+    print(f"\nreplicas over time: {seen} (after the QPS change: {after})\n" + "\n".join(scaled))
+    # No decision after the change fell back to the assumed 1 s, which says 11 -> maxReplicas 10.
+    # Sized on the latency the old pods measured (40 x ~0.5-0.7 s / 4 x 1.1: 6 to 8 pods, the
+    # latency rising as the loaded machine starts pods) or on the new pods' own measurements.
+    assert scaled and not [line for line in scaled if "assumed latency" in line], scaled
+    assert max(after) < 10, seen
 
     # No task was interrupted by the scale-ins or the rollout: each started once and finished once,
     # and every worker that went away drained and exited 0 on SIGTERM.

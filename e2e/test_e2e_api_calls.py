@@ -1,0 +1,155 @@
+"""End to end: the operator's API calls, counted by the real API server (``apiserver_request_total``).
+
+docs/operator.md claims that a steady tick writes nothing and that pod-deletion-cost goes only to
+pods whose value changed, and docs/scaling.md that the ReplicaSet then removes the lowest-cost pod
+first. kmock checked the first two against a mock; here the API server itself counts the requests.
+In this cluster only the operator PATCHes taskqueues, deployments and pods (the kubelet writes
+pods/status, the controllers PUT), so those counters are the operator's calls.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+import redis
+
+from localcluster.cluster import LocalCluster
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from sluiceway.publish import Publisher
+from support import Operator, cond, get_tq, replicas, taskqueue, until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
+
+_SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+
+
+def api_requests(c: LocalCluster, verb: str, resource: str, subresource: str = "") -> int:
+    """How many ``verb`` requests on ``resource`` (and ``subresource``) the API server has served."""
+    text = str(c.get("/metrics").get("text", ""))
+    total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
+        if (labels.get("verb"), labels.get("resource"), labels.get("subresource", "")) == (
+            verb,
+            resource,
+            subresource,
+        ):
+            total += float(m.group("value"))
+    return int(total)
+
+
+def ticks(op: Operator) -> int:
+    """Ticks the operator has run, from its own histogram (every TaskQueue's loop counts)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{op.http_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("sluiceway_operator_decision_seconds_count"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def test_a_steady_tick_writes_nothing(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str
+) -> None:
+    c = kube_cluster
+    c.apply(taskqueue("quiet", redis_url), ns)
+    until(operator, lambda: cond(get_tq(c, ns, "quiet"), "Ready").get("reason") == "IdleAtZero", 30, "idle")
+    # Settled: one more tick after the status went idle, then count.
+    seen = ticks(operator)
+    until(operator, lambda: ticks(operator) >= seen + 2, 30, "two more ticks")
+    writes = {
+        "taskqueues": api_requests(c, "PATCH", "taskqueues"),
+        "taskqueues/status": api_requests(c, "PATCH", "taskqueues", "status"),
+        "deployments": api_requests(c, "PATCH", "deployments"),
+        "pods": api_requests(c, "PATCH", "pods"),
+    }
+    seen = ticks(operator)
+    until(operator, lambda: ticks(operator) >= seen + 5, 60, "five steady ticks")
+    after = {
+        "taskqueues": api_requests(c, "PATCH", "taskqueues"),
+        "taskqueues/status": api_requests(c, "PATCH", "taskqueues", "status"),
+        "deployments": api_requests(c, "PATCH", "deployments"),
+        "pods": api_requests(c, "PATCH", "pods"),
+    }
+    print(f"\nPATCH requests before and after five steady ticks: {writes} -> {after}")
+    assert after == writes
+    c.kubectl("delete", "taskqueue", "quiet", "-n", ns, "--wait=false")
+
+
+def test_deletion_cost_goes_only_to_changed_pods_and_the_lowest_cost_pod_goes_first(
+    kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str, r: redis.Redis
+) -> None:
+    c = kube_cluster
+    # 1 task per pod, drain target 1 s on the assumed 1 s: 3 messages need 3 pods. Two tasks are
+    # long (12 s and 30 s), one is short: its pod turns idle, and the fleet scales in twice.
+    c.apply(
+        taskqueue(
+            "costs",
+            redis_url,
+            concurrency={"perPod": 1},
+            timeoutSeconds=40,
+            scaling={
+                "maxReplicas": 3,
+                "assumedTaskSeconds": 1,
+                "targetDrainSeconds": 1,
+                # Long enough for the test to see the idle pod before the scale-in removes it.
+                "scaleDownStabilizationSeconds": 6,
+                "cooldownSeconds": 2,
+            },
+        ),
+        ns,
+    )
+    until(operator, lambda: replicas(c, ns, "costs") == 0, 30, "the worker Deployment at 0")
+    # Costs are written only just before a scale-in: none until the first one.
+    patches = api_requests(c, "PATCH", "pods")
+    pub = Publisher(redis_url)
+    pub.publish(f"{ns}/costs", {"n": 0, "sleep": 12})
+    pub.publish(f"{ns}/costs", {"n": 1, "sleep": 30})
+    pub.publish(f"{ns}/costs", {"n": 2, "sleep": 0.1})
+    keys = Keys(ns, "costs")
+
+    def busy_pods() -> dict[str, int]:
+        return {hb["pod"]: hb["busy"] for hb in fleet.heartbeats(r, keys) if hb["state"] == "running"}
+
+    def pods() -> set[str]:
+        items = c.get(f"/api/v1/namespaces/{ns}/pods")["items"]
+        return {p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")}
+
+    until(operator, lambda: replicas(c, ns, "costs") == 3, 30, "3 replicas")
+    # Two pods busy with the long tasks, the third idle: the first scale-in, 3 -> 2.
+    idle = until(
+        operator,
+        lambda: (b := busy_pods()) and len(b) == 3 and sorted(b.values()) == [0, 1, 1] and b,
+        60,
+        "two busy pods and one idle",
+    )
+    first_idle = next(p for p, n in idle.items() if n == 0)
+    until(operator, lambda: replicas(c, ns, "costs") == 2, 30, "the first scale-in")
+    until(operator, lambda: len(pods()) == 2, 30, "a pod removed")
+    first_patches = api_requests(c, "PATCH", "pods") - patches
+    assert first_idle not in pods(), f"the ReplicaSet removed a busy pod, not the idle {first_idle}"
+    # Nothing carried a cost yet: all three pods got one (idle 0, busy 1).
+    assert first_patches == 3, first_patches
+
+    # The 12 s task ends: its pod turns idle, and only its cost changes (1 -> 0).
+    idle = until(
+        operator,
+        lambda: (b := busy_pods()) and len(b) == 2 and sorted(b.values()) == [0, 1] and b,
+        60,
+        "one busy pod and one idle",
+    )
+    second_idle = next(p for p, n in idle.items() if n == 0)
+    patches = api_requests(c, "PATCH", "pods")
+    until(operator, lambda: replicas(c, ns, "costs") == 1, 30, "the second scale-in")
+    until(operator, lambda: len(pods()) == 1, 30, "a pod removed")
+    second_patches = api_requests(c, "PATCH", "pods") - patches
+    assert second_idle not in pods(), f"the ReplicaSet removed the busy pod, not the idle {second_idle}"
+    assert second_patches == 1, second_patches
+    until(operator, lambda: r.hlen("test:done") >= 3, 60, "every task done")
+    assert {int(k): int(v) for k, v in r.hgetall("test:done").items()} == {0: 1, 1: 1, 2: 1}
+    c.kubectl("delete", "taskqueue", "costs", "-n", ns, "--wait=false")
