@@ -105,6 +105,8 @@ class TaskQueueLoop:
         self.status: dict[str, Any] | None = None  # what we last wrote (the watch may lag behind)
         self.applied_hash: str | None = None
         self.applied_generation = 0
+        self.applied_replicas: int | None = None
+        self.costs_written: dict[str, str] = {}  # pod -> the deletion cost we last wrote
         self.failures = 0
         self.last_fault: str | None = None
         self.last_reason: str | None = None
@@ -190,6 +192,10 @@ class TaskQueueLoop:
         view = await read_queue(client, keys, spec)
         dep = self._deployment_view() or await self._fetch_deployment()
         current = dep.replicas if dep is not None else 0
+        if dep is not None and dep.generation < self.applied_generation and self.applied_replicas is not None:
+            # The watch has not caught up with our own last apply: trust what we applied, or the
+            # same scale-in would be decided, announced and costed twice.
+            current = self.applied_replicas
         pods = [p for p in self.pods() if not p.deleting]
         ready = sum(1 for p in pods if p.ready)
         obs = make_observation(view, now=now, current=current, pods=len(pods), ready=ready)
@@ -198,18 +204,26 @@ class TaskQueueLoop:
 
         if decision.desired < current:
             # Just before a scale-in, so the ReplicaSet removes silent and idle pods first.
-            changes = cost_changes(deletion_costs(view.workers), {p.name: p.cost for p in pods})
+            # What we wrote counts over a pod index that may not show it yet: each pod is patched
+            # once per change of its cost, not once per tick until the watch catches up.
+            self.costs_written = {
+                p.name: self.costs_written[p.name] for p in pods if p.name in self.costs_written
+            }
+            known = {p.name: self.costs_written.get(p.name, p.cost) for p in pods}
+            changes = cost_changes(deletion_costs(view.workers), known)
             await set_deletion_costs(self.deps.kube, self.namespace, changes)
+            self.costs_written.update({pod: str(cost) for pod, cost in changes.items()})
 
         deployment = render(
             meta, spec, decision.desired, settings, extra_hash_inputs=await self._secret_hash_inputs(spec)
         )
         digest = config_hash(deployment)
-        drifted = dep is None or dep.generation > self.applied_generation or dep.replicas != decision.desired
+        drifted = dep is None or dep.generation > self.applied_generation or current != decision.desired
         if digest != self.applied_hash or drifted:
             applied = await apply_deployment(self.deps.kube, deployment)
             self.applied_hash = digest
             self.applied_generation = int(applied.get("metadata", {}).get("generation", 0))
+            self.applied_replicas = decision.desired
 
         last_scale = None
         if decision.changed:
