@@ -156,7 +156,9 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
     assert started == dict.fromkeys(range(messages), 1)
     assert done == dict.fromkeys(range(messages), 1)
     exits = c.require_kubelet().exits(ns)
-    assert exits and all(e.exit_code == 0 and not e.sigkill_sent for e in exits), exits
+    # 143: a pod terminated while starting, before its worker took the signal (it held nothing).
+    summary = [(e.pod, e.exit_code, e.sigterm_sent, e.sigkill_sent) for e in exits]
+    assert exits and all(e.exit_code in (0, 143) and not e.sigkill_sent for e in exits), summary
     c.kubectl("delete", "taskqueue", "floor", "-n", ns, "--wait=false")
 
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -107,6 +107,7 @@ class TaskQueueLoop:
         self.applied_generation = 0
         self.applied_replicas: int | None = None
         self.costs_written: dict[str, str] = {}  # pod -> the deletion cost we last wrote
+        self.deferred_scale_in: int | None = None  # the size a scale-in was held at for its costs
         self.failures = 0
         self.last_fault: str | None = None
         self.last_reason: str | None = None
@@ -213,6 +214,16 @@ class TaskQueueLoop:
             changes = cost_changes(deletion_costs(view.workers), known)
             await set_deletion_costs(self.deps.kube, self.namespace, changes)
             self.costs_written.update({pod: str(cost) for pod, cost in changes.items()})
+            if changes and self.deferred_scale_in != current:
+                # The ReplicaSet controller picks the pods from its own informer cache, which may
+                # not hold the costs just written: shrinking in the same instant removed a busy pod
+                # (seen on the real API server). Scale in on the next tick, once, instead.
+                self.deferred_scale_in = current
+                decision = replace(decision, desired=current)
+            else:
+                self.deferred_scale_in = None
+        else:
+            self.deferred_scale_in = None
 
         deployment = render(
             meta, spec, decision.desired, settings, extra_hash_inputs=await self._secret_hash_inputs(spec)

@@ -164,12 +164,14 @@ async def test_scale_down_sets_deletion_costs_only_where_they_changed(
     assert patched[0].data == {
         "metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "0"}}
     }
-    (apply,) = requests(api, "PATCH", DEP)
-    assert apply.data["spec"]["replicas"] == 1  # busy p-b stays; one pod holds 2 busy tasks
+    # The scale-in waits one tick, so the ReplicaSet controller's cache holds the new costs.
+    assert [q.data["spec"]["replicas"] for q in requests(api, "PATCH", DEP)] == [3]
     # The next tick sees the pod index before its watch caught up (p-a shows no cost yet): what the
-    # loop wrote counts, so p-a is not patched again.
+    # loop wrote counts, so p-a is not patched again, and the scale-in goes ahead.
     await loop.safe_tick(body(scaling={"scaleDownStabilizationSeconds": 0, "maxReplicas": 20}))
     assert len([q for q in api if q.method.upper() == "PATCH" and "/pods/" in q.url.path]) == 1
+    # busy p-b stays; one pod holds 2 busy tasks
+    assert [q.data["spec"]["replicas"] for q in requests(api, "PATCH", DEP)] == [3, 1]
 
 
 async def test_a_rotated_secret_rolls_the_pods(
