@@ -19,7 +19,7 @@ from localcluster.cluster import LocalCluster
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
-from support import Operator, cond, get_tq, replicas, taskqueue, until
+from support import Operator, cond, get_tq, taskqueue, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -85,35 +85,21 @@ def test_deletion_cost_goes_only_to_changed_pods_and_the_lowest_cost_pod_goes_fi
     kube_cluster: LocalCluster, operator: Operator, ns: str, redis_url: str, r: redis.Redis
 ) -> None:
     c = kube_cluster
-    # 1 task per pod, drain target 1 s on the assumed 1 s: 3 messages need 3 pods. Two tasks are
-    # long (12 s and 30 s), one is short: its pod turns idle, and the fleet scales in twice.
+    # Sized by hand (spec.replicas, as `kubectl scale tq` sets it), so measured latencies cannot
+    # move the size: 3 pods of 1 task each run two long tasks (15 s and 40 s) and a short one.
     c.apply(
         taskqueue(
             "costs",
             redis_url,
+            replicas=3,
             concurrency={"perPod": 1},
             # The default heartbeat: with the suite's 0.5 s, a loaded machine lets a heartbeat go
             # stale now and then, and a stale worker's cost is -1 (silent: removed first), rightly.
             liveness={"heartbeatSeconds": 2},
-            timeoutSeconds=40,
-            scaling={
-                "maxReplicas": 3,
-                "assumedTaskSeconds": 1,
-                "targetDrainSeconds": 1,
-                # Long enough for the test to see the idle pod before the scale-in removes it.
-                "scaleDownStabilizationSeconds": 6,
-                "cooldownSeconds": 2,
-            },
+            timeoutSeconds=60,
         ),
         ns,
     )
-    until(operator, lambda: replicas(c, ns, "costs") == 0, 30, "the worker Deployment at 0")
-    # Costs are written only just before a scale-in: none until the first one.
-    patches = api_requests(c, "PATCH", "pods")
-    pub = Publisher(redis_url)
-    pub.publish(f"{ns}/costs", {"n": 0, "sleep": 12})
-    pub.publish(f"{ns}/costs", {"n": 1, "sleep": 30})
-    pub.publish(f"{ns}/costs", {"n": 2, "sleep": 0.1})
     keys = Keys(ns, "costs")
 
     def busy_pods() -> dict[str, int]:
@@ -123,23 +109,39 @@ def test_deletion_cost_goes_only_to_changed_pods_and_the_lowest_cost_pod_goes_fi
         items = c.get(f"/api/v1/namespaces/{ns}/pods")["items"]
         return {p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")}
 
-    until(operator, lambda: replicas(c, ns, "costs") == 3, 30, "3 replicas")
-    # Two pods busy with the long tasks, the third idle: the first scale-in, 3 -> 2.
+    def pin(n: int) -> None:
+        patch = f'{{"spec":{{"replicas":{n}}}}}'
+        c.kubectl("patch", "taskqueue", "costs", "-n", ns, "--type=merge", "-p", patch, check=True)
+
+    until(operator, lambda: len(busy_pods()) == 3, 60, "3 workers heartbeating")
+    # Costs are written only just before a scale-in: none until the first one.
+    patches = api_requests(c, "PATCH", "pods")
+    pub = Publisher(redis_url)
+    pub.publish(f"{ns}/costs", {"n": 0, "sleep": 15})
+    pub.publish(f"{ns}/costs", {"n": 1, "sleep": 40})
+    pub.publish(f"{ns}/costs", {"n": 2, "sleep": 0.1})
+    # Two pods busy with the long tasks, the third idle again: the first scale-in, 3 -> 2.
     idle = until(
         operator,
-        lambda: (b := busy_pods()) and len(b) == 3 and sorted(b.values()) == [0, 1, 1] and b,
+        lambda: (
+            (b := busy_pods())
+            and len(b) == 3
+            and sorted(b.values()) == [0, 1, 1]
+            and r.hlen("test:done")
+            and b
+        ),
         60,
         "two busy pods and one idle",
     )
     first_idle = next(p for p, n in idle.items() if n == 0)
-    until(operator, lambda: replicas(c, ns, "costs") == 2, 30, "the first scale-in")
+    pin(2)
     until(operator, lambda: len(pods()) == 2, 30, "a pod removed")
     first_patches = api_requests(c, "PATCH", "pods") - patches
     assert first_idle not in pods(), f"the ReplicaSet removed a busy pod, not the idle {first_idle}"
     # Nothing carried a cost yet: all three pods got one (idle 0, busy 1).
     assert first_patches == 3, (first_patches, operator.tail(40))
 
-    # The 12 s task ends: its pod turns idle, and only its cost changes (1 -> 0).
+    # The 15 s task ends: its pod turns idle, and only its cost changes (1 -> 0).
     idle = until(
         operator,
         lambda: (b := busy_pods()) and len(b) == 2 and sorted(b.values()) == [0, 1] and b,
@@ -148,11 +150,11 @@ def test_deletion_cost_goes_only_to_changed_pods_and_the_lowest_cost_pod_goes_fi
     )
     second_idle = next(p for p, n in idle.items() if n == 0)
     patches = api_requests(c, "PATCH", "pods")
-    until(operator, lambda: replicas(c, ns, "costs") == 1, 30, "the second scale-in")
+    pin(1)
     until(operator, lambda: len(pods()) == 1, 30, "a pod removed")
     second_patches = api_requests(c, "PATCH", "pods") - patches
     assert second_idle not in pods(), f"the ReplicaSet removed the busy pod, not the idle {second_idle}"
     assert second_patches == 1, (second_patches, operator.tail(40))
-    until(operator, lambda: r.hlen("test:done") >= 3, 60, "every task done")
+    until(operator, lambda: r.hlen("test:done") >= 3, 90, "every task done")
     assert {int(k): int(v) for k, v in r.hgetall("test:done").items()} == {0: 1, 1: 1, 2: 1}
     c.kubectl("delete", "taskqueue", "costs", "-n", ns, "--wait=false")
