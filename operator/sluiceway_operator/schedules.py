@@ -31,6 +31,7 @@ from sluiceway.contract import Keys
 
 from . import cron, events
 from .conditions import rfc3339
+from .faults import redis_problem
 from .kube import Kube
 from .spec import BrokerType, Schedule, TaskQueueSpec
 
@@ -160,7 +161,9 @@ class Schedules:
             )
         except (redis.RedisError, TypeError, ValueError) as exc:
             # The cursor stays: the next tick tries this scheduled time again, inside its deadline.
-            return f"publish of {rfc3339(epoch)} failed: {type(exc).__name__}: {exc}"
+            # A Redis error's text names the Secret's host and port: a class only (faults.py).
+            why = redis_problem(exc) if isinstance(exc, redis.RedisError) else f"{type(exc).__name__}: {exc}"
+            return f"publish of {rfc3339(epoch)} failed: {why}"
         state.cursor = plan.cursor
         state.last_fire = plan.fire
         when = rfc3339(epoch)
