@@ -59,6 +59,17 @@ def test_a_steady_tick_writes_nothing(
     c = kube_cluster
     c.apply(taskqueue("quiet", redis_url), ns)
     until(operator, lambda: cond(get_tq(c, ns, "quiet"), "Ready").get("reason") == "IdleAtZero", 30, "idle")
+    # Earlier tests' TaskQueues may still be finalizing (kopf patches them): count only once this
+    # is the one TaskQueue in the cluster.
+    until(
+        operator,
+        lambda: (
+            [t["metadata"]["name"] for t in c.get("/apis/sluiceway.dev/v1alpha1/taskqueues")["items"]]
+            == ["quiet"]
+        ),
+        120,
+        "no other TaskQueue left",
+    )
     # Settled: one more tick after the status went idle, then count.
     seen = ticks(operator)
     until(operator, lambda: ticks(operator) >= seen + 2, 30, "two more ticks")
