@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -36,7 +36,8 @@ from .conditions import (
     without,
 )
 from .deletion import conflict_message
-from .kube import ApiError, Kube, taskqueue_status_path
+from .faults import redis_problem, secret_target
+from .kube import ApiError, Kube, secret_path, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
 from .observe import (
     ObservationError,
@@ -126,6 +127,9 @@ class TaskQueueLoop:
         self.status: dict[str, Any] | None = None  # what we last wrote (the watch may lag behind)
         self.applied_hash: str | None = None
         self.applied_generation = 0
+        self.applied_replicas: int | None = None
+        self.costs_written: dict[str, str] = {}  # pod -> the deletion cost we last wrote
+        self.deferred_scale_in: int | None = None  # the size a scale-in was held at for its costs
         self.failures = 0
         self.last_fault: str | None = None
         self.last_reason: str | None = None
@@ -135,6 +139,8 @@ class TaskQueueLoop:
         self.keys: Keys | None = None
         self.source: BacklogSource | None = None
         self._secret: tuple[str, float] | None = None
+        self._secret_versions: tuple[dict[str, str], float] | None = None
+        self._secret_ref: SecretKeyRef | None = None
         self._acked: tuple[int, float] | None = None
         self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
         self.schedules = Schedules(namespace, name, deps.kube, wake=self.wake.set)
@@ -165,13 +171,25 @@ class TaskQueueLoop:
         except SpecError as exc:
             return await self._fault(body, Fault(ConditionReason.INVALID_SPEC, str(exc)))
         except ObservationError as exc:
-            self._secret = None  # maybe the Secret changed: read it again next time
-            return await self._fault(body, Fault(exc.reason, exc.message))
+            self._secret = self._secret_versions = None  # maybe the Secret changed: read it again
+            if exc.__cause__ is not None:
+                cause = exc.__cause__
+                self.log.warning("observation failed", error=f"{type(cause).__name__}: {cause}")
+            return await self._fault(body, Fault(exc.reason, self._redacted(exc.message)))
+        except redis.RedisError as exc:
+            # From a schedule's publication or the orphan sweep: the same redaction as observing.
+            self._secret = None
+            self.log.warning("redis call failed", error=f"{type(exc).__name__}: {exc}")
+            message = self._redacted(f"coordination Redis: {redis_problem(exc)}")
+            return await self._fault(body, Fault("RedisUnreachable", message))
         except ApiError as exc:
             return await self._fault(body, Fault(ConditionReason.RECONCILE_FAILED, f"API: {exc}"))
         except Exception as exc:
+            # Exception text may quote anything, a Secret's URL included: the log has it.
             self.log.exception("tick failed")
-            return await self._fault(body, Fault("InternalError", f"{type(exc).__name__}: {exc}"))
+            return await self._fault(
+                body, Fault("InternalError", f"{type(exc).__name__} (see the operator log)")
+            )
         finally:
             metrics.DECISION_LATENCY.observe(time.perf_counter() - started)
 
@@ -205,6 +223,10 @@ class TaskQueueLoop:
         view = await read_queue(self.source, client, keys, spec)
         dep = self._deployment_view() or await self._fetch_deployment()
         current = dep.replicas if dep is not None else 0
+        if dep is not None and dep.generation < self.applied_generation and self.applied_replicas is not None:
+            # The watch has not caught up with our own last apply: trust what we applied, or the
+            # same scale-in would be decided, announced and costed twice.
+            current = self.applied_replicas
         pods = [p for p in self.pods() if not p.deleting]
         ready = sum(1 for p in pods if p.ready)
         obs = make_observation(view, now=now, current=current, pods=len(pods), ready=ready)
@@ -213,16 +235,36 @@ class TaskQueueLoop:
 
         if decision.desired < current:
             # Just before a scale-in, so the ReplicaSet removes silent and idle pods first.
-            changes = cost_changes(deletion_costs(view.workers), {p.name: p.cost for p in pods})
+            # What we wrote counts over a pod index that may not show it yet: each pod is patched
+            # once per change of its cost, not once per tick until the watch catches up.
+            self.costs_written = {
+                p.name: self.costs_written[p.name] for p in pods if p.name in self.costs_written
+            }
+            known = {p.name: self.costs_written.get(p.name, p.cost) for p in pods}
+            changes = cost_changes(deletion_costs(view.workers), known)
             await set_deletion_costs(self.deps.kube, self.namespace, changes)
+            self.costs_written.update({pod: str(cost) for pod, cost in changes.items()})
+            if changes and self.deferred_scale_in != current:
+                # The ReplicaSet controller picks the pods from its own informer cache, which may
+                # not hold the costs just written: shrinking in the same instant removed a busy pod
+                # (seen on the real API server). Scale in on the next tick, once, instead.
+                self.deferred_scale_in = current
+                decision = replace(decision, desired=current)
+            else:
+                self.deferred_scale_in = None
+        else:
+            self.deferred_scale_in = None
 
-        deployment = render(meta, spec, decision.desired, settings)
+        deployment = render(
+            meta, spec, decision.desired, settings, extra_hash_inputs=await self._secret_hash_inputs(spec)
+        )
         digest = config_hash(deployment)
-        drifted = dep is None or dep.generation > self.applied_generation or dep.replicas != decision.desired
+        drifted = dep is None or dep.generation > self.applied_generation or current != decision.desired
         if digest != self.applied_hash or drifted:
             applied = await apply_deployment(self.deps.kube, deployment)
             self.applied_hash = digest
             self.applied_generation = int(applied.get("metadata", {}).get("generation", 0))
+            self.applied_replicas = decision.desired
 
         last_scale = None
         if decision.changed:
@@ -253,17 +295,45 @@ class TaskQueueLoop:
 
     # --- Pieces -----------------------------------------------------------------------------------
 
+    def _redacted(self, message: str) -> str:
+        """``message`` about the coordination Redis, naming where its URL came from, never the URL."""
+        if not message.startswith("coordination Redis:") or self._secret_ref is None:
+            return message
+        ref = self._secret_ref
+        return f"{message} ({secret_target(self.namespace, ref.name, ref.key)})"
+
     async def _redis(self, spec: TaskQueueSpec) -> tuple[redis.Redis, Keys]:
         ref: SecretKeyRef | None = spec.coordination_secret_ref or self.deps.config.default_secret
         if ref is None:  # render() already rejected this; keep mypy and readers sure
             raise SpecError("spec.coordination.urlSecretRef", "is required")
+        self._secret_ref = ref
         now = time.monotonic()
         if self._secret is None or now - self._secret[1] > SECRET_TTL:
             url = await secret_value(self.deps.kube, self.namespace, ref)
             self._secret = (url, now)
-        self.client = self.deps.redis.get(self._secret[0])
+        try:
+            self.client = self.deps.redis.get(self._secret[0])
+        except ValueError as exc:  # redis-py's parse errors quote parts of the URL
+            raise ObservationError("RedisUnreachable", f"coordination Redis: {redis_problem(exc)}") from exc
         self.keys = keys_for(self.namespace, spec)
         return self.client, self.keys
+
+    async def _secret_hash_inputs(self, spec: TaskQueueSpec) -> dict[str, str]:
+        """The resourceVersions of the Secrets the pods read, for the config hash: a rotated broker
+        or coordination URL rolls the pods (they read it only at start). Re-read every SECRET_TTL,
+        so a rotation rolls within a minute; a resourceVersion, unlike a hash of the value, says
+        nothing about the Secret's content."""
+        now = time.monotonic()
+        if self._secret_versions is not None and now - self._secret_versions[1] <= SECRET_TTL:
+            return self._secret_versions[0]
+        refs = {r.name for r in (spec.coordination_secret_ref or self.deps.config.default_secret,
+                                 spec.broker.url_secret_ref) if r is not None}  # fmt: skip
+        versions: dict[str, str] = {}
+        for name in sorted(refs):
+            obj = await self.deps.kube.get(secret_path(self.namespace, name))
+            versions[f"secret/{name}"] = str(((obj or {}).get("metadata") or {}).get("resourceVersion", ""))
+        self._secret_versions = (versions, now)
+        return versions
 
     def _deployment_view(self) -> DeploymentView | None:
         return self.deployment() if self.deployment is not None else None
@@ -312,6 +382,8 @@ class TaskQueueLoop:
             now=now,
             ready_replicas=ready,
             qps=spec.rate_limit.qps,
+            min_replicas=spec.scaling.min_replicas,
+            max_replicas=spec.scaling.max_replicas,
             silent=silent,
             no_live_alarm=self.alarm_since is not None and now - self.alarm_since > grace,
         )

@@ -21,7 +21,8 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 class ConditionType(StrEnum):
     READY = "Ready"  # workers are deployed and, when work waits, heartbeating
     SCALING = "Scaling"  # the fleet is changing size (True while desired != ready)
-    THROTTLED = "Throttled"  # the QPS limit, not the fleet size, bounds throughput
+    THROTTLED = "Throttled"  # work waits and the QPS limit, not the fleet size, holds it back
+    SCALING_LIMITED = "ScalingLimited"  # minReplicas or maxReplicas clamped the size (as in the HPA)
     DEGRADED = "Degraded"  # something needs a human: silent pods, no live worker, bad config
     # Present only while True: another, older TaskQueue in the namespace uses the same queue.
     CONFLICT = "Conflict"
@@ -40,9 +41,14 @@ class ConditionReason(StrEnum):
     STABLE = "Stable"
     PINNED = "Pinned"
     # Throttled
-    QPS_CEILING = "QPSCeiling"
-    BELOW_CEILING = "BelowCeiling"
+    QPS_CEILING = "QPSCeiling"  # the need is above the QPS ceiling: more pods would only wait
+    RATE_LIMITED = "RateLimited"  # the fleet could start tasks faster than the limit allows
+    NOT_LIMITED = "NotLimited"  # nothing waits, or the fleet runs below the limit
     UNLIMITED = "Unlimited"
+    # ScalingLimited
+    MAX_REPLICAS = "MaxReplicas"
+    MIN_REPLICAS = "MinReplicas"
+    WITHIN_RANGE = "WithinRange"
     # Degraded
     NO_LIVE_WORKERS = "NoLiveWorkers"
     SILENT_PODS = "SilentPods"
@@ -65,6 +71,9 @@ class Condition(TypedDict):
 # written, fresh, whenever something else changes. Integers (backlog, inFlight, workers, replicas)
 # and conditions are not volatile: `kubectl get tq` should show them current.
 VOLATILE_FIELDS: Final = frozenset({"throughput", "observedQPS", "etaSeconds", "lastObservedTime"})
+# The same for parts of an object: ``status.decision`` is worth a write when the rule holding the
+# size (its reason) changes, not when only the measurements in its sentence and inputs moved.
+VOLATILE_SUBFIELDS: Final[Mapping[str, frozenset[str]]] = {"decision": frozenset({"message", "inputs"})}
 
 
 def rfc3339(timestamp: float) -> str:
@@ -172,6 +181,15 @@ def status_patch(
     for key in old:
         if key not in new_status:
             patch[key] = None
-    if not patch or all(k in volatile for k in patch):
+    if not patch or all(k in volatile or _only_volatile_parts(k, old.get(k), patch[k]) for k in patch):
         return None
     return patch
+
+
+def _only_volatile_parts(key: str, old: Any, new: Any) -> bool:
+    parts = VOLATILE_SUBFIELDS.get(key)
+    if parts is None or not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return False
+    return {k: v for k, v in old.items() if k not in parts} == {
+        k: v for k, v in new.items() if k not in parts
+    }

@@ -23,6 +23,7 @@ from sluiceway.coordination import redis as coordination_redis
 
 from .backlog import registry
 from .backlog.base import Backlog, BacklogSource
+from .faults import redis_problem
 from .kube import Kube, secret_path
 from .scaling import Observation, WorkerSample, worker_sample
 from .spec import BrokerType, SecretKeyRef, TaskQueueSpec
@@ -146,12 +147,11 @@ async def read_queue(
     try:
         return await asyncio.to_thread(_read, source, client, keys, spec.liveness.missed_heartbeats)
     except redis.RedisError as exc:
-        raise ObservationError(
-            "RedisUnreachable", f"coordination Redis: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ObservationError("RedisUnreachable", f"coordination Redis: {redis_problem(exc)}") from exc
     except source.outage_errors as exc:
         raise ObservationError(
-            "BrokerUnreachable", f"{source.broker} broker: {type(exc).__name__}: {exc}"
+            "BrokerUnreachable",
+            f"{source.broker} broker: {type(exc).__name__} (the URL in the TaskQueue's broker Secret)",
         ) from exc
 
 

@@ -21,9 +21,14 @@ from .spec import TaskQueueSpec
 
 
 def render(
-    meta: Mapping[str, Any], spec: TaskQueueSpec, replicas: int, settings: OperatorSettings
+    meta: Mapping[str, Any],
+    spec: TaskQueueSpec,
+    replicas: int,
+    settings: OperatorSettings,
+    *,
+    extra_hash_inputs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    return worker_deployment(meta, spec, replicas, settings)
+    return worker_deployment(meta, spec, replicas, settings, extra_hash_inputs=extra_hash_inputs)
 
 
 async def apply_deployment(kube: Kube, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,9 @@ The rules, in the order they apply (``docs/scaling.md`` has the formulas and the
    (``ceil(qps * latency / concurrency * (1 + headroom))``, at least 1). Need above it = Throttled.
 4. Clamp to ``[minReplicas, maxReplicas]``.
 5. Up: at once, in one step, no ramp. Leaving zero is just an up-step straight to the need.
-6. Down: the highest recommendation of the stabilization window, never below the busy workers,
-   N -> 1 before 1 -> 0, and 0 only after ``cooldownSeconds`` with no backlog, no in-flight work and
-   no busy worker.
+6. Down: the highest recommendation of the stabilization window, without a rate limit never below
+   the busy workers, N -> 1 before 1 -> 0, and 0 only after ``cooldownSeconds`` with no backlog, no
+   in-flight work and no busy worker.
 
 Liveness: only workers whose heartbeat is fresh count as capacity or as busy. A backlog with no live
 worker raises ``no_live_workers_alarm`` and the fleet is never shrunk while it is raised.
@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from sluiceway.contract import Heartbeat
 
-from .spec import TaskQueueSpec
+from .spec import DEFAULTS, TaskQueueSpec
 
 # The annotation the ReplicaSet controller reads to choose which pods to delete first.
 POD_DELETION_COST: Final = "controller.kubernetes.io/pod-deletion-cost"
@@ -61,6 +61,9 @@ class LatencySource(StrEnum):
     """Where the task latency used for sizing came from."""
 
     MEASURED = "measured"  # rate-weighted p50 from live heartbeats
+    # The last measurement of the same workload, kept in ``ScalingState`` while no live worker has
+    # one of its own (a rollout's new pods, a wake-up): new pods must not fall back to the guess.
+    REMEMBERED = "remembered"
     ASSUMED = "assumed"  # scaling.assumedTaskSeconds: nothing measured yet
 
 
@@ -140,21 +143,29 @@ class Observation:
         return sum(w.rate for w in self.workers if w.live)
 
 
+_SCALING: Final = DEFAULTS["scaling"]
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The scaling knobs, from ``TaskQueueSpec``; ``qps=None`` means no fleet-wide limit."""
+    """The scaling knobs, from ``TaskQueueSpec``; ``qps=None`` means no fleet-wide limit.
 
-    min_replicas: int = 0
-    max_replicas: int = 10
-    target_drain_seconds: float = 30.0
-    stabilization_seconds: float = 60.0
-    cooldown_seconds: float = 120.0
-    per_pod: int = 8
+    The defaults are ``spec.DEFAULTS``, their one owner. ``workload`` names what the workers run
+    (image and function): a latency measured for one workload is remembered for the same one only.
+    """
+
+    min_replicas: int = _SCALING["minReplicas"]
+    max_replicas: int = _SCALING["maxReplicas"]
+    target_drain_seconds: float = _SCALING["targetDrainSeconds"]
+    stabilization_seconds: float = _SCALING["scaleDownStabilizationSeconds"]
+    cooldown_seconds: float = _SCALING["cooldownSeconds"]
+    per_pod: int = DEFAULTS["concurrency"]["perPod"]
     qps: float | None = None
-    qps_headroom: float = 0.1
-    assumed_task_seconds: float = 1.0
+    qps_headroom: float = _SCALING["qpsHeadroom"]
+    assumed_task_seconds: float = _SCALING["assumedTaskSeconds"]
     pinned: int | None = None
     paused: bool = False  # spec.paused: zero pods, whatever else holds
+    workload: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -179,6 +190,7 @@ class Policy:
             assumed_task_seconds=s.assumed_task_seconds,
             pinned=spec.replicas,
             paused=spec.paused,
+            workload=f"{spec.image} {spec.function}",
         )
 
 
@@ -195,11 +207,13 @@ class ScalingState:
     ``window`` keeps only the recommendations that can still be the maximum of the stabilization
     window (a later, higher-or-equal one makes an earlier one irrelevant), so it stays short.
     ``last_active`` is the last time any work was seen; ``None`` until the first tick, which counts
-    as active so that an operator restart never skips a cooldown.
+    as active so that an operator restart never skips a cooldown. ``measured`` is the latest
+    measured latency and the workload it was measured for (see ``LatencySource.REMEMBERED``).
     """
 
     window: tuple[Recommendation, ...] = ()
     last_active: float | None = None
+    measured: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +222,10 @@ class Decision:
     current: int
     reason: Reason
     message: str
-    throttled: bool  # the QPS ceiling, not the need, sets the size: more pods would not help
+    # Work waits and the rate limit, not the fleet, holds it back: the need is above the QPS
+    # ceiling, or the live fleet could start tasks faster than the limit allows.
+    throttled: bool
+    limited: Reason | None  # MaxReplicas / MinReplicas when that bound clamped the recommendation
     no_live_workers_alarm: bool  # work waits and no worker heartbeats
     need: int  # pods to drain within the target, before any bound
     ceiling: int | None  # QPS ceiling; None without a limit
@@ -256,21 +273,27 @@ class Decision:
             "need": self.need,
             "qpsCeiling": self.ceiling,
             "recommendation": self.recommendation,
+            "throttled": self.throttled,
             "idleSeconds": round(self.idle_seconds, 1),
         }
 
 
-def task_latency(workers: Iterable[WorkerSample], assumed: float) -> tuple[float, LatencySource]:
-    """The task latency to size with: the rate-weighted p50 of live workers, else ``assumed``.
+def task_latency(
+    workers: Iterable[WorkerSample], assumed: float, remembered: float | None = None
+) -> tuple[float, LatencySource]:
+    """The task latency to size with: the rate-weighted p50 of live workers, else ``remembered``
+    (the same workload's last measurement), else ``assumed``.
 
     p50 of execution time rather than time-in-worker: time spent waiting for a QPS token would grow
     with every pod added, and a ceiling computed from it would chase its own tail.
     """
     weighted = [(w.latency_p50, w.rate) for w in workers if w.live and w.latency_p50 > 0 and w.rate > 0]
     total = sum(rate for _, rate in weighted)
-    if total <= 0:
-        return assumed, LatencySource.ASSUMED
-    return sum(lat * rate for lat, rate in weighted) / total, LatencySource.MEASURED
+    if total > 0:
+        return sum(lat * rate for lat, rate in weighted) / total, LatencySource.MEASURED
+    if remembered is not None and remembered > 0:
+        return remembered, LatencySource.REMEMBERED
+    return assumed, LatencySource.ASSUMED
 
 
 def drain_need(work: int, *, latency: float, per_pod: int, target_drain_seconds: float) -> int:
@@ -295,6 +318,25 @@ def qps_ceiling(qps: float | None, *, latency: float, per_pod: int, headroom: fl
     return max(1, math.ceil(qps * latency / per_pod * (1 + headroom) - 1e-9))
 
 
+def rate_limited(qps: float | None, *, backlog: int, capped: bool, capacity: float) -> bool:
+    """Whether the rate limit, not the fleet, holds waiting work back (the ``Throttled`` condition).
+
+    True when messages wait and either the QPS ceiling capped the size (``capped``: more pods would
+    only wait for tokens) or the live fleet could start more than ``qps`` tasks a second
+    (``capacity``, tasks per second at the sizing latency): it then runs at the limit, not at its
+    own speed.
+    """
+    if qps is None or backlog <= 0:
+        return False
+    return capped or capacity >= qps
+
+
+def _capacity(live: Sequence[WorkerSample], latency: float) -> float:
+    """Starts per second the live workers could make at ``latency`` (Little's law)."""
+    slots = sum(w.concurrency for w in live)
+    return slots / latency if latency > 0 else (math.inf if slots else 0.0)
+
+
 def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
     """One tick of the scaling loop. See the module docstring for the rules."""
     now = obs.now
@@ -303,7 +345,10 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
     work = obs.backlog + obs.in_flight
     last_active = now if obs.has_work or state.last_active is None else state.last_active
     idle_seconds = max(0.0, now - last_active)
-    latency, source = task_latency(live, policy.assumed_task_seconds)
+    memory = state.measured
+    remembered = memory[1] if memory is not None and memory[0] == policy.workload else None
+    latency, source = task_latency(live, policy.assumed_task_seconds, remembered)
+    measured = (policy.workload, latency) if source is LatencySource.MEASURED else memory
     need = drain_need(
         work, latency=latency, per_pod=policy.per_pod, target_drain_seconds=policy.target_drain_seconds
     )
@@ -313,18 +358,26 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
 
     # Recommendation: need, capped by the QPS ceiling, clamped to [min, max].
     rec, reason = need, Reason.DRAIN
-    throttled = ceiling is not None and need > ceiling and ceiling < policy.max_replicas
+    limited: Reason | None = None
     if ceiling is not None and rec > ceiling:
         rec, reason = ceiling, Reason.QPS_CEILING
     if rec > policy.max_replicas:
         rec, reason = policy.max_replicas, Reason.MAX_REPLICAS
+        limited = reason
     if rec < policy.min_replicas:
         rec, reason = policy.min_replicas, Reason.MIN_REPLICAS
+        limited = reason
     if rec == 0 and reason is Reason.DRAIN:
         reason = Reason.IDLE
+    throttled = rate_limited(
+        policy.qps,
+        backlog=obs.backlog,
+        capped=ceiling is not None and need > ceiling and ceiling < policy.max_replicas,
+        capacity=_capacity(live, latency),
+    )
 
     window = _push(state.window, Recommendation(now, rec), now - policy.stabilization_seconds)
-    next_state = ScalingState(window=window, last_active=last_active)
+    next_state = ScalingState(window=window, last_active=last_active, measured=measured)
 
     if policy.paused:
         # Paused wins over a pin: nothing consumes, and the messages stay queued.
@@ -356,6 +409,7 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
         reason=reason,
         message="",
         throttled=throttled,
+        limited=limited,
         no_live_workers_alarm=alarm,
         need=need,
         ceiling=ceiling,
@@ -389,9 +443,12 @@ def _scale_down(
     desired = min(current, max(r.replicas for r in window))
     if desired > rec:
         reason = Reason.STABILIZATION
-    # Busy workers are never removed; a busy count above the current size (a rollout's old pods)
-    # must not turn a scale-down into a scale-up.
-    floor = min(busy_workers, current)
+    # Without a rate limit, busy workers are not removed. Under a limit the floor would never let
+    # go: the limit spreads starts over every pod, so every pod always holds a task however many
+    # there are. A removed pod drains on SIGTERM (running tasks finish within the grace period), so
+    # no task is interrupted either way. A busy count above the current size (a rollout's old
+    # pods) must not turn a scale-down into a scale-up.
+    floor = min(busy_workers, current) if policy.qps is None else 0
     if desired < floor:
         desired, reason = floor, Reason.BUSY_WORKERS
     if desired == 0 and current > 1:

@@ -49,6 +49,7 @@ from sluiceway.contract import Keys
 
 from . import cron, events, triggers
 from .conditions import Condition, ConditionType, condition, rfc3339
+from .faults import redis_problem
 from .kube import Kube
 from .spec import BrokerType, Schedule, TaskQueueSpec
 
@@ -349,7 +350,13 @@ class Schedules:
                 )
                 break
             except (redis.RedisError, TypeError, ValueError) as exc:
-                error = f"publish of {rfc3339(scheduled.timestamp())} failed: {type(exc).__name__}: {exc}"
+                # A Redis error's text names the Secret's host and port: a class only (faults.py).
+                why = (
+                    redis_problem(exc)
+                    if isinstance(exc, redis.RedisError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                error = f"publish of {rfc3339(scheduled.timestamp())} failed: {why}"
                 await self._report(state, name, error)
                 late = time.time() + delay
                 if isinstance(exc, TypeError | ValueError) or late >= give_up.timestamp():

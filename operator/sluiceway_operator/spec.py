@@ -58,7 +58,9 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "imagePullPolicy": "IfNotPresent",
     "deletionPolicy": "Retain",
     "rateLimit": {"burst": 0},
-    "concurrency": {"mode": "thread", "perPod": 8, "prefetch": 0},
+    # prefetch -1 = automatic: about 100 ms of work at the measured rate (the worker computes it;
+    # none under a rate limit). 0 would switch off prefetch and the send-ahead round trip.
+    "concurrency": {"mode": "thread", "perPod": 8, "prefetch": -1},
     "retry": {"maxAttempts": 5, "backoffSeconds": 1, "maxBackoffSeconds": 300},
     "timeoutSeconds": 300,
     "liveness": {
@@ -119,7 +121,7 @@ class RateLimit:
 class Concurrency:
     mode: ConcurrencyMode
     per_pod: int
-    prefetch: int
+    prefetch: int  # -1 = automatic (the worker's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +307,7 @@ def _concurrency(r: _Reader) -> Concurrency:
     return Concurrency(
         mode=ConcurrencyMode(r.choice("mode", tuple(ConcurrencyMode), d["mode"])),
         per_pod=r.integer("perPod", d["perPod"], low=1, high=10000),
-        prefetch=r.integer("prefetch", d["prefetch"], low=0, high=10000),
+        prefetch=r.integer("prefetch", d["prefetch"], low=-1, high=10000),
     )
 
 

@@ -31,8 +31,10 @@ def conditions_for(
     qps: float | None,
     silent: Sequence[str],
     no_live_alarm: bool,
+    min_replicas: int,
+    max_replicas: int,
 ) -> list[Condition]:
-    """Ready, Scaling, Throttled and Degraded for a tick that observed and decided."""
+    """Ready, Scaling, Throttled, ScalingLimited and Degraded for a tick that observed and decided."""
     desired = decision.desired
 
     def c(t: ConditionType, status: bool, reason: ConditionReason, message: str) -> Condition:
@@ -68,20 +70,58 @@ def conditions_for(
     elif desired < decision.current:
         scaling = c(ConditionType.SCALING, True, ConditionReason.SCALING_DOWN, f"Scaling down to {desired}.")
     else:
-        scaling = c(ConditionType.SCALING, False, ConditionReason.STABLE, f"Stable at {desired}.")
+        # Name the rule that holds the size now, so "Stable" never hides a bound that lets go later.
+        scaling = c(
+            ConditionType.SCALING,
+            False,
+            ConditionReason.STABLE,
+            f"Stable at {desired}, held by {decision.reason}.",
+        )
 
     if qps is None:
         throttled = c(ConditionType.THROTTLED, False, ConditionReason.UNLIMITED, "No rate limit.")
-    elif decision.throttled:
+    elif decision.throttled and decision.ceiling is not None and decision.need > decision.ceiling:
         throttled = c(
             ConditionType.THROTTLED,
             True,
             ConditionReason.QPS_CEILING,
-            f"The rate limit of {qps:g} QPS, not the fleet size, bounds throughput.",
+            f"Work waits and the {qps:g} QPS limit holds it back: more pods would only wait for it.",
+        )
+    elif decision.throttled:
+        throttled = c(
+            ConditionType.THROTTLED,
+            True,
+            ConditionReason.RATE_LIMITED,
+            f"Work waits and the fleet runs at the {qps:g} QPS limit, not at its own speed.",
         )
     else:
         throttled = c(
-            ConditionType.THROTTLED, False, ConditionReason.BELOW_CEILING, f"Below the {qps:g} QPS ceiling."
+            ConditionType.THROTTLED,
+            False,
+            ConditionReason.NOT_LIMITED,
+            f"The {qps:g} QPS limit holds nothing back: no work waits, or the fleet runs below it.",
+        )
+
+    if decision.limited is Reason.MAX_REPLICAS:
+        limited = c(
+            ConditionType.SCALING_LIMITED,
+            True,
+            ConditionReason.MAX_REPLICAS,
+            f"The fleet would grow past maxReplicas {max_replicas}.",
+        )
+    elif decision.limited is Reason.MIN_REPLICAS:
+        limited = c(
+            ConditionType.SCALING_LIMITED,
+            True,
+            ConditionReason.MIN_REPLICAS,
+            f"The fleet would shrink below minReplicas {min_replicas}.",
+        )
+    else:
+        limited = c(
+            ConditionType.SCALING_LIMITED,
+            False,
+            ConditionReason.WITHIN_RANGE,
+            "The recommended size is within minReplicas and maxReplicas.",
         )
 
     if silent:
@@ -100,20 +140,19 @@ def conditions_for(
         )
     else:
         degraded = c(ConditionType.DEGRADED, False, ConditionReason.HEALTHY, "Healthy.")
-    return [ready, scaling, throttled, degraded]
+    return [ready, scaling, throttled, limited, degraded]
 
 
 def fault_conditions(fault: Fault, *, generation: int, now: float) -> list[Condition]:
-    """An invalid spec makes Ready False; every fault sets Degraded with its reason."""
-    out: list[Condition] = []
-    if fault.reason in (ConditionReason.INVALID_SPEC, ConditionReason.RECONCILE_FAILED):
-        out.append(
-            condition(ConditionType.READY, False, fault.reason, fault.message, generation=generation, now=now)
-        )
-    out.append(
-        condition(ConditionType.DEGRADED, True, fault.reason, fault.message, generation=generation, now=now)
-    )
-    return out
+    """Every fault makes Ready False and sets Degraded, both with its reason.
+
+    A tick that could not complete (bad spec, missing Secret, Redis down, API error) can neither
+    observe nor scale the fleet, so it is not Ready: `kubectl get tq` must print False, never blank.
+    """
+    return [
+        condition(ConditionType.READY, False, fault.reason, fault.message, generation=generation, now=now),
+        condition(ConditionType.DEGRADED, True, fault.reason, fault.message, generation=generation, now=now),
+    ]
 
 
 def observed_status(
@@ -147,6 +186,12 @@ def observed_status(
         new["observedQPS"] = round(observed_qps, 2)
     if decision.eta_seconds is not None:
         new["etaSeconds"] = round(decision.eta_seconds, 1)
+    # The rule holding the size now, beside lastScale (the last change, which may be long past).
+    new["decision"] = {
+        "reason": str(decision.reason),
+        "message": decision.message,
+        "inputs": decision.inputs(),
+    }
     scale = last_scale if last_scale is not None else old.get("lastScale")
     if scale:
         new["lastScale"] = dict(scale)

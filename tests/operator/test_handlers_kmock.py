@@ -92,7 +92,13 @@ async def test_backlog_at_zero_applies_the_need_in_one_step_and_explains_it(
     st = status.data["status"]
     assert st["lastScale"]["reason"] == "WakeFromZero" and st["lastScale"]["to"] == 5
     assert st["backlog"] == 250 and st["desiredReplicas"] == 5
-    assert {c["type"] for c in st["conditions"]} == {"Ready", "Scaling", "Throttled", "Degraded"}
+    assert {c["type"] for c in st["conditions"]} == {
+        "Ready",
+        "Scaling",
+        "Throttled",
+        "ScalingLimited",
+        "Degraded",
+    }
     (event,) = requests(api, "POST", EVENTS)
     assert event.data["reason"] == "WakeFromZero" and event.data["involvedObject"]["kind"] == "TaskQueue"
 
@@ -159,5 +165,39 @@ async def test_scale_down_sets_deletion_costs_only_where_they_changed(
     assert patched[0].data == {
         "metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "0"}}
     }
-    (apply,) = requests(api, "PATCH", DEP)
-    assert apply.data["spec"]["replicas"] == 1  # busy p-b stays; one pod holds 2 busy tasks
+    # The scale-in waits one tick, so the ReplicaSet controller's cache holds the new costs.
+    assert [q.data["spec"]["replicas"] for q in requests(api, "PATCH", DEP)] == [3]
+    # The next tick sees the pod index before its watch caught up (p-a shows no cost yet): what the
+    # loop wrote counts, so p-a is not patched again, and the scale-in goes ahead.
+    await loop.safe_tick(body(scaling={"scaleDownStabilizationSeconds": 0, "maxReplicas": 20}))
+    assert len([q for q in api if q.method.upper() == "PATCH" and "/pods/" in q.url.path]) == 1
+    # busy p-b stays; one pod holds 2 busy tasks
+    assert [q.data["spec"]["replicas"] for q in requests(api, "PATCH", DEP)] == [3, 1]
+
+
+async def test_a_rotated_secret_rolls_the_pods(
+    api: km.KubernetesEmulator, loop: TaskQueueLoop, redis_url: str
+) -> None:
+    # Issue 9 item 5: workers read the URL only at start, so a changed Secret must change the pod
+    # template's config hash (a rolling update), and an unchanged one must not.
+    from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION
+
+    def template_hash() -> str:
+        last = requests(api, "PATCH", DEP)[-1]
+        return str(last.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION])
+
+    def secret(version: str) -> None:
+        meta = {"name": "sluiceway-redis", "resourceVersion": version}
+        data = {"url": base64.b64encode(redis_url.encode()).decode()}
+        api.objects["v1/secrets", NS, "sluiceway-redis"] = {"metadata": meta, "data": data}
+
+    secret("7")
+    await loop.safe_tick(body())
+    first = template_hash()
+    loop._secret_versions = None  # the cache's TTL has passed
+    await loop.safe_tick(body(replicas=1))  # a size change applies, with the same template
+    assert template_hash() == first
+    secret("8")
+    loop._secret_versions = None
+    await loop.safe_tick(body(replicas=1))
+    assert template_hash() != first

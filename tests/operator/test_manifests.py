@@ -104,7 +104,7 @@ def test_env_carries_every_setting_under_contract_names() -> None:
         contract.ENV_QPS_BURST: "0",
         contract.ENV_CONCURRENCY: "8",
         contract.ENV_CONCURRENCY_MODE: "thread",
-        contract.ENV_PREFETCH: "0",
+        contract.ENV_PREFETCH: "-1",
         contract.ENV_MAX_ATTEMPTS: "5",
         contract.ENV_BACKOFF_SECONDS: "1",
         contract.ENV_MAX_BACKOFF_SECONDS: "300",

@@ -197,6 +197,72 @@ def test_rule_never_below_busy_workers() -> None:
     assert (d.desired, d.reason) == (3, Reason.BUSY_WORKERS)
 
 
+def test_rule_under_a_rate_limit_busy_workers_do_not_hold_the_fleet() -> None:
+    # Issue 10 item 4: QPS 20, 0.5 s tasks, 4 per pod. The fleet woke to 6 on the assumed 1 s; once
+    # 0.5 s is measured the ceiling is 3. The limit spreads starts over all 6 pods, so every pod is
+    # busy: a busy floor would hold 6 for the whole drain. A removed pod drains on SIGTERM.
+    policy = replace(POLICY, qps=20.0, per_pod=4, stabilization_seconds=10, target_drain_seconds=5)
+    fleet = tuple(worker(f"w{i}", busy=2, rate=20 / 6, latency=0.5, concurrency=4) for i in range(6))
+    state = ScalingState(window=(Recommendation(990, 6),), last_active=990)
+    d = decide(obs(now=995, backlog=500, workers=fleet, current=6), policy, state)
+    assert (d.ceiling, d.desired, d.reason) == (3, 6, Reason.STABILIZATION)
+    d = decide(obs(now=1001, backlog=450, workers=fleet, current=6), policy, d.state)
+    assert (d.desired, d.reason) == (3, Reason.QPS_CEILING)
+    assert d.throttled
+    assert "QPS ceiling 3" in d.message
+
+
+def test_rule_without_a_rate_limit_busy_workers_still_hold_the_fleet() -> None:
+    fleet = busy_fleet(3, busy=1) + idle_fleet(3)
+    policy = replace(POLICY, stabilization_seconds=0)
+    d = decide(obs(now=1000, backlog=0, workers=fleet, current=6), policy, ScalingState(last_active=0))
+    assert (d.desired, d.reason) == (3, Reason.BUSY_WORKERS)
+    d = decide(obs(now=1000, backlog=0, workers=fleet, current=6), replace(policy, qps=1000.0), d.state)
+    assert d.desired == 1
+
+
+def test_rule_a_rollout_keeps_the_measured_latency_of_the_same_workload() -> None:
+    # Issue 10 item 5: qps 8 -> 32 mid-run rolls the pods. The old pods drain (not live), the new
+    # ones have measured nothing: they must not fall back to the assumed 1 s and jump to max.
+    policy = replace(POLICY, qps=8.0, per_pod=4, max_replicas=20, workload="img tasks:f")
+    fleet = tuple(worker(f"w{i}", busy=1, rate=4.0, latency=0.2, concurrency=4) for i in range(2))
+    d = decide(obs(backlog=5000, workers=fleet, current=2), policy, ScalingState())
+    assert d.latency_source is LatencySource.MEASURED
+    faster = replace(policy, qps=32.0)
+    new_pods = tuple(worker(f"n{i}", busy=0, rate=0.0, latency=0.0, concurrency=4) for i in range(2))
+    old_pods = tuple(replace(w, live=False, draining=True) for w in fleet)
+    d = decide(obs(backlog=5000, workers=new_pods + old_pods, current=2), faster, d.state)
+    assert (d.latency_source, d.latency_seconds) == (LatencySource.REMEMBERED, 0.2)
+    # 32 qps x 0.2 s / 4 x 1.1 = 1.76 -> 2 pods; the assumed 1 s would have said 9.
+    assert d.ceiling == 2
+    assert d.desired == 2
+    # Another workload (a new function or image) measures afresh.
+    other = replace(faster, workload="img tasks:g")
+    d = decide(obs(backlog=5000, workers=new_pods, current=2), other, d.state)
+    assert d.latency_source is LatencySource.ASSUMED
+
+
+def test_rule_throttled_when_the_fleet_runs_at_the_limit_with_a_backlog() -> None:
+    # Issue 10 item 3: 20 qps, 200 queued, the need fits under the ceiling, the fleet runs at 20/s.
+    policy = replace(POLICY, qps=20.0, per_pod=4)
+    fleet = tuple(worker(f"w{i}", busy=4, rate=20 / 3, latency=0.5, concurrency=4) for i in range(3))
+    d = decide(obs(backlog=200, workers=fleet, current=3), policy, ScalingState())
+    assert d.need <= d.ceiling  # type: ignore[operator]
+    assert d.throttled  # 3 pods x 4 / 0.5 s = 24 starts/s possible > 20
+    assert not decide(obs(backlog=0, workers=fleet, current=3), policy, ScalingState()).throttled
+    slow = tuple(replace(w, latency_p50=5.0) for w in fleet)  # 2.4 starts/s possible: the pods bound it
+    assert not decide(obs(backlog=200, workers=slow, current=3), policy, ScalingState()).throttled
+
+
+def test_rule_limited_names_the_replica_bound_that_clamped() -> None:
+    d = decide(obs(backlog=1_000_000, workers=busy_fleet(1), current=1), POLICY, ScalingState())
+    assert d.limited is Reason.MAX_REPLICAS
+    d = decide(obs(backlog=0), replace(POLICY, min_replicas=2), ScalingState())
+    assert d.limited is Reason.MIN_REPLICAS
+    d = decide(obs(backlog=100, workers=busy_fleet(1), current=1), POLICY, ScalingState())
+    assert d.limited is None
+
+
 def test_rule_busy_workers_above_current_never_cause_a_scale_up() -> None:
     # During a rollout old pods still heartbeat: busy may exceed the Deployment's replicas.
     policy = replace(POLICY, stabilization_seconds=0)
@@ -439,20 +505,21 @@ def test_property_throttled_never_adds_pods_above_the_ceiling(
     d = decide(o, p, s)
     if d.throttled:
         assert d.ceiling is not None
-        assert d.need > d.ceiling
-        if d.desired > d.current:
-            assert d.desired == max(d.ceiling, p.min_replicas)
+        assert o.backlog > 0
+    if d.ceiling is not None and d.need > d.ceiling and d.desired > d.current:
+        assert d.desired == min(max(d.ceiling, p.min_replicas), p.max_replicas)
 
 
 @given(observations, policies(), st.floats(0.01, 10_000))
 def test_property_fresh_throttled_decision_is_exactly_the_ceiling(
     o: Observation, p: Policy, qps: float
 ) -> None:
-    # With no history to hold it up and no busy floor, a throttled fleet sits at the ceiling (+0).
+    # With no history to hold it up, a fleet whose need is above the ceiling sits at the ceiling
+    # (+0), however busy its workers are: under a rate limit there is no busy floor.
     p = replace(p, qps=qps, min_replicas=0, stabilization_seconds=0)
-    o = replace(o, workers=tuple(replace(w, busy=0) for w in o.workers))
     d = decide(o, p, ScalingState())
-    if d.throttled and not d.no_live_workers_alarm:
+    capped = d.ceiling is not None and d.need > d.ceiling and d.ceiling < p.max_replicas
+    if capped and not d.no_live_workers_alarm:
         assert d.desired == d.ceiling
 
 
@@ -471,7 +538,7 @@ def test_property_scale_up_is_one_step_to_the_recommendation(
 @given(observations, policies(), states())
 def test_property_scale_down_never_below_busy_workers(o: Observation, p: Policy, s: ScalingState) -> None:
     d = decide(o, p, s)
-    if d.desired < d.current:
+    if d.desired < d.current and p.qps is None:
         assert d.desired >= min(o.busy_workers, d.current, p.max_replicas)
 
 

@@ -239,3 +239,131 @@ def test_parse_does_not_mutate_or_alias_the_input() -> None:
     assert raw == before
     raw["podTemplate"]["labels"]["a"] = "changed"
     assert spec.pod_template.labels == {"a": "b"}
+
+
+# --- One owner per default: the CRD, spec.DEFAULTS, the scaler's Policy and the worker agree -------
+
+# The worker setting each defaulted spec leaf reaches through the pod's environment (manifests.py).
+WORKER_FIELDS: Mapping[str, str] = {
+    "rateLimit.burst": "qps_burst",
+    "concurrency.mode": "concurrency_mode",
+    "concurrency.perPod": "concurrency",
+    "concurrency.prefetch": "prefetch",
+    "retry.maxAttempts": "max_attempts",
+    "retry.backoffSeconds": "backoff_seconds",
+    "retry.maxBackoffSeconds": "max_backoff_seconds",
+    "timeoutSeconds": "timeout_seconds",
+    "liveness.heartbeatSeconds": "heartbeat_seconds",
+    "liveness.leaseSeconds": "lease_seconds",
+}
+
+
+def test_worker_defaults_are_the_spec_defaults() -> None:
+    # A worker run by hand (no operator) behaves like a pod of a default TaskQueue.
+    from dataclasses import fields
+
+    from sluiceway.settings import WorkerSettings
+
+    worker = {f.name: f.default for f in fields(WorkerSettings)}
+    spec = dict(flatten(DEFAULTS))
+    assert {path: worker[name] for path, name in WORKER_FIELDS.items()} == {
+        path: spec[path] for path in WORKER_FIELDS
+    }
+
+
+def test_default_prefetch_is_automatic_so_default_pods_get_the_fast_path() -> None:
+    # Issue 9 item 3: 0 switched off prefetch and the send-ahead round trip in every default pod.
+    assert parse().concurrency.prefetch == -1
+    assert dict(crd_defaults(crd_schema()))["concurrency.prefetch"] == -1
+    with pytest.raises(SpecError, match=r"spec\.concurrency\.prefetch"):
+        parse(concurrency={"prefetch": -2})
+
+
+def test_policy_defaults_are_the_spec_defaults() -> None:
+    from sluiceway_operator.scaling import Policy
+
+    spec = parse()
+    assert Policy() == Policy.from_spec(spec).__class__(workload=Policy().workload)
+    p, s = Policy(), spec.scaling
+    assert (p.min_replicas, p.max_replicas, p.per_pod) == (s.min_replicas, s.max_replicas, 8)
+    assert p.target_drain_seconds == s.target_drain_seconds
+    assert p.stabilization_seconds == s.scale_down_stabilization_seconds
+    assert p.cooldown_seconds == s.cooldown_seconds
+    assert p.qps_headroom == s.qps_headroom
+    assert p.assumed_task_seconds == s.assumed_task_seconds
+
+
+def crd_ranges(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        if prop.get("type") in ("integer", "number") and "minimum" in prop and "maximum" in prop:
+            yield path, prop
+        if prop.get("type") == "object":
+            yield from crd_ranges(prop, path + ".")
+
+
+RANGED = [
+    p
+    for p in crd_ranges(crd_schema())
+    if p[0].split(".")[0] in ("concurrency", "retry", "liveness", "scaling", "timeoutSeconds", "rateLimit")
+]
+
+
+@pytest.mark.parametrize(("path", "prop"), RANGED, ids=[p for p, _ in RANGED])
+def test_crd_ranges_and_the_parser_agree(path: str, prop: Mapping[str, Any]) -> None:
+    def at(value: Any) -> dict[str, Any]:
+        *parents, leaf = path.split(".")
+        spec: dict[str, Any] = {"rateLimit": {"qps": 1}} if parents[:1] == ["rateLimit"] else {}
+        node = spec
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        return spec
+
+    step = 1 if prop["type"] == "integer" else 0.001
+    low, high = prop["minimum"], prop["maximum"]
+    for inside in (high,) if prop.get("exclusiveMinimum") else (low, high):
+        try:
+            parse(**at(inside))
+        except SpecError as exc:  # only a rule tying this field to another may object
+            assert "between" not in exc.problem and "at most" not in exc.problem, exc
+    for outside in (low - step if not prop.get("exclusiveMinimum") else low, high + step):
+        with pytest.raises(SpecError) as err:
+            parse(**at(outside))
+        assert err.value.field == f"spec.{path}"
+
+
+def crd_leaves(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        yield path, prop
+        if prop.get("type") == "object":
+            yield from crd_leaves(prop, path + ".")
+        if prop.get("type") == "array" and "items" in prop:
+            yield from crd_leaves(prop["items"], path + "[].")
+
+
+def test_kubectl_explain_shows_every_default_and_range() -> None:
+    # Issue 10 item 8: `kubectl explain tq.spec.concurrency.perPod` must say 1-10000, default 8.
+    missing = []
+    for path, prop in crd_leaves(crd_schema()):
+        if prop.get("type") not in ("integer", "number", "string", "boolean"):
+            continue
+        text = prop.get("description", "")
+        if "default" in prop:
+            value = prop["default"]
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            if f"Default: {shown}." not in text:
+                missing.append(f"{path}: default {shown}")
+        if "minimum" in prop and "maximum" in prop and "Range:" not in text:
+            missing.append(f"{path}: range")
+    assert not missing, missing
+
+
+def test_status_conditions_are_described() -> None:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert "ScalingLimited" in conditions["description"] and "Throttled" in conditions["description"]
+    for name, field in conditions["items"]["properties"].items():
+        assert field.get("description"), f"status.conditions[].{name} has no description"

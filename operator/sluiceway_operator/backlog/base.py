@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# Delayed messages (publish(delay=...), retry backoff) are backlog only once they are nearly due.
+# A message due in an hour is not work to scale for: counted at once, it woke pods from zero and
+# held them up for an hour of nothing. Counted from this many seconds before it is due, the fleet
+# wakes (the loop ticks every interval anyway) in time for a pod to start before the message is due.
+DELAYED_LEAD_SECONDS = 15.0
+
 
 @dataclass(frozen=True, slots=True)
 class Backlog:
@@ -23,11 +29,14 @@ class Backlog:
     # A counter of completions that only grows (for the observed QPS); None when unknown.
     acked: int | None = None
     dead: int = 0  # messages in the dead-letter queue
+    # Of ``delayed``, those due within DELAYED_LEAD_SECONDS; None when the broker cannot tell
+    # (then every delayed message counts).
+    due_soon: int | None = None
 
     @property
     def total(self) -> int:
-        """What the autoscaler scales for."""
-        return self.ready + self.delayed
+        """What the autoscaler scales for: what can run now or within the lead."""
+        return self.ready + (self.delayed if self.due_soon is None else self.due_soon)
 
 
 class BacklogSource(Protocol):

@@ -7,14 +7,28 @@ worker; in-flight is exact here (the per-worker lease ZSETs), not taken from hea
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from sluiceway import fleet
 from sluiceway.contract import Keys
 
-from .base import Backlog, BacklogSource
+from .base import DELAYED_LEAD_SECONDS, Backlog, BacklogSource
+
+# On the Redis clock, like the publisher's scores: how many delayed messages are due within the lead.
+_DUE_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '-inf', now_ms + tonumber(ARGV[1]))
+"""
+
+
+def due_delayed(client: redis.Redis, keys: Keys, delayed: int, lead: float = DELAYED_LEAD_SECONDS) -> int:
+    """Delayed messages due within ``lead`` seconds; no round trip when none are delayed."""
+    if delayed <= 0:
+        return 0
+    return int(cast(int, client.eval(_DUE_SCRIPT, 1, keys.delayed, int(lead * 1000))))
 
 
 class RedisSource:
@@ -27,7 +41,14 @@ class RedisSource:
 
     def backlog(self) -> Backlog:
         s = fleet.queue_stats(self.client, self.keys)
-        return Backlog(ready=s.ready, delayed=s.delayed, in_flight=s.in_flight, acked=s.acked, dead=s.dead)
+        return Backlog(
+            ready=s.ready,
+            delayed=s.delayed,
+            in_flight=s.in_flight,
+            acked=s.acked,
+            dead=s.dead,
+            due_soon=due_delayed(self.client, self.keys, s.delayed),
+        )
 
     def max_useful_replicas(self) -> int | None:
         return None
