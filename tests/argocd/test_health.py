@@ -61,7 +61,15 @@ def tq(
         return obj
     d = _decision(backlog, ready, current, full)
     conds = conditions_for(
-        d, generation=observed, now=NOW, ready_replicas=ready, qps=None, silent=(), no_live_alarm=no_live
+        d,
+        generation=observed,
+        now=NOW,
+        ready_replicas=ready,
+        qps=None,
+        silent=(),
+        no_live_alarm=no_live,
+        min_replicas=int(full.get("scaling", {}).get("minReplicas", 0)),
+        max_replicas=int(full.get("scaling", {}).get("maxReplicas", 10)),
     )
     status = observed_status(
         {},
