@@ -36,6 +36,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 KAFKA_VERSION = os.environ.get("SLUICEWAY_KAFKA_VERSION", "4.4.0")
 # The maven-dependency-plugin version that resolves the classpath (pinned: the CLI default drifts).
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
@@ -290,7 +292,9 @@ class KafkaServer:
                 except KafkaException:
                     pass
                 if time.monotonic() > deadline:
-                    raise KafkaUnavailableError(f"Kafka's group coordinator never loaded; see {self.log_file}")
+                    raise KafkaUnavailableError(
+                        f"Kafka's group coordinator never loaded; see {self.log_file}"
+                    )
                 time.sleep(0.1)
         finally:
             probe.close()
@@ -341,6 +345,30 @@ def running(version: str = KAFKA_VERSION) -> Iterator[KafkaServer]:
         yield server
     finally:
         server.close()
+
+
+# --- pytest: registered as a plugin by the root conftest.py ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> Iterator[KafkaServer]:
+    """One broker for the test session (about 5 s to start warm; the first run also resolves the
+    jars, see docs/development.md)."""
+    try:
+        server = KafkaServer()
+        server.start()
+    except KafkaUnavailableError as exc:
+        pytest.fail(f"the Kafka test broker is unavailable: {exc}", pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def kafka_url(kafka_server: KafkaServer) -> str:
+    """The session broker's URL, started again if a previous test stopped it."""
+    if kafka_server.proc is None or kafka_server.proc.poll() is not None:
+        kafka_server.start()
+    return kafka_server.url
 
 
 def main(argv: list[str] | None = None) -> int:
