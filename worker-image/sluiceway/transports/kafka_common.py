@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from sluiceway import contract
+
 # Where a group with no valid committed offset starts. The operator's lag uses the same policy
 # (sluiceway_operator.backlog.kafka_lag), so the backlog it scales for is what workers will run.
 AUTO_OFFSET_RESET: Final = "earliest"
@@ -36,7 +38,7 @@ HEADER_DUE_MS: Final = "sluiceway-due-ms"  # retry topic: wall-clock ms when the
 HEADER_REASON: Final = "sluiceway-reason"  # dead-letter topic: why
 HEADER_SOURCE: Final = "sluiceway-source"  # dead-letter topic: topic/partition/offset it came from
 
-ENV_ORDERING: Final = "SLUICEWAY_ORDERING"  # "" (default: any order) | "key"
+ENV_ORDERING: Final = contract.ENV_ORDERING
 ORDERINGS: Final = ("", "none", "key")
 
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
