@@ -104,8 +104,10 @@ class Transport(Protocol):
 
     def settle(self, outcomes: Outcomes) -> Settled: ...
 
-    def give_back(self, tokens: Sequence[Token]) -> int:
-        """Return unstarted deliveries to the queue at once; returns how many went back."""
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        """Return deliveries to the queue at once; returns how many went back. ``redelivered``:
+        they were running when the worker had to stop, which counts as a redelivery (so a
+        message that keeps a worker from stopping is dead-lettered in the end)."""
         ...
 
     def renew(self, tokens: Sequence[Token]) -> int: ...
@@ -173,8 +175,16 @@ class WorkerLink(Protocol):
         Settling comes first, so the fetch already sees the room it freed."""
         ...
 
-    def give_back(self, tokens: Sequence[Token], slots: SlotLease | None, unused_slots: int) -> int:
-        """Return unstarted or unfinished deliveries at once, and the newest lease's unused slots."""
+    def give_back(
+        self,
+        tokens: Sequence[Token],
+        slots: SlotLease | None,
+        unused_slots: int,
+        *,
+        redelivered: bool = False,
+    ) -> int:
+        """Return unstarted (or, ``redelivered``, unfinished) deliveries at once, and the newest
+        lease's unused slots."""
         ...
 
     def acquire_slot(self) -> float:
