@@ -1,14 +1,13 @@
 """Kafka benchmarks, on a broker this run starts (tests/support/kafka_server.py). Every figure is a
 ratio to a reference measured in the same run, on the same broker.
 
-- throughput: the transport's no-op at-least-once loop (fetch up to 1000, ack each record, the
-  transport commits the finished prefix) against a bare confluent-kafka loop
+- throughput: one ``sluiceway worker`` process on a no-op task (and the transport alone: fetch up
+  to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
   (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch);
 - rebalance cost: records redone and the longest time without progress while consumers scale
   1 -> 3 -> 1 during a burst;
-- QPS precision: the transport behind the fleet limiter (``Gated`` + ``RedisLimiter``, what the
-  worker runs on), achieved / target and the worst 1-second window, at 10/100/1000 QPS with 1 and
-  4 consumer processes.
+- QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
+  the worst 1-second window, at 10/100/1000 QPS with 1 and 4 workers.
 
 ``python -m bench.kafka_bench [--messages N] [--skip-qps]``
 """
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from confluent_kafka import Consumer, Producer  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from tests.support.kafka_server import KafkaServer  # noqa: E402
 
@@ -37,7 +36,6 @@ from sluiceway.transports.base import Outcomes  # noqa: E402
 from sluiceway.transports.kafka import KafkaTransport  # noqa: E402
 
 NS = "bench"
-TOLERANCE = 0.01  # the worker's default qps slot tolerance
 
 
 def _fill(url: str, queue: str, n: int, partitions: int) -> None:
@@ -51,7 +49,7 @@ def _fill(url: str, queue: str, n: int, partitions: int) -> None:
     for i in range(n):
         while True:
             try:
-                p.produce(topic, b'{"i": %d}' % i, key=b"%d" % i)
+                p.produce(topic, b'{"n": %d}' % i, key=b"%d" % i)
                 break
             except BufferError:
                 p.poll(0.05)
@@ -98,8 +96,9 @@ def transport_loop(url: str, queue: str, n: int) -> float:
     return n / elapsed
 
 
-def throughput(url: str, n: int, rounds: int) -> None:
+def throughput(url: str, redis_url: str, n: int, rounds: int) -> None:
     ratios = []
+    worker_ratios = []
     for r in range(rounds):
         q1, q2 = f"bare{uuid.uuid4().hex[:6]}", f"tr{uuid.uuid4().hex[:6]}"
         _fill(url, q1, n, 1)
@@ -111,14 +110,22 @@ def throughput(url: str, n: int, rounds: int) -> None:
         else:
             bare = bare_loop(url, q1, n)
             tr = transport_loop(url, q2, n)
+        worker = worker_throughput(url, redis_url, n, 8)
         ratios.append(tr / bare)
+        worker_ratios.append(worker / bare)
         print(
             f"round {r + 1}: bare confluent-kafka loop {bare:,.0f} msg/s; "
-            f"transport no-op at-least-once {tr:,.0f} msg/s = {100 * tr / bare:.0f}% of the loop",
+            f"transport alone {tr:,.0f} msg/s = {100 * tr / bare:.0f}%; "
+            f"worker process (-c 8), no-op, at-least-once {worker:,.0f} msg/s = {100 * worker / bare:.0f}% of the loop",
             flush=True,
         )
     ratios.sort()
-    print(f"median over {rounds} rounds: {100 * ratios[len(ratios) // 2]:.0f}% of the bare loop", flush=True)
+    worker_ratios.sort()
+    print(
+        f"median over {rounds} rounds: worker {100 * worker_ratios[len(worker_ratios) // 2]:.0f}% of the bare loop "
+        f"(transport alone {100 * ratios[len(ratios) // 2]:.0f}%)",
+        flush=True,
+    )
 
 
 def rebalance_cost(url: str, n: int) -> None:
@@ -177,118 +184,111 @@ def rebalance_cost(url: str, n: int) -> None:
     )
 
 
-def qps_precision(url: str, redis_url: str) -> None:
-    for qps in (10, 100, 1000):
-        for workers in (1, 4):
-            seconds = 10.0
-            n = int(qps * seconds * 1.5) + 100
-            queue = f"qps{uuid.uuid4().hex[:6]}"
-            _fill(url, queue, n, 4)
-            tmp = Path(tempfile.mkdtemp(prefix="kafka-qps-"))
-            procs = []
-            for w in range(workers):
-                out = tmp / f"{w}.out"
-                procs.append(
-                    (
-                        subprocess.Popen(
-                            [
-                                sys.executable,
-                                "-m",
-                                "bench.kafka_bench",
-                                "--qps-child",
-                                url,
-                                redis_url,
-                                queue,
-                                str(qps),
-                                str(out),
-                            ],
-                            cwd=REPO,
-                        ),
-                        out,
-                    )
-                )
-            # Wait for the first start, then let the fleet run `seconds` more.
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any(o.exists() and o.stat().st_size for _, o in procs):
-                time.sleep(0.1)
-            time.sleep(seconds + 1.5)
-            for p, _ in procs:
-                p.send_signal(signal.SIGTERM)
-            for p, _ in procs:
-                p.wait(60)
-            starts = sorted(float(x) for _, o in procs if o.exists() for x in o.read_text().split())
-            if len(starts) < 2:
-                print(f"  qps {qps:4d} x {workers} workers: no starts recorded", flush=True)
-                continue
-            # The steady part: a second after the first start (the group is assigned), for 8 s.
-            t0 = starts[0] + 1.0
-            span = seconds - 2.0
-            window = [x for x in starts if t0 <= x < t0 + span]
-            achieved = len(window) / span / qps
-            worst = 0
-            j = 0
-            for i in range(len(starts)):
-                while starts[i] - starts[j] >= 1.0:
-                    j += 1
-                worst = max(worst, i - j + 1)
-            print(
-                f"  qps {qps:4d} x {workers} workers: achieved {achieved:.4f}, "
-                f"worst window {worst} ({worst / qps:.3f})",
-                flush=True,
-            )
+def _worker_env(url: str, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO),
+        SLUICEWAY_BROKER="kafka",
+        SLUICEWAY_NAMESPACE=NS,
+        SLUICEWAY_BROKER_URL=url,
+        SLUICEWAY_REDIS_URL=redis_url,
+        BENCH_RECORD_URL=redis_url,
+        SLUICEWAY_METRICS_PORT="0",
+        SLUICEWAY_LOG_LEVEL="WARNING",
+    )
+    return env
 
 
-def qps_child(url: str, redis_url: str, queue: str, qps: float, out: str) -> None:
-    """One consumer process behind the fleet limiter, recording each start's wall time."""
+def _committed(url: str, queue: str) -> int:
+    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
+    try:
+        topic = kc.topic(NS, queue)
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(
+            max(tp.offset, 0) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        )
+    finally:
+        c.close()
+
+
+def worker_throughput(url: str, redis_url: str, n: int, concurrency: int) -> float:
+    """Messages/s of one `sluiceway worker` process on a no-op task, at-least-once, from its first
+    commit to its last (process start and the group join do not count)."""
+    queue = f"wk{uuid.uuid4().hex[:6]}"
+    _fill(url, queue, n, 1)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sluiceway",
+            "worker",
+            "-f",
+            "bench.tasks:noop",
+            "-q",
+            queue,
+            "-c",
+            str(concurrency),
+        ],
+        env=_worker_env(url, redis_url),
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while (first := _committed(url, queue)) == 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker committed nothing (exit {proc.poll()})")
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        while (done := _committed(url, queue)) < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker stopped at {done} of {n} (exit {proc.poll()})")
+            time.sleep(0.02)
+        return (done - first) / (time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def qps_precision(url: str, redis_url: str, qps: int, workers: int, seconds: float = 10.0) -> None:
     import redis
 
-    from sluiceway.contract import Keys
-    from sluiceway.ratelimit.redis import RedisLimiter
-    from sluiceway.transports.gated import Gated
+    from sluiceway.ratelimit import max_in_window
 
-    stop = False
-
-    def on_term(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
     client = redis.Redis.from_url(redis_url)
-    limiter = RedisLimiter(client, Keys(NS, queue).ratelimit, qps=qps)
-    link = Gated(
-        KafkaTransport(url, NS, queue, f"q{os.getpid()}", create_topics=False), limiter, limiter_errors=()
+    client.delete("bench:starts")
+    queue = f"qps{uuid.uuid4().hex[:6]}"
+    _fill(url, queue, int(qps * (seconds + 8)) + 100, 4)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:stamp", "-q", queue, "-c", "16",
+             "--qps", str(qps)],
+            env=_worker_env(url, redis_url),
+            cwd=REPO,
+        )
+        for _ in range(workers)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 180
+    while client.llen("bench:starts") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(seconds + 1.5)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(60)
+    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
+    # Skip the first second: workers are still joining the group and the bucket fills from empty.
+    t0 = starts[0] + 1.0
+    window = [x for x in starts if t0 <= x < t0 + seconds]
+    worst = max_in_window(window, 1.0)
+    print(
+        f"  qps {qps:4d} x {workers} workers: achieved {len(window) / seconds / qps:.4f}, "
+        f"worst window {worst} ({worst / qps:.3f})",
+        flush=True,
     )
-    log = open(out, "w", buffering=1)  # noqa: SIM115 - one line per start, read while it runs
-    while not stop:
-        ex = link.begin_exchange(Outcomes(), 16).result()
-        if not ex.batch.deliveries:
-            time.sleep(min(max(ex.batch.retry_after, 0.001), 0.05))
-            continue
-        got = time.monotonic()
-        for d in ex.batch.deliveries:
-            wait = got + d.start_after - time.monotonic()
-            if wait < -TOLERANCE:
-                # Its slot went stale (this process stalled): take a fresh one, as the worker does,
-                # so late starts never bunch into one window.
-                slot = link.acquire_slot()
-                while slot < 0:
-                    time.sleep(-slot)
-                    slot = link.acquire_slot()
-                wait = slot
-            if wait > 0:
-                time.sleep(wait)
-            log.write(f"{time.time():.6f}\n")
-        link.begin_exchange(Outcomes(acks=[d.token for d in ex.batch.deliveries]), 0).result()
-    log.close()
-    link.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in[:1] == ["--qps-child"]:
-        url, redis_url, queue, qps, out = args_in[1:6]
-        qps_child(url, redis_url, queue, float(qps), out)
-        return
     parser = argparse.ArgumentParser(prog="python -m bench.kafka_bench")
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -296,25 +296,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(args_in)
     server = KafkaServer()
     server.start()
-    redis_server = None
+    from tests.support.redis_server import RedisServer
+
+    redis_server = RedisServer()  # coordination: heartbeats and the fleet rate limit
+    redis_server.start()
     try:
-        print(
-            f"Kafka {server.version} on {server.bootstrap}; confluent-kafka (librdkafka) in-process",
-            flush=True,
-        )
-        throughput(server.url, args.messages, args.rounds)
+        print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
+        throughput(server.url, redis_server.url, args.messages, args.rounds)
         rebalance_cost(server.url, min(args.messages, 20_000))
         if not args.skip_qps:
-            from tests.support.redis_server import RedisServer
-
-            redis_server = RedisServer()
-            redis_server.start()
             print("QPS precision over 10 s (achieved/target, worst 1-s window vs target):", flush=True)
-            qps_precision(server.url, redis_server.url)
+            for qps in (10, 100, 1000):
+                for workers in (1, 4):
+                    qps_precision(server.url, redis_server.url, qps, workers)
     finally:
         server.close()
-        if redis_server is not None:
-            redis_server.close()
+        redis_server.close()
 
 
 if __name__ == "__main__":

@@ -146,3 +146,36 @@ def test_lag_is_bounded_by_the_log_and_matches_the_policy(parts: list[PartitionO
             assert partition_lag(p, "earliest") == p.high - p.low
             assert partition_lag(p, "latest") == 0
     assert total_lag(parts, "earliest") >= total_lag(parts, "latest")
+
+
+# --- the replica cap: a group never gives one partition to two members ----------------------------
+
+
+def test_replicas_never_exceed_the_partition_count_and_the_reason_says_so() -> None:
+    from sluiceway_operator.scaling import Observation, Policy, Reason, ScalingState, decide
+
+    policy = Policy(min_replicas=0, max_replicas=50, target_drain_seconds=10, per_pod=4)
+    big = Observation(now=1000.0, backlog=100_000, in_flight=0, workers=(), current_replicas=0, max_useful=6)
+    d = decide(big, policy, ScalingState())
+    assert d.desired == 6
+    assert d.reason is Reason.WAKE  # from zero the wake-up says so; the cap shows in the size
+    d2 = decide(
+        Observation(now=1001.0, backlog=100_000, in_flight=0, workers=(), current_replicas=6, max_useful=6),
+        policy,
+        d.state,
+    )
+    assert d2.desired == 6
+    assert d2.reason in (Reason.MAX_USEFUL, Reason.NO_LIVE_WORKERS)
+    # A QPS ceiling below the partition count binds first.
+    qps = Policy(
+        min_replicas=0, max_replicas=50, target_drain_seconds=10, per_pod=4, qps=10, assumed_task_seconds=1
+    )
+    d3 = decide(big, qps, ScalingState())
+    assert d3.desired < 6 and d3.ceiling == d3.desired
+    # No broker bound (Redis, RabbitMQ): the old behaviour.
+    free = decide(
+        Observation(now=1000.0, backlog=100_000, in_flight=0, workers=(), current_replicas=0),
+        policy,
+        ScalingState(),
+    )
+    assert free.desired == 50
