@@ -145,3 +145,30 @@ def test_kill_9_of_a_worker_loses_nothing(r: redis.Redis, kafka_url: str, spawn_
     )
     survivor.terminate()
     assert survivor.wait(60) == 0
+
+
+def test_the_fleet_qps_limit_holds_on_kafka_and_sigterm_drains(
+    r: redis.Redis, kafka_url: str, spawn_worker: SpawnWorker
+) -> None:
+    from sluiceway.ratelimit import max_in_window
+
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    qps = 20
+    pub = sluiceway.Publisher(kafka_url)
+    pub.publish_batch(queue, ({"n": i} for i in range(400)))
+    pub.close()
+    workers = [
+        spawn_worker(
+            "-f", "tests.tasks:record", "-q", queue, "-c", "8", "--qps", str(qps), **kafka_env(kafka_url)
+        )
+        for _ in range(2)
+    ]
+    wait_for(lambda: r.llen("test:starts") >= 100, 120, what="100 starts under the limit")
+    for w in workers:
+        w.terminate()
+    codes = [w.wait(60) for w in workers]
+    starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
+    worst = max_in_window(starts, 1.0)
+    print(f"[figures] kafka qps {qps} x 2 workers: starts={len(starts)} worst_1s_window={worst} exit={codes}")
+    assert worst <= qps + 1 + qps // 100
+    assert codes == [0, 0]

@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from sluiceway.log import get_logger
 from sluiceway.transports import kafka_common as kc
-from sluiceway.transports.base import Delivery, Outcomes, Settled, Token
+from sluiceway.transports.base import Delivery, Outcomes, Settled, Token, Transport
 from sluiceway.transports.kafka_offsets import PartitionTrack
 
 
@@ -260,9 +260,15 @@ class KafkaTransport:
         else:
             self.keys_busy.pop(key, None)
 
-    def give_back(self, tokens: Sequence[Token]) -> int:
-        """Unstarted records go back to the front of the buffer (still uncommitted), for this
-        worker's next fetch; at close they are simply not committed, and the next owner runs them."""
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        """Records go back to the front of the buffer (still uncommitted), for this worker's next
+        fetch; at close they are simply not committed, and the next owner runs them.
+
+        ``redelivered`` (they were running when the worker had to stop) changes nothing here:
+        Kafka keeps no per-record delivery count, so ``Delivery.redeliveries`` is always 0 on
+        Kafka and a record that keeps killing its worker is redone until ``maxAttempts`` of the
+        function's own failures, never by a count of deaths."""
+        del redelivered
         back: list[_Held] = []
         with self.cond:
             for token in tokens:
@@ -552,3 +558,7 @@ class KafkaSink:
 
 def sink(url: str) -> KafkaSink:
     return KafkaSink(url)
+
+
+def _is_a_transport(t: KafkaTransport) -> Transport:
+    return t  # mypy checks here that KafkaTransport keeps the seam's Transport protocol
