@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from sluiceway import wiring
 from sluiceway.log import configure, get_logger
 from sluiceway.metrics import serve
 from sluiceway.settings import SettingsError, from_env
-from sluiceway.transports import registry
 from sluiceway.transports.base import BrokerUnavailableError
 from sluiceway.worker import ExitCode, Worker, load_function
 
@@ -27,7 +27,7 @@ def run_worker(overrides: dict[str, Any]) -> int:
         log.error("cannot load the task function", function=settings.function, error=str(exc))
         return ExitCode.IMPORT
     try:
-        side = registry.worker_side(settings, settings.effective_worker_id)
+        side = wiring.worker_side(settings, settings.effective_worker_id)
     except BrokerUnavailableError as exc:
         log.error("broker not available", broker=settings.broker, error=str(exc))
         return ExitCode.USAGE

@@ -37,8 +37,16 @@ from sluiceway.errors import Reject, RetryLater
 from sluiceway.log import get_logger
 from sluiceway.metrics import WorkerMetrics
 from sluiceway.settings import WorkerSettings
-from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, PendingExchange, Retry, SlotLease, Token
-from sluiceway.transports.registry import WorkerSide
+from sluiceway.transports.base import (
+    DeadLetter,
+    Delivery,
+    Outcomes,
+    PendingExchange,
+    Retry,
+    SlotLease,
+    Token,
+    WorkerSide,
+)
 
 
 class ExitCode(IntEnum):

@@ -35,9 +35,12 @@ Rules every transport keeps (the conformance suite in ``tests/conformance/`` che
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sluiceway.coordination.base import Coordinator
 
 Token = Hashable  # opaque settle handle: Redis lease member, RabbitMQ delivery tag, Kafka offset
 
@@ -200,6 +203,18 @@ class WorkerLink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSide:
+    """Everything the worker engine talks to, built for one worker process by
+    :func:`sluiceway.wiring.worker_side`."""
+
+    link: WorkerLink
+    coordinator: Coordinator
+    outage_errors: tuple[type[BaseException], ...]  # every exception type that means "outage"
+    round_trips: Callable[[], int]  # requests sent to the coordination Redis so far
+    close: Callable[[], None]
 
 
 # --- Publishing ----------------------------------------------------------------------------------
