@@ -48,6 +48,7 @@ class ConcurrencyMode(StrEnum):
 # "unlimited", "autoscale" or "no limit".
 DEFAULTS: Final[Mapping[str, Any]] = {
     "imagePullPolicy": "IfNotPresent",
+    "broker": {"kafka": {"partitions": 6, "ordering": "none"}},
     "rateLimit": {"burst": 0},
     "concurrency": {"mode": "thread", "perPod": 8, "prefetch": 0},
     "retry": {"maxAttempts": 5, "backoffSeconds": 1, "maxBackoffSeconds": 300},
@@ -92,7 +93,7 @@ class SecretKeyRef:
     key: str
 
 
-KAFKA_DEFAULT_PARTITIONS = 6  # the CRD's default for spec.broker.kafka.partitions
+KAFKA_DEFAULT_PARTITIONS: Final = DEFAULTS["broker"]["kafka"]["partitions"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +269,7 @@ def _broker(r: _Reader, name: str) -> Broker:
     if kind is BrokerType.KAFKA:
         kafka = KafkaTopic(
             partitions=k.integer("partitions", KAFKA_DEFAULT_PARTITIONS, low=1, high=10000),
-            ordering=k.choice("ordering", ("none", "key"), "none"),
+            ordering=k.choice("ordering", ("none", "key"), DEFAULTS["broker"]["kafka"]["ordering"]),
         )
     return Broker(type=kind, queue=queue, url_secret_ref=ref, kafka=kafka)
 
