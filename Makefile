@@ -17,6 +17,7 @@ help: ## List the targets
 
 system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, ...)
 	@bash scripts/system-deps.sh
+	@bash scripts/kafka/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Installing the Python packages into $(VENV) (pip, quiet: about 30 s the first time)..."
@@ -59,6 +60,9 @@ demo: deps cluster-bins ## The whole system on a local cluster: apply a TaskQueu
 
 demo-local: services ## A local fleet of worker processes under a QPS limit (no Kubernetes)
 	@$(PY) -m sluiceway.demo
+
+kafka-jars: ## Resolve (or find cached) the Kafka test broker's jars from Maven Central
+	@$(PY) -m tests.support.kafka_server resolve
 
 clean: services-down ## Remove local state
 	rm -rf .run

@@ -47,6 +47,7 @@ class ConditionReason(StrEnum):
     UNLIMITED = "Unlimited"
     # ScalingLimited
     MAX_REPLICAS = "MaxReplicas"
+    MAX_USEFUL_REPLICAS = "MaxUsefulReplicas"
     MIN_REPLICAS = "MinReplicas"
     WITHIN_RANGE = "WithinRange"
     # Degraded

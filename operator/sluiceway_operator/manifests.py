@@ -138,6 +138,8 @@ def worker_env(
     ]
     if spec.max_message_age_seconds is not None:
         plain.append((contract.ENV_MAX_MESSAGE_AGE_SECONDS, str(spec.max_message_age_seconds)))
+    if spec.broker.kafka is not None and spec.broker.kafka.ordering == "key":
+        plain.append((contract.ENV_ORDERING, "key"))
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain]
     env.append(_secret_env(contract.ENV_BROKER_URL, broker_ref))
     env.append(_secret_env(contract.ENV_REDIS_URL, coordination))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
@@ -67,14 +68,27 @@ class RedisPool:
         return client
 
     def source(
-        self, broker: str, *, namespace: str, queue: str, coordination: redis.Redis, url: str, broker_url: str
+        self,
+        broker: str,
+        *,
+        namespace: str,
+        queue: str,
+        coordination: redis.Redis,
+        url: str,
+        broker_url: str,
+        **options: Any,
     ) -> BacklogSource:
         key = (broker, namespace, queue, url, broker_url)
         found = self._sources.get(key)
         if found is None:
             try:
                 found = registry.source(
-                    broker, namespace=namespace, queue=queue, coordination=coordination, broker_url=broker_url
+                    broker,
+                    namespace=namespace,
+                    queue=queue,
+                    coordination=coordination,
+                    broker_url=broker_url,
+                    **options,
                 )
             except registry.SourceUnavailableError as exc:
                 raise ObservationError("BrokerUnsupported", str(exc)) from exc
@@ -97,6 +111,7 @@ class QueueView:
     workers: tuple[WorkerSample, ...]
     heartbeat_times: dict[str, float]  # pod -> latest heartbeat (unix s), for silent-pod detection
     acked: int  # fleet-wide completions counter, for the observed QPS
+    max_useful: int | None = None  # the most pods the broker can keep busy (Kafka: partitions)
 
 
 async def backlog_source(
@@ -112,6 +127,9 @@ async def backlog_source(
             cached = (await secret_value(kube, namespace, ref), time.monotonic())
             pool.broker_urls[cache_key] = cached
         broker_url = cached[0]
+    options: dict[str, Any] = {}
+    if spec.broker.kafka is not None:
+        options["partitions"] = spec.broker.kafka.partitions
     return pool.source(
         str(spec.broker.type),
         namespace=namespace,
@@ -119,6 +137,7 @@ async def backlog_source(
         coordination=client,
         url=url,
         broker_url=broker_url,
+        **options,
     )
 
 
@@ -138,7 +157,9 @@ def view(backlog: Backlog, beats: list[Heartbeat], *, now: float, missed: int) -
 def _read(source: BacklogSource, client: redis.Redis, keys: Keys, missed: int) -> QueueView:
     backlog = source.backlog()
     beats = coordination_redis.heartbeats(client, keys)
-    return view(backlog, beats, now=time.time(), missed=missed)
+    return replace(
+        view(backlog, beats, now=time.time(), missed=missed), max_useful=source.max_useful_replicas()
+    )
 
 
 async def read_queue(
@@ -164,6 +185,7 @@ def observation(view: QueueView, *, now: float, current: int, pods: int, ready: 
         current_replicas=current,
         pods=pods,
         ready_pods=ready,
+        max_useful=view.max_useful,
     )
 
 

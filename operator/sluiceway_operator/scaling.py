@@ -48,6 +48,7 @@ class Reason(StrEnum):
     QPS_CEILING = "QPSCeiling"
     MIN_REPLICAS = "MinReplicas"
     MAX_REPLICAS = "MaxReplicas"
+    MAX_USEFUL = "MaxUsefulReplicas"  # the broker keeps no more pods busy (Kafka: partitions)
     WAKE = "WakeFromZero"
     NO_LIVE_WORKERS = "NoLiveWorkers"
     STABILIZATION = "ScaleDownStabilization"
@@ -119,6 +120,8 @@ class Observation:
     current_replicas: int  # the Deployment's spec.replicas now
     pods: int = 0
     ready_pods: int = 0
+    # The most pods the broker can keep busy (Kafka: the topic's partitions); None = no bound.
+    max_useful: int | None = None
 
     @property
     def live_workers(self) -> tuple[WorkerSample, ...]:
@@ -364,6 +367,9 @@ def decide(obs: Observation, policy: Policy, state: ScalingState) -> Decision:
     if rec > policy.max_replicas:
         rec, reason = policy.max_replicas, Reason.MAX_REPLICAS
         limited = reason
+    if obs.max_useful is not None and rec > max(obs.max_useful, 1):
+        rec, reason = max(obs.max_useful, 1), Reason.MAX_USEFUL
+        limited = reason
     if rec < policy.min_replicas:
         rec, reason = policy.min_replicas, Reason.MIN_REPLICAS
         limited = reason
@@ -499,6 +505,8 @@ def _why(d: Decision, policy: Policy) -> str:
             return f"held at minReplicas {policy.min_replicas}"
         case Reason.MAX_REPLICAS:
             return f"capped at maxReplicas {policy.max_replicas}"
+        case Reason.MAX_USEFUL:
+            return f"capped at {d.desired}: the broker keeps no more pods busy (Kafka: one per partition)"
         case Reason.WAKE:
             return f"work appeared at zero replicas: straight to {d.desired}"
         case Reason.NO_LIVE_WORKERS:

@@ -57,6 +57,7 @@ class ConcurrencyMode(StrEnum):
 DEFAULTS: Final[Mapping[str, Any]] = {
     "imagePullPolicy": "IfNotPresent",
     "deletionPolicy": "Retain",
+    "broker": {"kafka": {"partitions": 6, "ordering": "none"}},
     "rateLimit": {"burst": 0},
     # prefetch -1 = automatic: about 100 ms of work at the measured rate (the worker computes it;
     # none under a rate limit). 0 would switch off prefetch and the send-ahead round trip.
@@ -104,11 +105,21 @@ class SecretKeyRef:
     key: str
 
 
+KAFKA_DEFAULT_PARTITIONS: Final = DEFAULTS["broker"]["kafka"]["partitions"]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaTopic:
+    partitions: int = KAFKA_DEFAULT_PARTITIONS  # of the work topic, when the operator creates it
+    ordering: str = "none"  # none | key
+
+
 @dataclass(frozen=True, slots=True)
 class Broker:
     type: BrokerType
     queue: str  # always resolved: spec.broker.queue, or the TaskQueue's name
     url_secret_ref: SecretKeyRef | None  # None for redis = use the coordination Redis
+    kafka: KafkaTopic | None = None  # set (with defaults) exactly when type is kafka
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +294,16 @@ def _broker(r: _Reader, name: str) -> Broker:
     ref = _secret_ref(r.child("urlSecretRef"))
     if ref is None and kind is not BrokerType.REDIS:
         raise SpecError(r.path("urlSecretRef"), f"a {kind} broker needs the Secret that holds its URL")
-    return Broker(type=kind, queue=queue, url_secret_ref=ref)
+    k = r.child("kafka")
+    if k.present and kind is not BrokerType.KAFKA:
+        raise SpecError(r.path("kafka"), f"applies only to broker type kafka, not {kind}")
+    kafka = None
+    if kind is BrokerType.KAFKA:
+        kafka = KafkaTopic(
+            partitions=k.integer("partitions", KAFKA_DEFAULT_PARTITIONS, low=1, high=10000),
+            ordering=k.choice("ordering", ("none", "key"), DEFAULTS["broker"]["kafka"]["ordering"]),
+        )
+    return Broker(type=kind, queue=queue, url_secret_ref=ref, kafka=kafka)
 
 
 def _secret_ref(r: _Reader) -> SecretKeyRef | None:

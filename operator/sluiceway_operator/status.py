@@ -109,6 +109,13 @@ def conditions_for(
             ConditionReason.MAX_REPLICAS,
             f"The fleet would grow past maxReplicas {max_replicas}.",
         )
+    elif decision.limited is Reason.MAX_USEFUL:
+        limited = c(
+            ConditionType.SCALING_LIMITED,
+            True,
+            ConditionReason.MAX_USEFUL_REPLICAS,
+            f"The broker can keep at most {decision.desired} pods busy (on Kafka, the topic's partitions).",
+        )
     elif decision.limited is Reason.MIN_REPLICAS:
         limited = c(
             ConditionType.SCALING_LIMITED,

@@ -38,6 +38,7 @@ ENV_POD_NAME: Final = "SLUICEWAY_POD_NAME"
 ENV_METRICS_PORT: Final = "SLUICEWAY_METRICS_PORT"  # 0 disables the Prometheus endpoint
 ENV_LOG_FORMAT: Final = "SLUICEWAY_LOG_FORMAT"  # json | console
 ENV_LOG_LEVEL: Final = "SLUICEWAY_LOG_LEVEL"
+ENV_ORDERING: Final = "SLUICEWAY_ORDERING"  # Kafka: unset/none = any order | key
 
 DEFAULT_NAMESPACE: Final = "default"
 DEFAULT_METRICS_PORT: Final = 9464

@@ -21,7 +21,10 @@ class SourceUnavailableError(RuntimeError):
     """No backlog source for this broker in this build, or its client library is missing."""
 
 
-def source(broker: str, *, namespace: str, queue: str, coordination: Any, broker_url: str) -> BacklogSource:
+def source(
+    broker: str, *, namespace: str, queue: str, coordination: Any, broker_url: str, **options: Any
+) -> BacklogSource:
+    """``options`` are the broker's own (Kafka: ``partitions`` for creating its topic)."""
     if broker not in BROKERS:
         raise SourceUnavailableError(f"broker {broker!r} must be one of {', '.join(BROKERS)}")
     name = f"{__package__}.{broker}"
@@ -34,6 +37,6 @@ def source(broker: str, *, namespace: str, queue: str, coordination: Any, broker
             ) from None
         raise SourceUnavailableError(f"the {broker} backlog source needs {exc.name}: {exc}") from None
     result: BacklogSource = mod.source(
-        namespace=namespace, queue=queue, coordination=coordination, broker_url=broker_url
+        namespace=namespace, queue=queue, coordination=coordination, broker_url=broker_url, **options
     )
     return result

@@ -8,6 +8,7 @@ later lease exists; when one does, they are lost, which under-uses the limit but
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from sluiceway.ratelimit.redis import RedisLimiter
@@ -61,14 +62,19 @@ class Gated:
         if slots.count == 0:
             return Batch(retry_after=slots.retry_after_us / 1e6)
         try:
+            granted = time.monotonic()
             deliveries = self.transport.fetch(slots.count, FETCH_WAIT)
+            # Slot offsets count from the grant; the worker counts from this return. Without
+            # taking the fetch's wait off, a batch runs up to FETCH_WAIT late against the next
+            # one's slots, and a 1-s window can hold qps + 2 starts.
+            waited = time.monotonic() - granted
         except BaseException:
             self.limiter.release(slots.lease, slots.count)
             raise
         if len(deliveries) < slots.count:
             self.limiter.release(slots.lease, slots.count - len(deliveries))
         for i, d in enumerate(deliveries):
-            d.start_after = slots.start_after(i)
+            d.start_after = max(0.0, slots.start_after(i) - waited)
         # A partial hand-back changed the limiter's state, so this lease can no longer return more.
         lease = slots.lease if len(deliveries) == slots.count else None
         return Batch(deliveries=deliveries, slots=lease)

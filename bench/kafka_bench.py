@@ -1,0 +1,318 @@
+"""Kafka benchmarks, on a broker this run starts (tests/support/kafka_server.py). Every figure is a
+ratio to a reference measured in the same run, on the same broker.
+
+- throughput: one ``sluiceway worker`` process on a no-op task (and the transport alone: fetch up
+  to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
+  (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch);
+- rebalance cost: records redone and the longest time without progress while consumers scale
+  1 -> 3 -> 1 during a burst;
+- QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
+  the worst 1-second window, at 10/100/1000 QPS with 1 and 4 workers.
+
+``python -m bench.kafka_bench [--messages N] [--skip-qps]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient  # noqa: E402
+from tests.support.kafka_server import KafkaServer  # noqa: E402
+
+from sluiceway.transports import kafka_common as kc  # noqa: E402
+from sluiceway.transports.base import Outcomes  # noqa: E402
+from sluiceway.transports.kafka import KafkaTransport  # noqa: E402
+
+NS = "bench"
+
+
+def _fill(url: str, queue: str, n: int, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": kc.bootstrap(url)})
+    kc.ensure_topics(
+        admin,
+        {kc.topic(NS, queue): partitions, kc.retry_topic(NS, queue): 1, kc.dead_topic(NS, queue): 1},
+    )
+    p = Producer({**kc.producer_config(url), "linger.ms": 20, "batch.num.messages": 10000})
+    topic = kc.topic(NS, queue)
+    for i in range(n):
+        while True:
+            try:
+                p.produce(topic, b'{"n": %d}' % i, key=b"%d" % i)
+                break
+            except BufferError:
+                p.poll(0.05)
+    assert p.flush(120) == 0
+
+
+def bare_loop(url: str, queue: str, n: int) -> float:
+    c = Consumer(
+        {
+            "bootstrap.servers": kc.bootstrap(url),
+            "group.id": kc.group(NS, queue),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    c.subscribe([kc.topic(NS, queue)])
+    got = 0
+    start = 0.0
+    while got < n:
+        msgs = c.consume(num_messages=1000, timeout=1.0)
+        if msgs and not start:
+            start = time.perf_counter()
+        got += sum(1 for m in msgs if m.error() is None)
+        if msgs:
+            c.commit(asynchronous=False)
+    elapsed = time.perf_counter() - start
+    c.close()
+    return n / elapsed
+
+
+def transport_loop(url: str, queue: str, n: int) -> float:
+    t = KafkaTransport(url, NS, queue, "bench", create_topics=False)
+    got = 0
+    start = 0.0
+    while got < n:
+        batch = t.fetch(1000, 1.0)
+        if batch and not start:
+            start = time.perf_counter()
+        got += len(batch)
+        if batch:
+            t.settle(Outcomes(acks=[d.token for d in batch]))
+    elapsed = time.perf_counter() - start
+    t.close()
+    return n / elapsed
+
+
+def throughput(url: str, redis_url: str, n: int, rounds: int) -> None:
+    ratios = []
+    worker_ratios = []
+    for r in range(rounds):
+        q1, q2 = f"bare{uuid.uuid4().hex[:6]}", f"tr{uuid.uuid4().hex[:6]}"
+        _fill(url, q1, n, 1)
+        _fill(url, q2, n, 1)
+        # Alternate which goes first: the machine's load drifts within a run.
+        if r % 2:
+            tr = transport_loop(url, q2, n)
+            bare = bare_loop(url, q1, n)
+        else:
+            bare = bare_loop(url, q1, n)
+            tr = transport_loop(url, q2, n)
+        worker = worker_throughput(url, redis_url, n, 8)
+        ratios.append(tr / bare)
+        worker_ratios.append(worker / bare)
+        print(
+            f"round {r + 1}: bare confluent-kafka loop {bare:,.0f} msg/s; "
+            f"transport alone {tr:,.0f} msg/s = {100 * tr / bare:.0f}%; "
+            f"worker process (-c 8), no-op, at-least-once {worker:,.0f} msg/s = {100 * worker / bare:.0f}% of the loop",
+            flush=True,
+        )
+    ratios.sort()
+    worker_ratios.sort()
+    print(
+        f"median over {rounds} rounds: worker {100 * worker_ratios[len(worker_ratios) // 2]:.0f}% of the bare loop "
+        f"(transport alone {100 * ratios[len(ratios) // 2]:.0f}%)",
+        flush=True,
+    )
+
+
+def rebalance_cost(url: str, n: int) -> None:
+    queue = f"rb{uuid.uuid4().hex[:6]}"
+    _fill(url, queue, n, 6)
+    tmp = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
+
+    def child(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = tmp / f"{name}.out"
+        out.touch()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.kafka_child", url, NS, queue, name, str(out), "0.002"],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return proc, out
+
+    def lines(out: Path) -> list[bytes]:
+        return [x for x in out.read_bytes().splitlines() if x]
+
+    procs = [child("a")]
+    samples: list[tuple[float, int]] = []
+
+    def sample() -> int:
+        total = sum(len(lines(o)) for _, o in procs)
+        samples.append((time.monotonic(), total))
+        return total
+
+    while sample() < n // 5:
+        time.sleep(0.05)
+    procs += [child("b"), child("c")]
+    while sample() < n // 2:
+        time.sleep(0.05)
+    for p, _ in procs[1:]:
+        p.send_signal(signal.SIGTERM)
+    while len({x for _, o in procs for x in lines(o)}) < n:
+        sample()
+        time.sleep(0.05)
+    procs[0][0].send_signal(signal.SIGTERM)
+    for p, _ in procs:
+        p.wait(60)
+    processed = [x for _, o in procs for x in lines(o)]
+    redone = len(processed) - len(set(processed))
+    stall = 0.0
+    last_t, last_n = samples[0]
+    for t, c in samples[1:]:
+        if c > last_n:
+            last_t, last_n = t, c
+        else:
+            stall = max(stall, t - last_t)
+    print(
+        f"rebalance 1 -> 3 -> 1 over {n} records on 6 partitions: redone {redone} "
+        f"({100 * redone / n:.2f}%), longest time without progress {stall:.2f} s",
+        flush=True,
+    )
+
+
+def _worker_env(url: str, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO),
+        SLUICEWAY_BROKER="kafka",
+        SLUICEWAY_NAMESPACE=NS,
+        SLUICEWAY_BROKER_URL=url,
+        SLUICEWAY_REDIS_URL=redis_url,
+        BENCH_RECORD_URL=redis_url,
+        SLUICEWAY_METRICS_PORT="0",
+        SLUICEWAY_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def _committed(url: str, queue: str) -> int:
+    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
+    try:
+        topic = kc.topic(NS, queue)
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(
+            max(tp.offset, 0) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        )
+    finally:
+        c.close()
+
+
+def worker_throughput(url: str, redis_url: str, n: int, concurrency: int) -> float:
+    """Messages/s of one `sluiceway worker` process on a no-op task, at-least-once, from its first
+    commit to its last (process start and the group join do not count)."""
+    queue = f"wk{uuid.uuid4().hex[:6]}"
+    _fill(url, queue, n, 1)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sluiceway",
+            "worker",
+            "-f",
+            "bench.tasks:noop",
+            "-q",
+            queue,
+            "-c",
+            str(concurrency),
+        ],
+        env=_worker_env(url, redis_url),
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while (first := _committed(url, queue)) == 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker committed nothing (exit {proc.poll()})")
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        while (done := _committed(url, queue)) < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker stopped at {done} of {n} (exit {proc.poll()})")
+            time.sleep(0.02)
+        return (done - first) / (time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def qps_precision(url: str, redis_url: str, qps: int, workers: int, seconds: float = 10.0) -> None:
+    import redis
+
+    from sluiceway.ratelimit import max_in_window
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete("bench:starts")
+    queue = f"qps{uuid.uuid4().hex[:6]}"
+    _fill(url, queue, int(qps * (seconds + 8)) + 100, 4)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:stamp", "-q", queue, "-c", "16",
+             "--qps", str(qps)],
+            env=_worker_env(url, redis_url),
+            cwd=REPO,
+        )
+        for _ in range(workers)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 180
+    while client.llen("bench:starts") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(seconds + 1.5)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(60)
+    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
+    # Skip the first second: workers are still joining the group and the bucket fills from empty.
+    t0 = starts[0] + 1.0
+    window = [x for x in starts if t0 <= x < t0 + seconds]
+    worst = max_in_window(window, 1.0)
+    print(
+        f"  qps {qps:4d} x {workers} workers: achieved {len(window) / seconds / qps:.4f}, "
+        f"worst window {worst} ({worst / qps:.3f})",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args_in = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.kafka_bench")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-qps", action="store_true")
+    args = parser.parse_args(args_in)
+    server = KafkaServer()
+    server.start()
+    from tests.support.redis_server import RedisServer
+
+    redis_server = RedisServer()  # coordination: heartbeats and the fleet rate limit
+    redis_server.start()
+    try:
+        print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
+        throughput(server.url, redis_server.url, args.messages, args.rounds)
+        rebalance_cost(server.url, min(args.messages, 20_000))
+        if not args.skip_qps:
+            print("QPS precision over 10 s (achieved/target, worst 1-s window vs target):", flush=True)
+            for qps in (10, 100, 1000):
+                for workers in (1, 4):
+                    qps_precision(server.url, redis_server.url, qps, workers)
+    finally:
+        server.close()
+        redis_server.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""The Kafka transport (confluent-kafka): at-least-once by offset, tasks in parallel within a
+partition, drain on revoke, retries through a retry topic, dead letters with their reason.
+
+One thread owns the consumer and polls every ~100 ms whatever the worker does, so the group
+membership and rebalance callbacks never wait for a busy worker. It fills a bounded buffer of
+fetched records; when the buffer is full (the worker is full, or the rate limit grants nothing so
+the worker fetches nothing) it pauses every assigned partition and keeps polling, which serves
+heartbeats and rebalances without taking records. ``fetch`` hands records out of that buffer.
+
+Offsets (kafka_offsets.PartitionTrack): a record counts as open from the moment it is buffered,
+and a partition's commit never passes its lowest open record, so records finish in any order and
+nothing unfinished is ever committed past. Commits are asynchronous after each settle, and
+synchronous on revoke and close.
+
+Rebalances are cooperative-sticky. On revoke the poll thread drops the revoked partitions'
+buffered records, waits up to ``drain_seconds`` for their running tasks to settle (the worker's
+other threads settle meanwhile), commits, and forgets them; what did not finish in time is redone
+by the new owner and counted in ``redone_on_revoke``. Lost partitions (the session expired) are
+forgotten without a commit. A settle whose assignment is gone counts as ``gone``.
+
+``ordering: key`` (SLUICEWAY_ORDERING=key): a record is not handed out while an earlier record
+with the same key is running or waiting, so one key's records run one at a time in offset order.
+A retried record leaves that order: it runs again from the retry topic after its delay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from sluiceway.log import get_logger
+from sluiceway.transports import kafka_common as kc
+from sluiceway.transports.base import Delivery, Outcomes, Settled, Token, Transport
+from sluiceway.transports.kafka_offsets import PartitionTrack
+
+
+class KafkaOutageError(RuntimeError):
+    """The Kafka cluster did not acknowledge a produce or commit in time."""
+
+
+outage_errors: tuple[type[BaseException], ...] = (KafkaException, KafkaOutageError)
+
+TP = tuple[str, int]
+POLL_TIMEOUT = 0.1  # the longest a rebalance callback or a pause waits for the poll thread
+PRODUCE_TIMEOUT = 30.0
+BUFFER = 1000  # records fetched ahead of the worker, at most
+DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaToken:
+    topic: str
+    partition: int
+    offset: int
+    generation: int  # of this partition's assignment; a settle from an older one is gone
+
+
+@dataclass(slots=True)
+class _Held:
+    delivery: Delivery
+    tp: TP
+    offset: int
+
+
+class KafkaTransport:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        queue: str,
+        worker_id: str,
+        *,
+        ordering: str = "",
+        drain_seconds: float = 30.0,
+        buffer: int = BUFFER,
+        create_topics: bool = True,
+    ) -> None:
+        if ordering not in kc.ORDERINGS:
+            raise ValueError(f"{kc.ENV_ORDERING}={ordering!r} must be empty, 'none' or 'key'")
+        self.outage_errors = outage_errors
+        self.topic = kc.topic(namespace, queue)
+        self.retry_topic = kc.retry_topic(namespace, queue)
+        self.dead_topic = kc.dead_topic(namespace, queue)
+        self.by_key = ordering == "key"
+        self.drain_seconds = drain_seconds
+        self.buffer_limit = max(1, buffer)
+        self.log = get_logger(queue=queue, worker=worker_id, broker="kafka")
+        if create_topics:
+            admin = AdminClient({"bootstrap.servers": kc.bootstrap(url), "log_level": 3})
+            kc.ensure_topics(admin, {self.topic: -1, self.retry_topic: -1, self.dead_topic: -1})
+        self.producer = Producer(kc.producer_config(url, worker_id))
+        self.consumer = Consumer(kc.consumer_config(url, kc.group(namespace, queue), worker_id))
+
+        self.cond = threading.Condition()  # guards everything below; settle notifies it
+        self.tracks: dict[TP, PartitionTrack] = {}
+        self.generation: dict[TP, int] = {}
+        self.assigned: set[TP] = set()
+        self.buffer: deque[_Held] = deque()
+        self.delayed: list[tuple[int, int, _Held]] = []  # (due ms, seq, record) heap
+        self.delayed_seq = 0
+        self.out: dict[TP, dict[int, Delivery]] = {}  # handed to the worker, not settled
+        self.keys_busy: dict[bytes, int] = {}  # ordering=key: running records per key
+        self.to_commit: dict[TP, int] = {}
+        self.paused: set[TP] = set()
+        self.closing = False
+        # Figures for tests and benchmarks.
+        self.redone_on_revoke = 0  # running records a revoke could not wait for
+        self.revokes = 0
+        self.lost = 0
+        self.errors: deque[str] = deque(maxlen=50)
+
+        self.consumer.subscribe(
+            [self.topic, self.retry_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self.thread = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
+        self.thread.start()
+
+    # --- the worker's side -----------------------------------------------------------------------
+
+    def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.buffer and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self.cond.wait(left)
+            out: list[Delivery] = []
+            if self.by_key:
+                self._take_by_key(max_count, out)
+            else:
+                while self.buffer and len(out) < max_count:
+                    self._hand_out(self.buffer.popleft(), out)
+            self.cond.notify_all()  # room in the buffer for the poll thread
+            return out
+
+    def _hand_out(self, held: _Held, out: list[Delivery]) -> None:
+        self.out.setdefault(held.tp, {})[held.offset] = held.delivery
+        key = held.delivery.key
+        if self.by_key and key is not None:
+            self.keys_busy[key] = self.keys_busy.get(key, 0) + 1
+        out.append(held.delivery)
+
+    def _take_by_key(self, max_count: int, out: list[Delivery]) -> None:
+        blocked = set(self.keys_busy)
+        keep: deque[_Held] = deque()
+        while self.buffer:
+            held = self.buffer.popleft()
+            key = held.delivery.key
+            if len(out) >= max_count or (key is not None and key in blocked):
+                keep.append(held)
+                if key is not None:
+                    blocked.add(key)  # later records of this key wait behind this one
+                continue
+            self._hand_out(held, out)
+            if key is not None:
+                blocked.add(key)
+        self.buffer = keep
+
+    def settle(self, outcomes: Outcomes) -> Settled:
+        # Retries and dead letters are produced, and acknowledged by the cluster, before their
+        # source offsets may be committed: a crash in between redoes the record, never loses it.
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        try:
+            for r in outcomes.retries:
+                self.producer.produce(
+                    self.retry_topic,
+                    value=r.payload,
+                    key=self._key_of(self._token(r.token)),
+                    headers=[kc.due_header(r.delay)],
+                    on_delivery=delivered,
+                )
+            for d in outcomes.deads:
+                t = self._token(d.token)
+                self.producer.produce(
+                    self.dead_topic,
+                    value=d.record,
+                    key=self._key_of(t),
+                    headers=[
+                        (kc.HEADER_REASON, d.reason.encode()),
+                        (kc.HEADER_SOURCE, f"{t.topic}/{t.partition}/{t.offset}".encode()),
+                    ],
+                    on_delivery=delivered,
+                )
+            if outcomes.retries or outcomes.deads:
+                self._flush()
+        except (KafkaException, KafkaOutageError, BufferError) as exc:
+            return Settled(error=f"kafka produce failed: {exc}")
+        if failures:
+            return Settled(error=f"kafka produce failed: {failures[0]}")
+        gone = 0
+        with self.cond:
+            for token in (
+                *outcomes.acks,
+                *(r.token for r in outcomes.retries),
+                *(d.token for d in outcomes.deads),
+            ):
+                if self._finish(self._token(token)) is None:
+                    gone += 1
+            self.cond.notify_all()
+        return Settled(gone=gone)
+
+    def _key_of(self, t: KafkaToken) -> bytes | None:
+        with self.cond:
+            d = self.out.get((t.topic, t.partition), {}).get(t.offset)
+        return d.key if d is not None else None
+
+    @staticmethod
+    def _token(token: Token) -> KafkaToken:
+        if not isinstance(token, KafkaToken):
+            raise TypeError(f"not a Kafka settle token: {token!r}")
+        return token
+
+    def _settled(self, t: KafkaToken) -> Delivery | None:
+        """Take ``t``'s delivery out of the handed-out set; None when its assignment is gone."""
+        tp = (t.topic, t.partition)
+        if self.generation.get(tp) != t.generation:
+            return None
+        d = self.out.get(tp, {}).pop(t.offset, None)
+        if d is not None:
+            self._release_key(d.key)
+        return d
+
+    def _finish(self, t: KafkaToken) -> Delivery | None:
+        d = self._settled(t)
+        if d is None:
+            return None
+        tp = (t.topic, t.partition)
+        track = self.tracks[tp]
+        track.finish(t.offset)
+        point = track.committable()
+        if point > track.committed:
+            self.to_commit[tp] = point
+        return d
+
+    def _release_key(self, key: bytes | None) -> None:
+        if not self.by_key or key is None:
+            return
+        n = self.keys_busy.get(key, 0) - 1
+        if n > 0:
+            self.keys_busy[key] = n
+        else:
+            self.keys_busy.pop(key, None)
+
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        """Records go back to the front of the buffer (still uncommitted), for this worker's next
+        fetch; at close they are simply not committed, and the next owner runs them.
+
+        ``redelivered`` (they were running when the worker had to stop) changes nothing here:
+        Kafka keeps no per-record delivery count, so ``Delivery.redeliveries`` is always 0 on
+        Kafka and a record that keeps killing its worker is redone until ``maxAttempts`` of the
+        function's own failures, never by a count of deaths."""
+        del redelivered
+        back: list[_Held] = []
+        with self.cond:
+            for token in tokens:
+                t = self._token(token)
+                d = self._settled(t)
+                if d is not None:
+                    back.append(_Held(d, (t.topic, t.partition), t.offset))
+            back.sort(key=lambda h: (h.tp, h.offset))
+            self.buffer.extendleft(reversed(back))
+            self.cond.notify_all()
+        return len(back)
+
+    def renew(self, tokens: Sequence[Token]) -> int:
+        return len(tokens)  # the group membership keeps records; the poll thread keeps it alive
+
+    def recover(self) -> int:
+        return 0  # a dead consumer's partitions are reassigned by the group coordinator
+
+    def close(self) -> None:
+        with self.cond:
+            if self.closing:
+                return
+            self.closing = True
+            self.cond.notify_all()
+        self.thread.join(30)
+        with self.cond:
+            self.buffer.clear()
+            offsets = self._committable(self.tracks.keys())
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                self.log.warning("kafka_final_commit_failed", error=str(exc))
+        with contextlib.suppress(KafkaException, RuntimeError):
+            self.consumer.close()  # leaves the group now: no session timeout to wait for
+        self.producer.flush(PRODUCE_TIMEOUT)
+
+    # --- the poll thread -------------------------------------------------------------------------
+
+    def _poll_loop(self) -> None:
+        while True:
+            with self.cond:
+                if self.closing:
+                    return
+                self._release_due()
+                room = self.buffer_limit - len(self.buffer)
+                commits = self._take_commits()
+                want_pause = room <= 0
+                if want_pause:
+                    # Nothing to take: poll with every partition paused, which serves heartbeats
+                    # and rebalances but fetches nothing, until the worker frees room.
+                    self.cond.wait(POLL_TIMEOUT)
+                    room = self.buffer_limit - len(self.buffer)
+                    want_pause = room <= 0
+            try:
+                if commits:
+                    self.consumer.commit(offsets=commits, asynchronous=True)
+                self._set_paused(want_pause)
+                msgs = self.consumer.consume(num_messages=max(1, min(room, 500)), timeout=POLL_TIMEOUT)
+            except KafkaException as exc:
+                self.errors.append(str(exc))
+                time.sleep(POLL_TIMEOUT)
+                continue
+            except RuntimeError:  # the consumer was closed under us at exit
+                return
+            if msgs:
+                self._take(msgs)
+
+    def _take(self, msgs: list[Message]) -> None:
+        now_ms = int(time.time() * 1000)
+        with self.cond:
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        self.errors.append(str(err))
+                    continue
+                topic, partition, offset = m.topic(), m.partition(), m.offset()
+                if topic is None or partition is None or offset is None:
+                    continue
+                tp = (topic, partition)
+                if tp not in self.assigned:
+                    continue  # revoked while in flight to us
+                track = self.tracks.get(tp)
+                if track is None:
+                    track = self.tracks[tp] = PartitionTrack(committed=offset)
+                if track.holds(offset):
+                    continue
+                track.start(offset)
+                token = KafkaToken(tp[0], tp[1], offset, self.generation[tp])
+                held = _Held(Delivery(m.value() or b"", token, key=m.key()), tp, offset)
+                if tp[0] == self.retry_topic:
+                    due = kc.header(m.headers(), kc.HEADER_DUE_MS)
+                    due_ms = int(due) if due and due.isdigit() else 0
+                    if due_ms > now_ms:
+                        self.delayed_seq += 1
+                        heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
+                        continue
+                self.buffer.append(held)
+            self.cond.notify_all()
+
+    def _release_due(self) -> None:
+        now_ms = int(time.time() * 1000)
+        while self.delayed and self.delayed[0][0] <= now_ms:
+            _, _, held = heapq.heappop(self.delayed)
+            if (
+                held.tp in self.assigned
+                and self.generation.get(held.tp) == self._token(held.delivery.token).generation
+            ):
+                self.buffer.append(held)
+
+    def _take_commits(self) -> list[TopicPartition]:
+        offsets = []
+        for tp, point in self.to_commit.items():
+            track = self.tracks.get(tp)
+            if track is not None and tp in self.assigned:
+                offsets.append(TopicPartition(tp[0], tp[1], point))
+                track.mark_committed(point)
+        self.to_commit.clear()
+        return offsets
+
+    def _committable(self, tps: Any) -> list[TopicPartition]:
+        offsets = []
+        for tp in list(tps):
+            track = self.tracks.get(tp)
+            if track is not None:
+                # Buffered and delayed records are open in the track: the commit stops below them.
+                offsets.append(TopicPartition(tp[0], tp[1], track.committable()))
+        return offsets
+
+    def _set_paused(self, pause: bool) -> None:
+        with self.cond:
+            retry_full = len(self.delayed) >= DELAYED_MAX
+            want = {tp for tp in self.assigned if pause or (retry_full and tp[0] == self.retry_topic)}
+            to_pause = want - self.paused
+            to_resume = (self.paused - want) & self.assigned
+        if to_pause:
+            self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+        if to_resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+        with self.cond:
+            self.paused = (self.paused | to_pause) - to_resume
+
+    # Rebalance callbacks run on the poll thread, inside consume().
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        with self.cond:
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                self.generation[tp] = self.generation.get(tp, 0) + 1
+                self.assigned.add(tp)
+                self.tracks.pop(tp, None)
+                self.paused.discard(tp)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        revoked = {(p.topic, p.partition) for p in partitions}
+        deadline = time.monotonic() + self.drain_seconds
+        with self.cond:
+            self.revokes += 1
+            self._drop(revoked)
+            # Let the revoked partitions' running tasks finish (other threads settle them).
+            while any(self.out.get(tp) for tp in revoked) and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, POLL_TIMEOUT))
+            unfinished = sum(len(self.out.get(tp, ())) for tp in revoked)
+            self.redone_on_revoke += unfinished
+            offsets = self._committable(revoked)
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                self.log.warning("kafka_revoke_commit_failed", error=str(exc))
+        if unfinished:
+            self.log.info("kafka_revoked_unfinished", redone_by_next_owner=unfinished)
+        with self.cond:
+            self._forget(revoked)
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        lost = {(p.topic, p.partition) for p in partitions}
+        with self.cond:
+            self.lost += 1
+            self._drop(lost)
+            self._forget(lost)  # another member owns them now: committing would move its offsets
+
+    def _drop(self, tps: set[TP]) -> None:
+        self.buffer = deque(h for h in self.buffer if h.tp not in tps)
+        self.delayed = [d for d in self.delayed if d[2].tp not in tps]
+        heapq.heapify(self.delayed)
+
+    def _forget(self, tps: set[TP]) -> None:
+        for tp in tps:
+            self.assigned.discard(tp)
+            self.tracks.pop(tp, None)
+            self.to_commit.pop(tp, None)
+            self.paused.discard(tp)
+            for d in self.out.pop(tp, {}).values():
+                self._release_key(d.key)
+        self.cond.notify_all()
+
+    def _flush(self) -> None:
+        left = self.producer.flush(PRODUCE_TIMEOUT)
+        if left:
+            raise KafkaOutageError(f"{left} records not acknowledged by Kafka within {PRODUCE_TIMEOUT:.0f} s")
+
+
+# --- construction from settings, and publishing --------------------------------------------------
+
+
+def transport(settings: Any, worker_id: str) -> KafkaTransport:
+    return KafkaTransport(
+        settings.broker_url,
+        settings.namespace,
+        settings.queue,
+        worker_id,
+        ordering=os.environ.get(kc.ENV_ORDERING, ""),
+        drain_seconds=settings.effective_drain_seconds,
+    )
+
+
+class KafkaSink:
+    """Publishes with acks=all and idempotence; ``send`` returns once Kafka acknowledged every
+    record, or raises :class:`KafkaOutageError` naming how many it did not."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.producer = Producer(kc.producer_config(url, "sluiceway-publish"))
+        self.ready: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()  # the producer is thread-safe; the failure list is per send
+
+    def _ensure(self, namespace: str, queue: str) -> None:
+        if (namespace, queue) in self.ready:
+            return
+        admin = AdminClient({"bootstrap.servers": kc.bootstrap(self.url), "log_level": 3})
+        kc.ensure_topics(
+            admin,
+            {
+                kc.topic(namespace, queue): -1,
+                kc.retry_topic(namespace, queue): -1,
+                kc.dead_topic(namespace, queue): -1,
+            },
+        )
+        self.ready.add((namespace, queue))
+
+    def send(
+        self,
+        namespace: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        *,
+        delay: float = 0.0,
+        keys: Sequence[bytes | str | None] | None = None,
+    ) -> None:
+        if keys is not None and len(keys) != len(payloads):
+            raise ValueError(f"keys: {len(keys)} keys for {len(payloads)} messages")
+        self._ensure(namespace, queue)
+        # A delayed publish is a retry record that is due later: the workers hold it until then.
+        target = kc.retry_topic(namespace, queue) if delay > 0 else kc.topic(namespace, queue)
+        headers: list[tuple[str, str | bytes | None]] | None = [kc.due_header(delay)] if delay > 0 else None
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for i, payload in enumerate(payloads):
+            key = keys[i] if keys is not None else None
+            while True:
+                try:
+                    self.producer.produce(
+                        target, value=payload, key=key, headers=headers, on_delivery=delivered
+                    )
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain
+                    self.producer.poll(0.1)
+        left = self.producer.flush(PRODUCE_TIMEOUT)
+        if left or failures:
+            raise KafkaOutageError(
+                f"Kafka did not acknowledge {left + len(failures)} of {len(payloads)} records "
+                f"on {target}: {failures[0] if failures else 'timed out'}"
+            )
+
+    def close(self) -> None:
+        self.producer.flush(PRODUCE_TIMEOUT)
+
+
+def sink(url: str) -> KafkaSink:
+    return KafkaSink(url)
+
+
+def _is_a_transport(t: KafkaTransport) -> Transport:
+    return t  # mypy checks here that KafkaTransport keeps the seam's Transport protocol

@@ -1,0 +1,154 @@
+"""What the Kafka worker, publisher and operator agree on: topic and group names, headers, client
+settings, and creating topics. The one owner of each; no client library is imported at module load.
+
+A TaskQueue ``<namespace>/<queue>`` on Kafka is three topics and one consumer group:
+
+- ``sluiceway.<namespace>.<queue>``: the work; its partition count caps the useful replicas;
+- ``<work>.retry``: retries and delayed publishes, each record carrying the wall-clock time it is
+  due in the ``sluiceway-due-ms`` header. Workers of the same group consume it along with the work
+  topic and hold a record in memory (uncommitted) until it is due, so a retry survives the death
+  of the worker that scheduled it;
+- ``<work>.dead``: dead letters; the value is the dead-letter record (:mod:`sluiceway.deadletter`)
+  and the headers repeat the reason and where the record came from;
+- the group ``sluiceway.<namespace>.<queue>`` consumes the first two.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from sluiceway import contract
+
+# Where a group with no valid committed offset starts. The operator's lag uses the same policy
+# (sluiceway_operator.backlog.kafka_lag), so the backlog it scales for is what workers will run.
+AUTO_OFFSET_RESET: Final = "earliest"
+
+# A killed consumer's partitions move once the broker misses its heartbeats for this long. Lower
+# is a faster recovery from kill -9 or a node loss; higher survives longer GC pauses and network
+# blips without a rebalance (which redoes in-flight work). 10 s is the broker's lowest allowed
+# group.min.session.timeout.ms (6 s) plus margin for a loaded node.
+SESSION_TIMEOUT_MS: Final = 10_000
+HEARTBEAT_INTERVAL_MS: Final = 2_000  # a third of the session timeout or less, as Kafka advises
+
+HEADER_DUE_MS: Final = "sluiceway-due-ms"  # retry topic: wall-clock ms when the record is due
+HEADER_REASON: Final = "sluiceway-reason"  # dead-letter topic: why
+HEADER_SOURCE: Final = "sluiceway-source"  # dead-letter topic: topic/partition/offset it came from
+
+ENV_ORDERING: Final = contract.ENV_ORDERING
+ORDERINGS: Final = ("", "none", "key")
+
+_TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_TOPIC = 249 - len(".retry")
+
+
+def topic(namespace: str, queue: str) -> str:
+    name = f"sluiceway.{namespace}.{queue}"
+    if not _TOPIC_CHARS.match(namespace) or not _TOPIC_CHARS.match(queue) or len(name) > MAX_TOPIC:
+        raise ValueError(
+            f"Kafka topic {name!r} (from namespace {namespace!r} and queue {queue!r}) must be at most "
+            f"{MAX_TOPIC} characters of letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def retry_topic(namespace: str, queue: str) -> str:
+    return topic(namespace, queue) + ".retry"
+
+
+def dead_topic(namespace: str, queue: str) -> str:
+    return topic(namespace, queue) + ".dead"
+
+
+def group(namespace: str, queue: str) -> str:
+    return topic(namespace, queue)
+
+
+def bootstrap(url: str) -> str:
+    """``kafka://host:port[,host:port...]`` -> librdkafka's ``bootstrap.servers``."""
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise ValueError(f"Kafka broker URL {url!r} must start with kafka://")
+    servers = parts.netloc.rsplit("@", 1)[-1]
+    if not servers:
+        raise ValueError(f"Kafka broker URL {url!r} names no host:port")
+    return servers
+
+
+def consumer_config(url: str, group_id: str, client_id: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap(url),
+        "group.id": group_id,
+        "client.id": client_id,
+        # At-least-once: nothing is committed by the client on its own; the transport commits the
+        # finished prefix of each partition (transports/kafka_offsets.py).
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": AUTO_OFFSET_RESET,
+        # Cooperative rebalancing moves only the partitions that change owner, so a scale event
+        # does not stop the whole group, and on_revoke can drain just those.
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
+        # The poll thread polls every ~100 ms even when the worker is full (partitions paused),
+        # so this default only trips on a real hang.
+        "max.poll.interval.ms": 300_000,
+        "fetch.wait.max.ms": 100,
+        "queued.max.messages.kbytes": 16384,
+        "log_level": 3,
+    }
+
+
+def producer_config(url: str, client_id: str = "sluiceway") -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap(url),
+        "client.id": client_id,
+        # The publisher returns only once every in-sync replica has the record, and a retried
+        # send never duplicates or reorders it.
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 2,
+        "log_level": 3,
+    }
+
+
+def due_header(delay: float, now: float | None = None) -> tuple[str, bytes]:
+    due_ms = int(((time.time() if now is None else now) + max(delay, 0.0)) * 1000)
+    return HEADER_DUE_MS, str(due_ms).encode()
+
+
+def header(headers: Any, name: str) -> bytes | None:
+    """A header's value from a record's headers (a list of pairs, or None)."""
+    for k, v in headers or ():
+        if k == name:
+            return v.encode() if isinstance(v, str) else v
+    return None
+
+
+def ensure_topics(admin: Any, partitions: Mapping[str, int], timeout: float = 30.0) -> list[str]:
+    """Create the topics that are missing (``-1`` partitions: the broker's default); returns the
+    names it created. An existing topic is left as it is, whatever its partition count."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.cimpl import NewTopic
+
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    missing = [name for name in partitions if name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions[name], replication_factor=-1) for name in missing],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    created: list[str] = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # a racing worker made it
+                raise
+    return created
