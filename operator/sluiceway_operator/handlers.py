@@ -260,7 +260,9 @@ async def taskqueue_deleted(
                 f"Could not reach queue {queue!r} while deleting ({type(exc).__name__}), so {kept}.",
             )
             return
-        raise kopf.TemporaryError(f"queue cleanup failed ({type(exc).__name__}), retrying", delay=2.0) from exc
+        raise kopf.TemporaryError(
+            f"queue cleanup failed ({type(exc).__name__}), retrying", delay=2.0
+        ) from exc
     message = deletion_message(plan, queue, counts, removed)
     log.info("taskqueue deleted", namespace=namespace, taskqueue=name, purged=plan.purge, message=message)
     reason = DeletionEvent.PURGED if plan.purge else DeletionEvent.RETAINED

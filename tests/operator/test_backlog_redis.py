@@ -23,7 +23,7 @@ def test_the_redis_source_reads_backlog_and_in_flight_and_purges(r: redis.Redis,
     transport = RedisTransport(connection.client(redis_url), KEYS, "gone-pod", lease_seconds=30)
     assert len(transport.begin_exchange(Outcomes(), 2).result().batch.deliveries) == 2
     source = registry.source("redis", namespace="default", queue="jobs", coordination=r, broker_url=redis_url)
-    assert source.backlog() == Backlog(ready=3, delayed=0, in_flight=2, acked=0, dead=0)
+    assert source.backlog() == Backlog(ready=3, delayed=0, in_flight=2, acked=0, dead=0, due_soon=0)
     assert source.max_useful_replicas() is None
     assert source.orphaned_workers(known=set()) == ["gone-pod"]
     assert source.requeue_worker("gone-pod") == 2
