@@ -1,7 +1,7 @@
-"""Fleet-wide rate-limit math (GCRA with leased future slots). Pure: no clock, no I/O.
+"""The fleet rate limiter's math (GCRA with leased future slots). Pure: no clock, no I/O.
 
 The Lua scripts in ``lua/`` run exactly this arithmetic atomically on the Redis server's clock;
-``tests/test_ratelimit.py`` checks the two agree. Keeping the math here lets us property-test the
+``tests/test_ratelimit_redis.py`` checks the two agree on a real Redis. Keeping the math here lets us property-test the
 guarantee: granted slot times form one sequence spaced exactly ``interval`` apart, so any window of
 length ``W`` holds at most ``floor(W / interval) + 1 + burst`` task starts, however many workers
 share the limit and whenever they join or leave.

@@ -1,0 +1,16 @@
+"""Exceptions a task function raises to steer what happens to its message. Pure: no I/O imports,
+so ``import sluiceway`` stays cheap."""
+
+from __future__ import annotations
+
+
+class Reject(Exception):  # noqa: N818 - the name reads as an action in user code: raise Reject(...)
+    """Raise from a task to dead-letter its message at once, without retries."""
+
+
+class RetryLater(Exception):  # noqa: N818
+    """Raise from a task to retry after ``delay`` seconds (counts as an attempt)."""
+
+    def __init__(self, delay: float, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay

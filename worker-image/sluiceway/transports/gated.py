@@ -1,0 +1,99 @@
+"""A plain :class:`~sluiceway.transports.base.Transport` made into a worker link: rate-limit
+slots are taken from the fleet limiter first, and only as many messages are fetched as slots were
+granted, so no message ever waits unacked in a worker for a slot it does not have.
+
+Unused slots (the broker had fewer messages than slots) go straight back to the limiter when no
+later lease exists; when one does, they are lost, which under-uses the limit but never exceeds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sluiceway.ratelimit.redis import RedisLimiter
+from sluiceway.transports.base import (
+    Batch,
+    Done,
+    Exchanged,
+    Outcomes,
+    PendingExchange,
+    SlotLease,
+    Token,
+    Transport,
+)
+
+# How long a fetch waits for a first message. Short: the thread that fetches is one that has
+# nothing to run, yet finished work it settled may wait on the next round trip's reply.
+FETCH_WAIT = 0.02
+
+
+class Gated:
+    def __init__(
+        self,
+        transport: Transport,
+        limiter: RedisLimiter | None,
+        *,
+        limiter_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.transport = transport
+        self.limiter = limiter if limiter is not None and limiter.limited else None
+        self.outage_errors = tuple(dict.fromkeys((*transport.outage_errors, *limiter_errors)))
+
+    def begin_exchange(self, outcomes: Outcomes, wanted: int) -> PendingExchange:
+        try:
+            settled = self.transport.settle(outcomes) if len(outcomes) else None
+            batch = self._fetch(wanted) if wanted > 0 else Batch()
+        except self.outage_errors as exc:
+            return Done(exc)
+        return Done(
+            Exchanged(
+                batch=batch,
+                settle_error=settled.error if settled else "",
+                gone=settled.gone if settled else 0,
+            )
+        )
+
+    def _fetch(self, wanted: int) -> Batch:
+        if self.limiter is None:
+            return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
+        slots = self.limiter.acquire(wanted)
+        if slots.count == 0:
+            return Batch(retry_after=slots.retry_after_us / 1e6)
+        try:
+            deliveries = self.transport.fetch(slots.count, FETCH_WAIT)
+        except BaseException:
+            self.limiter.release(slots.lease, slots.count)
+            raise
+        if len(deliveries) < slots.count:
+            self.limiter.release(slots.lease, slots.count - len(deliveries))
+        for i, d in enumerate(deliveries):
+            d.start_after = slots.start_after(i)
+        # A partial hand-back changed the limiter's state, so this lease can no longer return more.
+        lease = slots.lease if len(deliveries) == slots.count else None
+        return Batch(deliveries=deliveries, slots=lease)
+
+    def give_back(self, tokens: Sequence[Token], slots: SlotLease | None, unused_slots: int) -> int:
+        n = self.transport.give_back(tokens) if tokens else 0
+        if self.limiter is not None and slots is not None and unused_slots:
+            self.limiter.release(slots, unused_slots)
+        return n
+
+    def acquire_slot(self) -> float:
+        if self.limiter is None:
+            return 0.0
+        slots = self.limiter.acquire(1)
+        if slots.count == 0:
+            return -max(slots.retry_after_us / 1e6, 0.001)
+        return slots.start_after(0)
+
+    def renew(self, tokens: Sequence[Token]) -> int:
+        return self.transport.renew(tokens)
+
+    def recover(self) -> int:
+        return self.transport.recover()
+
+    def adopt_orphans(self) -> int:
+        return 0  # a broker that redelivers by itself has no leases left behind
+
+    def close(self) -> None:
+        self.transport.close()
