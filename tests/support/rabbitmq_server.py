@@ -12,6 +12,7 @@ Run as a script (``python -m tests.support.rabbitmq_server up|down DIR``) for ``
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import uuid
 from pathlib import Path
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
-START_TIMEOUT = 90.0  # a cold start measured 8 s on an idle 2-core machine; CI is loaded
+START_TIMEOUT = 240.0  # 8 s on an idle 2-core machine, 20-85 s measured with 8 test runs beside it
 
 
 def free_port() -> int:
@@ -82,9 +83,9 @@ class RabbitMQServer:
         (self.dir / "rabbitmq.conf").write_text(
             "\n".join(
                 [
-                    "listeners.tcp.1 = 127.0.0.1:%d" % self.port,
+                    f"listeners.tcp.1 = 127.0.0.1:{self.port}",
                     "management.tcp.ip = 127.0.0.1",
-                    "management.tcp.port = %d" % self.management_port,
+                    f"management.tcp.port = {self.management_port}",
                     # guest may log in only from loopback, which is where everything runs.
                     "loopback_users.guest = true",
                     # A test machine's disk is often nearly full; the default 50 MB alarm would
@@ -146,15 +147,17 @@ class RabbitMQServer:
         deadline = began + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"rabbitmq-server exited at start with {self.proc.returncode}; see {self.dir / 'log'}"
-                )
+                tail = (self.dir / "log" / "server.out").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"rabbitmq-server exited at start with {self.proc.returncode}:\n{tail}")
             if self._amqp_answers():
                 self.start_seconds = time.monotonic() - began
                 return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"rabbitmq-server did not accept AMQP on port {self.port}; see {self.dir / 'log'}")
+        tail = (self.dir / "log" / "server.out").read_text(errors="replace")[-2000:]
+        raise RuntimeError(
+            f"rabbitmq-server did not accept AMQP on port {self.port} within {START_TIMEOUT} s:\n{tail}"
+        )
 
     def _amqp_answers(self) -> bool:
         # A full AMQP handshake, not only an open port: the listener opens before the node is
@@ -163,14 +166,14 @@ class RabbitMQServer:
 
         try:
             conn = pika.BlockingConnection(
-                pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1&blocked_connection_timeout=2")
+                pika.URLParameters(
+                    self.url + "?connection_attempts=1&socket_timeout=1&blocked_connection_timeout=2"
+                )
             )
         except Exception:
             return False
-        try:
+        with contextlib.suppress(Exception):
             conn.close()
-        except Exception:
-            pass
         return True
 
     def stop(self) -> None:
@@ -211,7 +214,7 @@ class RabbitMQServer:
 
     # --- the management API, for vhosts (one per test keeps tests apart without a restart) ----
 
-    def _http(self, method: str, path: str, body: object | None = None) -> object:
+    def _http(self, method: str, path: str, body: object | None = None, *, timeout: float = 60) -> object:
         req = urllib.request.Request(
             self.management_url + path,
             method=method,
@@ -224,7 +227,7 @@ class RabbitMQServer:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(req, timeout=10) as resp:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     data = resp.read()
                     return json.loads(data) if data else None
             except urllib.error.URLError:
@@ -242,11 +245,15 @@ class RabbitMQServer:
         return self.vhost_url(vhost)
 
     def delete_vhost(self, vhost: str) -> None:
+        """Best effort: a vhost left behind costs the session node a little memory, nothing more
+        (deleting quorum queues on a loaded machine can take longer than any timeout)."""
         try:
             self._http("DELETE", f"/api/vhosts/{urllib.parse.quote(vhost, safe='')}")
         except urllib.error.HTTPError as exc:
             if exc.code != 404:
                 raise
+        except OSError:
+            pass
 
     def queue_info(self, vhost: str, queue: str) -> dict[str, object]:
         path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
@@ -276,7 +283,9 @@ def _main(argv: list[str]) -> int:
                 }
             )
         )
-        print(f"rabbitmq up: {server.url} (management {server.management_url}, started in {server.start_seconds:.1f} s)")
+        print(
+            f"rabbitmq up: {server.url} (management {server.management_url}, started in {server.start_seconds:.1f} s)"
+        )
         return 0
     if not state.exists():
         return 0
