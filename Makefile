@@ -42,10 +42,11 @@ test: deps cluster-bins ## Run every test; starts the real services it needs
 test-unit: venv ## Fast tests only: no Redis, no RabbitMQ, no cluster
 	@$(PY) -m pytest -m "not redis and not rabbitmq and not cluster" $(PYTEST_ARGS)
 
-lint: venv ## ruff and mypy --strict
+lint: venv ## ruff, mypy --strict, and the import layers (import-linter)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy worker-image/sluiceway operator/sluiceway_operator
+	@$(VENV)/bin/lint-imports --no-cache
 
 fmt: venv ## Format the code
 	@$(VENV)/bin/ruff format .

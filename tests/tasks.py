@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import redis
@@ -17,11 +18,17 @@ import sluiceway
 _client: redis.Redis | None = None
 
 
+_client_lock = threading.Lock()
+
+
 def _r() -> redis.Redis:
     global _client
-    if _client is None:
-        _client = redis.Redis.from_url(os.environ["TEST_RECORD_URL"])
-    return _client
+    # Locked: two threads that each built a client would drop one, and its pool closes sockets
+    # the other thread is using ("Bad file descriptor").
+    with _client_lock:
+        if _client is None:
+            _client = redis.Redis.from_url(os.environ["TEST_RECORD_URL"])
+        return _client
 
 
 def record(n: int, sleep: float = 0.0) -> None:

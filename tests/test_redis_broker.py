@@ -1,14 +1,17 @@
-"""The Redis broker's round trip against a real Redis: sent now, read later, exact on failures."""
+"""The Redis transport's round trip against a real Redis: sent now, read later, exact on failures."""
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
 
 import pytest
 import redis
 
 import sluiceway
 from sluiceway import connection, fleet
-from sluiceway.brokers.redis import RedisBroker
 from sluiceway.contract import Keys
+from sluiceway.transports.base import Outcomes
+from sluiceway.transports.redis import RedisTransport
 from tests.support.workers import wait_for
 
 pytestmark = pytest.mark.redis
@@ -16,8 +19,12 @@ pytestmark = pytest.mark.redis
 KEYS = Keys("default", "jobs")
 
 
-def broker(url: str, worker: str = "w1") -> RedisBroker:
-    return RedisBroker(connection.client(url), KEYS, worker, lease_seconds=30)
+def broker(url: str, worker: str = "w1") -> RedisTransport:
+    return RedisTransport(connection.client(url), KEYS, worker, lease_seconds=30)
+
+
+def acks(tokens: Sequence[Hashable]) -> Outcomes:
+    return Outcomes(acks=list(tokens))
 
 
 def publish(url: str, n: int) -> None:
@@ -29,12 +36,12 @@ def publish(url: str, n: int) -> None:
 def test_one_round_trip_settles_then_leases_and_can_be_read_later(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 10)
     b = broker(redis_url)
-    first = b.begin_exchange([], [], [], 4).result().batch
+    first = b.begin_exchange(Outcomes(), 4).result().batch
     assert len(first.deliveries) == 4
     tokens = [d.token for d in first.deliveries]
-    assert b.begin_exchange(tokens[:2], [], [], 0).result().gone == 0
+    assert b.begin_exchange(acks(tokens[:2]), 0).result().gone == 0
     assert fleet.queue_stats(r, KEYS).acked == 2
-    pending = b.begin_exchange(tokens[2:], [], [], 3)
+    pending = b.begin_exchange(acks(tokens[2:]), 3)
     # Redis runs it before the reply is read: the worker keeps working meanwhile.
     wait_for(lambda: fleet.queue_stats(r, KEYS).acked == 4, 5, what="the round trip in transit to run")
     result = pending.result()
@@ -48,9 +55,9 @@ def test_one_round_trip_settles_then_leases_and_can_be_read_later(r: redis.Redis
 def test_scripts_lost_by_redis_run_exactly_once_after_reloading(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 10)
     b = broker(redis_url)
-    batch = b.begin_exchange([], [], [], 5).result().batch
+    batch = b.begin_exchange(Outcomes(), 5).result().batch
     r.script_flush()  # what a Redis restart does to the script cache
-    result = b.begin_exchange([d.token for d in batch.deliveries[:2]], [], [], 2).result()
+    result = b.begin_exchange(acks([d.token for d in batch.deliveries[:2]]), 2).result()
     assert (result.gone, result.settle_error) == (0, "")
     assert len(result.batch.deliveries) == 2
     stats = fleet.queue_stats(r, KEYS)
@@ -64,17 +71,17 @@ def test_a_failed_settle_keeps_the_fetched_batch_and_the_connection_in_step(
 ) -> None:
     publish(redis_url, 3)
     b = broker(redis_url)
-    batch = b.begin_exchange([], [], [], 1).result().batch
+    batch = b.begin_exchange(Outcomes(), 1).result().batch
     r.delete(KEYS.stats)
     r.set(KEYS.stats, "not a hash")  # the ack script's HINCRBY now fails
-    result = b.begin_exchange([batch.deliveries[0].token], [], [], 1).result()
+    result = b.begin_exchange(acks([batch.deliveries[0].token]), 1).result()
     assert "WRONGTYPE" in result.settle_error
     assert len(result.batch.deliveries) == 1, "a failed settle must not drop what the fetch leased"
     r.delete(KEYS.stats)
     # Every reply of the pipeline was read, so the pooled connection answers in step, and
     # settling again is harmless.
     assert b.client.ping() is True
-    again = b.begin_exchange([batch.deliveries[0].token], [], [], 5).result()
+    again = b.begin_exchange(acks([batch.deliveries[0].token]), 5).result()
     assert again.settle_error == ""
     assert again.gone == 1  # the first try removed the lease before HINCRBY failed
     assert len(again.batch.deliveries) == 1
@@ -83,17 +90,17 @@ def test_a_failed_settle_keeps_the_fetched_batch_and_the_connection_in_step(
 def test_a_failed_fetch_is_raised(r: redis.Redis, redis_url: str) -> None:
     r.set(KEYS.ready, "not a list")
     with pytest.raises(redis.ResponseError):
-        broker(redis_url).begin_exchange([], [], [], 5).result()
+        broker(redis_url).begin_exchange(acks([]), 5).result()
 
 
 def test_more_acks_than_lua_can_unpack_settle_in_one_round_trip(r: redis.Redis, redis_url: str) -> None:
     total = 9000  # Lua's unpack() stops near 8,000 values
     publish(redis_url, total)
     b = broker(redis_url)
-    tokens: list[bytes] = []
+    tokens: list[Hashable] = []
     while len(tokens) < total:
-        tokens += [d.token for d in b.begin_exchange([], [], [], 256).result().batch.deliveries]
-    result = b.begin_exchange(tokens, [], [], 0).result()
+        tokens += [d.token for d in b.begin_exchange(Outcomes(), 256).result().batch.deliveries]
+    result = b.begin_exchange(acks(tokens), 0).result()
     assert (result.gone, result.settle_error) == (0, "")
     assert r.zcard(KEYS.inflight("w1")) == 0
     assert fleet.queue_stats(r, KEYS).acked == total
@@ -102,9 +109,9 @@ def test_more_acks_than_lua_can_unpack_settle_in_one_round_trip(r: redis.Redis, 
 def test_a_connection_lost_between_round_trips_is_replaced(r: redis.Redis, redis_url: str) -> None:
     publish(redis_url, 6)
     b = broker(redis_url)
-    batch = b.begin_exchange([], [], [], 2).result().batch
+    batch = b.begin_exchange(Outcomes(), 2).result().batch
     r.client_kill_filter(_type="normal", skipme=True)
-    result = b.begin_exchange([d.token for d in batch.deliveries], [], [], 2).result()
+    result = b.begin_exchange(acks([d.token for d in batch.deliveries]), 2).result()
     assert result.gone == 0
     assert len(result.batch.deliveries) == 2
 
@@ -123,12 +130,12 @@ def test_round_trips_are_counted_where_every_request_passes(r: redis.Redis, redi
         pipe.set(f"k{i}", i)
     pipe.execute()
     assert trips.count == opened + 3  # fifty commands, one round trip
-    b = RedisBroker(client, KEYS, "w1", lease_seconds=30)
+    b = RedisTransport(client, KEYS, "w1", lease_seconds=30)
     publish(redis_url, 3)
     r.script_flush()
-    b.begin_exchange([], [], [], 3).result()
+    b.begin_exchange(Outcomes(), 3).result()
     # A script Redis does not know: the pipeline gets NOSCRIPT, then the rerun goes EVALSHA ->
     # NOSCRIPT, SCRIPT LOAD, EVALSHA. Counted at the connection, the count cannot miss one.
     assert trips.count == opened + 3 + 4
-    b.begin_exchange([], [], [], 3).result()
+    b.begin_exchange(Outcomes(), 3).result()
     assert trips.count == opened + 3 + 4 + 1

@@ -101,7 +101,8 @@ def test_sigterm_finishes_running_tasks_and_returns_prefetched_at_once(
     )
     started = set(counts(r, "test:seen"))
     assert len(started) == 4
-    assert r.llen(KEYS.ready) == 60 - 4
+    # (ready counts redelivered messages too: on a loaded machine a lease may lapse meanwhile)
+    assert fleet.queue_stats(r, KEYS).ready == 60 - 4
     assert w.wait(20) == 0
     assert set(counts(r, "test:done")) == started, "running tasks finished, none was interrupted"
     assert r.zcard(KEYS.inflight("w")) == 0
@@ -123,8 +124,11 @@ def test_sigterm_returns_unfinished_tasks_after_the_grace_period(
     wait_for(lambda: r.hlen("test:seen") == 2, 15, what="both running")
     w.terminate()
     assert w.wait(10) == 0
-    assert r.llen(KEYS.ready) == 2, "tasks still running at the end of the grace period go back to the queue"
+    assert fleet.queue_stats(r, KEYS).ready == 2, "tasks still running at the end of the grace period go back"
     assert r.zcard(KEYS.inflight("w")) == 0
+    # Handed back while running: a redelivery, so a message that keeps workers from stopping in
+    # time is dead-lettered in the end.
+    assert sorted(e.split(b":", 1)[0] for e in r.lrange(KEYS.redelivered, 0, -1)) == [b"1", b"1"]
 
 
 @pytest.mark.slow
@@ -333,8 +337,87 @@ def test_messages_older_than_the_max_age_are_dead_lettered_unrun(
 def test_orphaned_workers_are_those_without_pod_and_heartbeat(r: redis.Redis) -> None:
     for w in ("live-pod", "dead-pod", "local-worker"):
         r.sadd(KEYS.leased_workers, w)
-        r.zadd(KEYS.inflight(w), {f"1:{w}": 0})
+        r.zadd(KEYS.inflight(w), {f"1:0:{w}": 0})
     r.set(KEYS.heartbeat("local-worker"), "{}", px=10_000)
     assert fleet.orphaned_workers(r, KEYS, known={"live-pod"}) == ["dead-pod"]
     assert fleet.requeue_worker(r, KEYS, "dead-pod") == 1
-    assert r.lrange(KEYS.ready, 0, -1) == [b"dead-pod"]
+    assert r.lrange(KEYS.redelivered, 0, -1) == [b"1:dead-pod"], (
+        "a deleted pod's lease counts as a redelivery"
+    )
+
+
+# --- Issue 9, defects 1 and 2: each publish is its own message; text that is not valid Unicode
+
+
+def test_identical_payloads_each_run_again_after_their_worker_dies(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    copies = 40
+    r.lpush(KEYS.ready, *([b'{"n":7,"sleep":30}'] * copies))  # byte-identical, no metadata
+    victim = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", str(copies), "--worker-id", "v", *FAST
+    )
+    wait_for(lambda: counts(r, "test:seen").get(7) == copies, 60, what="every copy running")
+    victim.kill()
+    r.delete("test:seen")
+    r.lpush(KEYS.ready, *([b'{"n":8}'] * copies))  # and fresh identical copies beside them
+    w = spawn_worker(
+        "-f", "tests.tasks:record", "-q", "jobs", "-c", str(2 * copies), "--max-attempts", "2", *FAST
+    )
+    wait_for(lambda: counts(r, "test:seen").get(7) == copies, 60, what="every copy running again")
+    wait_for(lambda: counts(r, "test:done").get(8) == copies, 60, what="the fresh copies done")
+    assert r.llen(KEYS.dead) == 0, fleet.dead_letters(r, KEYS)
+    w.kill()
+
+
+@pytest.mark.parametrize("mode", ["thread", "asyncio"])
+@pytest.mark.parametrize("surrogate_in", ["payload", "exception"])
+def test_text_that_is_not_valid_unicode_is_retried_like_any_other(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker, mode: str, surrogate_in: str
+) -> None:
+    if surrogate_in == "payload":
+        r.lpush(KEYS.ready, b'{"n":1,"text":"x\\ud800y"}')  # valid JSON, not valid Unicode
+    else:
+        r.lpush(KEYS.ready, b'{"n":1,"surrogate_error":true}')
+    fn = "tests.support.poison:flaky_text" + ("_async" if mode == "asyncio" else "")
+    w = spawn_worker(
+        "-f", fn, "-q", "jobs", "--concurrency-mode", mode, "--backoff", "0.05", "--max-backoff", "0.1", *FAST
+    )
+    wait_for(lambda: counts(r, "test:done") == {1: 1}, 20, what="the retry to succeed")
+    assert counts(r, "test:attempts") == {1: 2}
+    if surrogate_in == "payload":
+        assert r.hget("test:text", "1") == b"'x\\ud800y'", "the retry carries the same string"
+    w.terminate()
+    assert w.wait(15) == 0, w.output()
+    assert "internal thread crashed" not in w.output()
+
+
+def test_a_surrogate_in_the_error_text_still_reaches_the_dead_letter_queue(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    r.lpush(KEYS.ready, b'{"n":3}')
+    w = spawn_worker(
+        "-f", "tests.support.poison:always_fails_with_surrogate", "-q", "jobs", "--max-attempts", "2",
+        "--backoff", "0.05", "--max-backoff", "0.1", *FAST,
+    )  # fmt: skip
+    wait_for(lambda: r.llen(KEYS.dead) == 1, 20, what="the dead letter")
+    (entry,) = fleet.dead_letters(r, KEYS)
+    assert entry["reason"] == "error" and "never" in entry["detail"] and "\\udcff" in entry["detail"]
+    w.terminate()
+    assert w.wait(15) == 0, w.output()
+
+
+def test_the_dead_letter_queue_keeps_a_payload_byte_for_byte_and_replays_it(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    raw = b'{"n": "\xff\xfe", "x": 1}'  # not UTF-8
+    r.lpush(KEYS.ready, raw)
+    w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", *FAST)
+    wait_for(lambda: r.llen(KEYS.dead) == 1, 15, what="the dead letter")
+    w.terminate()
+    assert w.wait(15) == 0
+    (entry,) = fleet.dead_letters(r, KEYS)
+    assert entry["reason"] == "invalid_encoding"
+    assert "payload" not in entry and entry["payload_b64"]
+    assert fleet.replay_dead_letters(r, KEYS, 1) == 1
+    assert r.lrange(KEYS.ready, 0, -1) == [raw], "a replay runs the very same bytes"

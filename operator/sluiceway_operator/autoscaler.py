@@ -25,12 +25,14 @@ import structlog
 from sluiceway.contract import Keys
 
 from . import events, metrics
+from .backlog.base import BacklogSource
 from .conditions import ConditionReason, rfc3339, status_patch
 from .kube import ApiError, Kube, taskqueue_status_path
 from .manifests import CONFIG_HASH_ANNOTATION, MANAGER, OperatorSettings, config_hash, status_selector
 from .observe import (
     ObservationError,
     RedisPool,
+    backlog_source,
     orphaned_workers,
     read_queue,
     requeue_worker,
@@ -111,6 +113,7 @@ class TaskQueueLoop:
         self.seen_generation: int | None = None
         self.client: redis.Redis | None = None
         self.keys: Keys | None = None
+        self.source: BacklogSource | None = None
         self._secret: tuple[str, float] | None = None
         self._acked: tuple[int, float] | None = None
         self.last_sweep = 0.0  # so the first tick after a (re)start sweeps at once
@@ -172,7 +175,11 @@ class TaskQueueLoop:
         # Before observing, so a scheduled message is in this tick's backlog (wakes a fleet at zero).
         old_status = self.status if self.status is not None else dict(body.get("status") or {})
         schedules = await self.schedules.tick(meta, spec, client, keys, now=now, old_status=old_status)
-        view = await read_queue(client, keys, spec)
+        assert self._secret is not None
+        self.source = await backlog_source(
+            self.deps.kube, self.deps.redis, self.namespace, spec, client, self._secret[0]
+        )
+        view = await read_queue(self.source, client, keys, spec)
         dep = self._deployment_view() or await self._fetch_deployment()
         current = dep.replicas if dep is not None else 0
         pods = [p for p in self.pods() if not p.deleting]
@@ -354,14 +361,16 @@ class TaskQueueLoop:
             return
         self.last_sweep = now
         known = {p.name for p in self.pods()}
-        for worker in await orphaned_workers(client, keys, known):
+        if self.source is None:
+            return
+        for worker in await orphaned_workers(self.source, known):
             await self.pod_deleted(worker)
 
     async def pod_deleted(self, pod: str) -> int:
         """Return a deleted pod's leases at once: the worker id is the pod name."""
-        if self.client is None or self.keys is None:
+        if self.source is None:
             return 0
-        n = await requeue_worker(self.client, self.keys, pod)
+        n = await requeue_worker(self.source, pod)
         if n:
             metrics.REQUEUED.labels(self.namespace, self.name).inc(n)
             self.log.info("returned the leases of a deleted pod", pod=pod, messages=n)

@@ -25,10 +25,10 @@ import structlog
 from . import metrics
 from .autoscaler import DeploymentView, Deps, PodView, TaskQueueLoop, deployment_view
 from .manifests import GROUP, LABEL_MANAGED_BY, LABEL_TASKQUEUE, MANAGER
-from .observe import purge, secret_value
+from .observe import backlog_source, purge, secret_value
 from .scaling import POD_DELETION_COST
 from .settings import Config
-from .spec import SpecError, keys_for, parse_spec
+from .spec import SpecError, parse_spec
 
 log = structlog.get_logger("sluiceway_operator")
 
@@ -191,9 +191,8 @@ async def taskqueue_deleted(
         if ref is None:
             return
         url = await secret_value(deps.kube, namespace, ref)
-        removed = await asyncio.wait_for(
-            purge(deps.redis.get(url), keys_for(namespace, parsed)), timeout=deps.config.finalizer_timeout / 2
-        )
+        source = await backlog_source(deps.kube, deps.redis, namespace, parsed, deps.redis.get(url), url)
+        removed = await asyncio.wait_for(purge(source), timeout=deps.config.finalizer_timeout / 2)
         log.info("purged the queue's Redis keys", namespace=namespace, taskqueue=name, keys=removed)
     except SpecError:
         return  # an invalid spec never reached Redis

@@ -171,7 +171,7 @@ def _tool(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"sluiceway publish: {exc}", file=sys.stderr)
             return 2
-        pub = Publisher(url)
+        pub = Publisher(args.redis_url) if args.redis_url else Publisher()  # else the broker from the env
         qname = f"{keys.namespace}/{keys.queue}"
         if args.delay > 0:
             ids = [pub.publish(qname, m, delay=args.delay) for m in messages for _ in range(args.repeat)]

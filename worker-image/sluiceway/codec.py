@@ -63,7 +63,13 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
     if meta is not None:
         body[META_KEY] = _meta_to_json(meta)
     # allow_nan=False: NaN/Infinity are not JSON, and other languages' decoders would reject them.
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a "\ud800" escape in the input, or in an exception's text) has no
+        # UTF-8 form; as a JSON \u escape it travels exactly and decodes to the same string.
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def decode(payload: bytes | str) -> Message:

@@ -64,7 +64,8 @@ class Keys:
 
     @property
     def ready(self) -> str:
-        """LIST of ready messages: publishers LPUSH, workers take from the right."""
+        """LIST of ready messages, each exactly as published: publishers LPUSH, workers take from
+        the right."""
         return self.prefix + "queue"
 
     @property
@@ -106,9 +107,11 @@ class Keys:
         return self.prefix + "seq"
 
     @property
-    def redeliveries(self) -> str:
-        """HASH payload-digest -> times its lease expired; bounds poison messages that kill workers."""
-        return self.prefix + "redeliveries"
+    def redelivered(self) -> str:
+        """LIST of messages that went back to the queue unsettled (a worker died, hung or was
+        stopped mid-task), as ``<count>:<payload>``: the count bounds messages that kill workers.
+        Workers take from it before ``ready``."""
+        return self.prefix + "redelivered"
 
     @property
     def stats(self) -> str:
@@ -128,7 +131,7 @@ class Keys:
             self.workers,
             self.ratelimit,
             self.sequence,
-            self.redeliveries,
+            self.redelivered,
             self.stats,
         ]
 

@@ -11,13 +11,14 @@ from typing import Any, cast
 
 import redis as redis_lib
 
-from sluiceway.brokers.redis import reap
 from sluiceway.contract import Heartbeat, Keys
+from sluiceway.coordination import redis as coordination
+from sluiceway.transports.redis import reap
 
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    ready: int
+    ready: int  # due now: fresh messages plus redelivered ones
     delayed: int
     in_flight: int
     dead: int
@@ -32,12 +33,13 @@ class QueueStats:
 
 
 _STATS_SCRIPT = """
+-- KEYS: 1 ready  2 delayed  3 dead  4 leased-workers  5 stats  6 redelivered;  ARGV: 1 key prefix
 local inflight = 0
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   inflight = inflight + redis.call('ZCARD', ARGV[1] .. 'inflight:' .. w)
 end
 local s = redis.call('HMGET', KEYS[5], 'acked', 'retried', 'dead', 'reaped')
-return {redis.call('LLEN', KEYS[1]), redis.call('ZCARD', KEYS[2]), inflight, redis.call('LLEN', KEYS[3]),
+return {redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[6]), redis.call('ZCARD', KEYS[2]), inflight, redis.call('LLEN', KEYS[3]),
         tonumber(s[1] or '0'), tonumber(s[2] or '0'), tonumber(s[3] or '0'), tonumber(s[4] or '0')}
 """
 
@@ -45,27 +47,28 @@ return {redis.call('LLEN', KEYS[1]), redis.call('ZCARD', KEYS[2]), inflight, red
 def queue_stats(client: redis_lib.Redis, keys: Keys) -> QueueStats:
     """Depth, in-flight and counters in one round trip."""
     r = client.eval(
-        _STATS_SCRIPT, 5, keys.ready, keys.delayed, keys.dead, keys.leased_workers, keys.stats, keys.prefix
+        _STATS_SCRIPT,
+        6,
+        keys.ready,
+        keys.delayed,
+        keys.dead,
+        keys.leased_workers,
+        keys.stats,
+        keys.redelivered,
+        keys.prefix,
     )
     return QueueStats(*(int(x) for x in cast(list[Any], r)))
 
 
 def heartbeats(client: redis_lib.Redis, keys: Keys) -> list[Heartbeat]:
     """Live workers' latest heartbeats (expired ones are gone by TTL)."""
-    ids = [w.decode() if isinstance(w, bytes) else str(w) for w in client.zrange(keys.workers, 0, -1)]
-    if not ids:
-        return []
-    raw = client.mget([keys.heartbeat(w) for w in ids])
-    return [cast(Heartbeat, json.loads(r)) for r in raw if r]
+    return coordination.heartbeats(client, keys)
 
 
 def requeue_worker(client: redis_lib.Redis, keys: Keys, worker_id: str) -> int:
     """Return every lease of a worker that is gone (its pod was deleted) to the queue at once."""
     n = reap(client, keys, worker_id=worker_id, force=True)
-    pipe = client.pipeline(transaction=False)
-    pipe.delete(keys.heartbeat(worker_id))
-    pipe.zrem(keys.workers, worker_id)
-    pipe.execute()
+    coordination.forget(client, keys, worker_id)
     return n
 
 
@@ -79,22 +82,44 @@ def orphaned_workers(client: redis_lib.Redis, keys: Keys, known: set[str]) -> li
     candidates = [w for w in holders if w not in known]
     if not candidates:
         return []
-    pipe = client.pipeline(transaction=False)
-    for w in candidates:
-        pipe.exists(keys.heartbeat(w))
-    return [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
+    alive = coordination.has_heartbeat(client, keys, candidates)
+    return [w for w, live in zip(candidates, alive, strict=True) if not live]
 
 
 def dead_letters(client: redis_lib.Redis, keys: Keys, limit: int = 100) -> list[dict[str, Any]]:
     return [json.loads(e) for e in client.lrange(keys.dead, 0, limit - 1)]
 
 
+# The payload goes back byte for byte: as text, or decoded from base64 (see sluiceway.deadletter).
 _REPLAY_SCRIPT = """
+local value = {}
+local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
+for i = 1, 64 do value[string.byte(alphabet, i)] = i - 1 end
+local function unbase64(s)
+  local out, acc, bits = {}, 0, 0
+  for i = 1, #s do
+    local v = value[string.byte(s, i)]
+    if v then
+      acc = acc * 64 + v
+      bits = bits + 6
+      if bits >= 8 then
+        bits = bits - 8
+        local byte = math.floor(acc / 2 ^ bits)
+        out[#out + 1] = string.char(byte)
+        acc = acc - byte * 2 ^ bits
+      end
+    end
+  end
+  return table.concat(out)
+end
 local moved = 0
 for i = 1, tonumber(ARGV[1]) do
   local entry = redis.call('RPOP', KEYS[1])
   if not entry then break end
-  redis.call('LPUSH', KEYS[2], cjson.decode(entry)['payload'])
+  local record = cjson.decode(entry)
+  local payload = record['payload']
+  if type(record['payload_b64']) == 'string' then payload = unbase64(record['payload_b64']) end
+  redis.call('LPUSH', KEYS[2], payload)
   moved = moved + 1
 end
 return moved
@@ -103,6 +128,8 @@ return moved
 
 def replay_dead_letters(client: redis_lib.Redis, keys: Keys, count: int) -> int:
     """Move up to ``count`` dead-lettered messages back to the queue, oldest first, atomically."""
+    if count <= 0:
+        return 0
     return int(cast(int, client.eval(_REPLAY_SCRIPT, 2, keys.dead, keys.ready, count)))
 
 

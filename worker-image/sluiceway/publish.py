@@ -2,6 +2,12 @@
 
 A queue is named ``"name"`` (in the default namespace, or ``SLUICEWAY_NAMESPACE``) or
 ``"namespace/name"``, matching the TaskQueue's namespace and ``spec.broker.queue``.
+
+The broker is chosen by the URL's scheme (``redis://``, ``amqp://``, ``kafka://``), or, with no
+URL given, by ``SLUICEWAY_BROKER`` and ``SLUICEWAY_BROKER_URL`` (``SLUICEWAY_REDIS_URL`` for Redis).
+A message is a plain JSON object of keyword arguments on every broker. Importing this module
+loads no broker client: a publisher loads its broker's when it is built
+(:mod:`sluiceway.transports.registry`).
 """
 
 from __future__ import annotations
@@ -12,14 +18,20 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import redis as redis_lib
-import redis.asyncio
-
-from sluiceway import codec, connection
-from sluiceway.contract import DEFAULT_NAMESPACE, ENV_NAMESPACE, ENV_REDIS_URL, Keys
+from sluiceway import codec
+from sluiceway.contract import (
+    DEFAULT_NAMESPACE,
+    ENV_BROKER,
+    ENV_BROKER_URL,
+    ENV_NAMESPACE,
+    ENV_REDIS_URL,
+    Keys,
+)
+from sluiceway.transports import registry
+from sluiceway.transports.base import AsyncSink, Sink
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-_CHUNK = 1000  # messages per LPUSH: large enough to amortize, small enough not to stall Redis
+_CHUNK = 1000  # messages per send in a batch: bounds memory and one broker call
 
 
 def resolve_queue(queue: str, namespace: str | None = None) -> Keys:
@@ -31,6 +43,20 @@ def resolve_queue(queue: str, namespace: str | None = None) -> Keys:
     return Keys(namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE, queue)
 
 
+def resolve_broker(url: str | None, broker: str | None = None) -> tuple[str, str]:
+    """The broker type and URL a publisher uses: from ``url`` (its scheme names the broker),
+    else from the environment."""
+    if url:
+        return broker or registry.broker_of(url), url
+    kind = broker or os.environ.get(ENV_BROKER) or "redis"
+    if kind == "redis":
+        return kind, os.environ.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL
+    found = os.environ.get(ENV_BROKER_URL)
+    if not found:
+        raise ValueError(f"publishing to {kind} needs a broker URL: pass one or set {ENV_BROKER_URL}")
+    return kind, found
+
+
 def _wire(kwargs: Mapping[str, Any], metadata: bool, message_id: str | None) -> tuple[str, bytes]:
     msg_id = message_id or codec.new_id()
     meta = codec.Meta(id=msg_id, published_at=time.time()) if metadata else None
@@ -40,10 +66,11 @@ def _wire(kwargs: Mapping[str, Any], metadata: bool, message_id: str | None) -> 
 class Publisher:
     """Synchronous publisher. Thread-safe; reuse one per process."""
 
-    def __init__(self, redis_url: str | None = None, *, namespace: str | None = None) -> None:
-        self.client: redis_lib.Redis = connection.client(
-            redis_url or os.environ.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL
-        )
+    def __init__(
+        self, url: str | None = None, *, namespace: str | None = None, broker: str | None = None
+    ) -> None:
+        self.broker, self.url = resolve_broker(url, broker)
+        self.sink: Sink = registry.sink(self.broker, self.url)
         self.namespace = namespace
 
     def publish(
@@ -58,11 +85,7 @@ class Publisher:
         """Publish one message; returns its id. ``delay`` holds it back that many seconds."""
         keys = resolve_queue(queue, self.namespace)
         msg_id, payload = _wire(kwargs, metadata, message_id)
-        if delay > 0:
-            server_ms = _server_ms(self.client.time())
-            self.client.zadd(keys.delayed, {payload: server_ms + int(delay * 1000)})
-        else:
-            self.client.lpush(keys.ready, payload)
+        self.sink.send(keys.namespace, keys.queue, [payload], delay=max(delay, 0.0))
         return msg_id
 
     def publish_batch(
@@ -72,30 +95,29 @@ class Publisher:
         keys = resolve_queue(queue, self.namespace)
         ids: list[str] = []
         chunk: list[bytes] = []
-        pipe = self.client.pipeline(transaction=False)
         for kwargs in messages:
             msg_id, payload = _wire(kwargs, metadata, None)
             ids.append(msg_id)
             chunk.append(payload)
             if len(chunk) == _CHUNK:
-                pipe.lpush(keys.ready, *chunk)
+                self.sink.send(keys.namespace, keys.queue, chunk)
                 chunk = []
         if chunk:
-            pipe.lpush(keys.ready, *chunk)
-        pipe.execute()
+            self.sink.send(keys.namespace, keys.queue, chunk)
         return ids
 
     def close(self) -> None:
-        self.client.close()
+        self.sink.close()
 
 
 class AsyncPublisher:
     """asyncio publisher."""
 
-    def __init__(self, redis_url: str | None = None, *, namespace: str | None = None) -> None:
-        self.client: redis.asyncio.Redis = connection.async_client(
-            redis_url or os.environ.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL
-        )
+    def __init__(
+        self, url: str | None = None, *, namespace: str | None = None, broker: str | None = None
+    ) -> None:
+        self.broker, self.url = resolve_broker(url, broker)
+        self.sink: AsyncSink = registry.async_sink(self.broker, self.url)
         self.namespace = namespace
 
     async def publish(
@@ -109,11 +131,7 @@ class AsyncPublisher:
     ) -> str:
         keys = resolve_queue(queue, self.namespace)
         msg_id, payload = _wire(kwargs, metadata, message_id)
-        if delay > 0:
-            server_ms = _server_ms(await self.client.time())
-            await self.client.zadd(keys.delayed, {payload: server_ms + int(delay * 1000)})
-        else:
-            await self.client.lpush(keys.ready, payload)
+        await self.sink.send(keys.namespace, keys.queue, [payload], delay=max(delay, 0.0))
         return msg_id
 
     async def publish_batch(
@@ -126,19 +144,12 @@ class AsyncPublisher:
             msg_id, payload = _wire(kwargs, metadata, None)
             ids.append(msg_id)
             payloads.append(payload)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for i in range(0, len(payloads), _CHUNK):
-                pipe.lpush(keys.ready, *payloads[i : i + _CHUNK])
-            await pipe.execute()
+        if payloads:
+            await self.sink.send(keys.namespace, keys.queue, payloads)
         return ids
 
     async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-def _server_ms(t: tuple[int, int]) -> int:
-    # Delays are measured on the Redis clock, like the retry schedule, so publisher skew is moot.
-    return int(t[0]) * 1000 + int(t[1]) // 1000
+        await self.sink.aclose()
 
 
 _default: Publisher | None = None
@@ -156,7 +167,7 @@ def _default_publisher() -> Publisher:
 def publish(
     queue: str, kwargs: Mapping[str, Any], *, delay: float = 0.0, message_id: str | None = None
 ) -> str:
-    """Publish one message with the default publisher (``SLUICEWAY_REDIS_URL``)."""
+    """Publish one message with the default publisher (broker and URL from the environment)."""
     return _default_publisher().publish(queue, kwargs, delay=delay, message_id=message_id)
 
 

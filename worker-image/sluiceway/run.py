@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from sluiceway import connection
+from sluiceway import wiring
 from sluiceway.log import configure, get_logger
 from sluiceway.metrics import serve
 from sluiceway.settings import SettingsError, from_env
+from sluiceway.transports.base import BrokerUnavailableError
 from sluiceway.worker import ExitCode, Worker, load_function
 
 
@@ -20,18 +21,20 @@ def run_worker(overrides: dict[str, Any]) -> int:
         return ExitCode.USAGE
     configure(fmt=settings.log_format, level=settings.log_level)
     log = get_logger(queue=settings.queue, worker=settings.effective_worker_id)
-    if settings.broker != "redis":
-        log.error("broker not supported by this version of the runtime", broker=settings.broker)
-        return ExitCode.USAGE
     try:
         function = load_function(settings.function)
     except ImportError as exc:
         log.error("cannot load the task function", function=settings.function, error=str(exc))
         return ExitCode.IMPORT
-    client = connection.client(settings.redis_url)
     try:
-        worker = Worker(settings, function, client)
+        side = wiring.worker_side(settings, settings.effective_worker_id)
+    except BrokerUnavailableError as exc:
+        log.error("broker not available", broker=settings.broker, error=str(exc))
+        return ExitCode.USAGE
+    try:
+        worker = Worker(settings, function, side)
     except ValueError as exc:
+        side.close()
         log.error("invalid worker configuration", error=str(exc))
         return ExitCode.USAGE
     if settings.metrics_port:
@@ -44,8 +47,9 @@ def run_worker(overrides: dict[str, Any]) -> int:
             )
         except OSError as exc:
             log.error("cannot serve metrics", port=settings.metrics_port, error=str(exc))
+            side.close()
             return ExitCode.USAGE
     try:
         return int(worker.run())
     finally:
-        client.close()
+        side.close()

@@ -14,9 +14,9 @@ The main thread waits for a signal and then drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import inspect
-import json
 import math
 import queue
 import random
@@ -30,16 +30,23 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import redis as redis_lib
-
-from sluiceway import __version__, codec, connection
+from sluiceway import __version__, codec, deadletter
 from sluiceway.backoff import retry_delay
-from sluiceway.brokers import Delivery, PendingExchange, SlotLease
-from sluiceway.brokers.redis import RedisBroker
-from sluiceway.contract import Heartbeat, Keys
+from sluiceway.contract import Heartbeat
+from sluiceway.errors import Reject, RetryLater
 from sluiceway.log import get_logger
 from sluiceway.metrics import WorkerMetrics
 from sluiceway.settings import WorkerSettings
+from sluiceway.transports.base import (
+    DeadLetter,
+    Delivery,
+    Outcomes,
+    PendingExchange,
+    Retry,
+    SlotLease,
+    Token,
+    WorkerSide,
+)
 
 
 class ExitCode(IntEnum):
@@ -50,16 +57,7 @@ class ExitCode(IntEnum):
     STUCK = 4  # too many tasks ignored their timeout; only a restart frees their threads
 
 
-class Reject(Exception):  # noqa: N818 - the name reads as an action in user code: raise Reject(...)
-    """Raise from a task to dead-letter its message at once, without retries."""
-
-
-class RetryLater(Exception):  # noqa: N818
-    """Raise from a task to retry after ``delay`` seconds (counts as an attempt)."""
-
-    def __init__(self, delay: float, reason: str = "retry requested") -> None:
-        super().__init__(reason)
-        self.delay = delay
+__all__ = ["ExitCode", "Reject", "RetryLater", "Worker", "load_function"]
 
 
 class TaskTimeout(Exception):  # noqa: N818
@@ -136,7 +134,7 @@ class Worker:
         self,
         settings: WorkerSettings,
         function: Callable[..., Any],
-        client: redis_lib.Redis,
+        side: WorkerSide,
         *,
         install_signals: bool = True,
     ) -> None:
@@ -148,28 +146,21 @@ class Worker:
         self.signature = _signature_or_none(function)
         self.arg_names, self.required_args = _argument_sets(self.signature)
         self.worker_id = settings.effective_worker_id
-        self.keys = Keys(settings.namespace, settings.queue)
-        self.client = client
-        self.broker = RedisBroker(
-            client,
-            self.keys,
-            self.worker_id,
-            lease_seconds=settings.lease_seconds,
-            qps=settings.qps,
-            burst=settings.qps_burst,
-            horizon_seconds=settings.qps_horizon,
-        )
+        # The worker knows no broker: it moves messages through the link, tells the fleet about
+        # itself through the coordinator, and treats the side's outage errors as "try again".
+        self.link = side.link
+        self.coordinator = side.coordinator
+        self.outages = side.outage_errors
         self.log = get_logger(
             taskqueue=settings.taskqueue or settings.queue, queue=settings.queue, worker=self.worker_id
         )
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
-        round_trips = connection.count_round_trips(client)
-        self.metrics.round_trips = lambda: round_trips.count
+        self.metrics.round_trips = side.round_trips
         self.install_signals = install_signals
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
-        self.held: dict[bytes, Task] = {}  # every lease we hold and have not settled
+        self.held: dict[Token, Task] = {}  # every lease we hold and have not settled
         self.running: dict[int, Task] = {}  # thread ident (or id) -> task
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Finished and not yet settled; appended by any thread, taken only under exchange_lock.
@@ -239,7 +230,7 @@ class Worker:
         self.request_stop(signal.Signals(signum).name)
 
     def _adopt_orphans(self) -> None:
-        n = self.broker.adopt_orphans()
+        n = self.link.adopt_orphans()
         if n:
             self.log.warning("returned leases left by a previous process with this worker id", count=n)
 
@@ -302,7 +293,14 @@ class Worker:
             for t in leftovers:
                 t.finished = True
         if leftovers:
-            self._give_back(leftovers, "still running at the end of the grace period", return_slots=False)
+            # Counted as a redelivery: a message that keeps its worker from stopping in time
+            # is dead-lettered in the end instead of stopping every worker in turn.
+            self._give_back(
+                leftovers,
+                "still running at the end of the grace period",
+                return_slots=False,
+                redelivered=True,
+            )
         # Outcomes that failed to reach Redis are retried until a few seconds past the grace
         # period. Blocking takes the lock, so a round trip another thread is making has landed
         # (or put its outcomes back) before this decides that nothing is left.
@@ -317,8 +315,8 @@ class Worker:
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.stopped.set()
         try:
-            self.broker.deregister()
-        except redis_lib.RedisError as exc:
+            self.coordinator.deregister()
+        except self.outages as exc:
             self.log.warning("could not remove heartbeat on exit", error=str(exc))
         if self.fatal:
             self.log.error(
@@ -328,7 +326,9 @@ class Worker:
         self.log.info("worker stopped", processed=self.processed, failed=self.failed)
         return ExitCode.OK
 
-    def _give_back(self, tasks: Sequence[Task], why: str, *, return_slots: bool) -> None:
+    def _give_back(
+        self, tasks: Sequence[Task], why: str, *, return_slots: bool, redelivered: bool = False
+    ) -> None:
         slots = self.last_slots if return_slots else None
         # Only the newest lease's slots can go back, and only its unstarted tail: tasks start in
         # slot order, so its unstarted tasks are exactly the last slots of that lease.
@@ -338,7 +338,7 @@ class Worker:
         tokens = [t.delivery.token for t in tasks]
         n = self._call_with_backoff(
             "hand back messages",
-            lambda: self.broker.give_back(tokens, slots, unused),
+            lambda: self.link.give_back(tokens, slots, unused, redelivered=redelivered),
             deadline=time.monotonic() + max(5.0, self.s.lease_seconds),
         )
         with self.lock:
@@ -459,13 +459,21 @@ class Worker:
             wanted = min(free, self.s.fetch_batch)
         if not done and wanted <= 0:
             return False
-        acks = [p.task.delivery.token for p in done if p.outcome is Outcome.OK]
-        retries = [(p.task.delivery.token, p.payload, p.delay) for p in done if p.outcome is Outcome.RETRY]
-        deads = [(p.task.delivery.token, p.payload) for p in done if p.outcome is Outcome.DEAD]
+        outcomes = Outcomes(
+            acks=[p.task.delivery.token for p in done if p.outcome is Outcome.OK],
+            retries=[
+                Retry(p.task.delivery.token, p.payload, p.delay) for p in done if p.outcome is Outcome.RETRY
+            ],
+            deads=[
+                DeadLetter(p.task.delivery.token, p.payload, p.reason)
+                for p in done
+                if p.outcome is Outcome.DEAD
+            ],
+        )
         sent_at = time.monotonic()
         try:
-            pending = self.broker.begin_exchange(acks, retries, deads, wanted)
-        except redis_lib.RedisError as exc:
+            pending = self.link.begin_exchange(outcomes, wanted)
+        except self.outages as exc:
             self._exchange_failed(done, exc)
             return False
         self.in_transit = _InTransit(pending, done, wanted, sent_at)
@@ -478,7 +486,7 @@ class Worker:
         assert transit is not None
         try:
             result = transit.pending.result()
-        except redis_lib.RedisError as exc:
+        except self.outages as exc:
             self._exchange_failed(transit.done, exc)
             return 0
         batch = result.batch
@@ -515,16 +523,16 @@ class Worker:
             self.ready.put(t)
         return len(tasks)
 
-    def _exchange_failed(self, done: list[Settlement], exc: redis_lib.RedisError | str) -> None:
+    def _exchange_failed(self, done: list[Settlement], exc: BaseException | str) -> None:
         # Keep the outcomes and try again: dropping an ack would only cause a duplicate, but
         # dropping a dead-letter entry would lose its reason. (If the broker did act before the
         # connection broke, settling again is harmless, and leases it granted expire back.)
         self.unsettled.extendleft(reversed(done))
         self.exchange_failures += 1
-        delay = _redis_backoff(self.exchange_failures, draw=random.random())
+        delay = outage_backoff(self.exchange_failures, draw=random.random())
         self.next_exchange = time.monotonic() + delay
         self.log.warning(
-            "round trip to Redis failed; retrying",
+            "round trip to the broker failed; retrying",
             error=str(exc),
             unsettled=len(done),
             retry_in=round(delay, 2),
@@ -565,8 +573,8 @@ class Worker:
             task.slots = None  # its new slot belongs to no lease that could be handed back
             while True:
                 try:
-                    offset = self.broker.acquire_slot()
-                except redis_lib.RedisError as exc:
+                    offset = self.link.acquire_slot()
+                except self.outages as exc:
                     self.log.warning("slot request failed; retrying", error=str(exc))
                     offset = -0.5
                 if offset >= 0:
@@ -642,7 +650,11 @@ class Worker:
         return None
 
     def _run_sync(self, task: Task, thread_id: int) -> None:
-        verdict = self._prepare(task)
+        try:
+            verdict = self._prepare(task)
+        except Exception as exc:
+            self._internal_error(task, "decoding the message", exc)
+            return
         if verdict is not None:
             self._finish(verdict)
             return
@@ -660,7 +672,13 @@ class Worker:
         finally:
             with self.lock:
                 self.running.pop(thread_id, None)
-        self._complete(task, error)
+        self._settle_outcome(task, error)
+
+    def _settle_outcome(self, task: Task, error: BaseException | None) -> None:
+        try:
+            self._complete(task, error)
+        except Exception as exc:
+            self._internal_error(task, "settling the outcome", exc)
 
     def _async_main(self) -> None:
         loop = asyncio.new_event_loop()
@@ -695,7 +713,11 @@ class Worker:
 
     async def _run_async(self, task: Task) -> None:
         try:
-            verdict = self._prepare(task)
+            try:
+                verdict = self._prepare(task)
+            except Exception as exc:
+                self._internal_error(task, "decoding the message", exc)
+                return
             if verdict is not None:
                 self._finish(verdict)
                 return
@@ -716,7 +738,14 @@ class Worker:
             finally:
                 with self.lock:
                     self.running.pop(key, None)
-            self._complete(task, error)
+            self._settle_outcome(task, error)
+        except BaseException as exc:
+            # Anything else would be swallowed by asyncio and leave the message in flight, its
+            # lease renewed for ever.
+            if not task.finished:
+                self._internal_error(task, "running the task", exc)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self.async_room.release()
 
@@ -729,11 +758,14 @@ class Worker:
         assert msg is not None
         if isinstance(error, Reject):
             self._finish(
-                self._dead(task, "rejected", str(error) or "the function rejected the message"), duration
+                self._dead(
+                    task, "rejected", _error_text(error, bare=True) or "the function rejected the message"
+                ),
+                duration,
             )
             return
         reason = "timeout" if isinstance(error, TaskTimeout) else "error"
-        text = f"{type(error).__name__}: {error}"
+        text = deadletter.safe_text(_error_text(error))
         if msg.meta.attempt + 1 >= self.s.max_attempts:
             self._finish(
                 self._dead(
@@ -765,23 +797,54 @@ class Worker:
         self._finish(Settlement(task, Outcome.RETRY, payload, delay, reason), duration, error=text)
 
     def _dead(self, task: Task, reason: str, detail: str, *, tb: str = "", final: str = "") -> Settlement:
-        entry: dict[str, Any] = {
-            "reason": reason,
-            "detail": detail + (f" ({final})" if final else ""),
+        context: dict[str, Any] = {
             "queue": self.s.queue,
             "namespace": self.s.namespace,
             "worker": self.worker_id,
             "failed_at": time.time(),
             "redeliveries": task.delivery.redeliveries,
-            "payload": task.delivery.payload.decode("utf-8", errors="replace"),
         }
         if task.message is not None:
-            entry["message_id"] = task.message.meta.id
-            entry["attempts"] = task.message.meta.attempt + (1 if task.started else 0)
-            entry["errors"] = list(task.message.meta.errors)
+            context["message_id"] = task.message.meta.id
+            context["attempts"] = task.message.meta.attempt + (1 if task.started else 0)
+            context["errors"] = list(task.message.meta.errors)
         if tb:
-            entry["traceback"] = tb
-        return Settlement(task, Outcome.DEAD, json.dumps(entry).encode(), reason=reason)
+            context["traceback"] = tb
+        record = deadletter.record(
+            reason=reason,
+            detail=detail + (f" ({final})" if final else ""),
+            payload=task.delivery.payload,
+            **context,
+        )
+        return Settlement(task, Outcome.DEAD, record, reason=reason)
+
+    def _internal_error(self, task: Task, where: str, exc: BaseException) -> None:
+        """Settle a message whose handling failed inside the worker (a bug, not the task's).
+
+        Never raises: one message must not take an executor down, nor stay in flight unsettled.
+        It is dead-lettered with reason ``internal_error``, with the payload byte for byte.
+        """
+        text = deadletter.safe_text(_error_text(exc))
+        with contextlib.suppress(Exception):
+            self.log.error(
+                "internal error while handling a message; dead-lettering it", where=where, error=text
+            )
+        try:
+            detail = f"{where}: {text}"
+            entry = deadletter.record(
+                reason="internal_error",
+                detail=detail,
+                payload=task.delivery.payload,
+                queue=self.s.queue,
+                namespace=self.s.namespace,
+                worker=self.worker_id,
+                failed_at=time.time(),
+                redeliveries=task.delivery.redeliveries,
+                traceback=deadletter.safe_text(_short_traceback(exc)),
+            )
+        except Exception:  # the record is built from safe parts only; this is a last resort
+            entry = deadletter.record(reason="internal_error", detail=where, payload=task.delivery.payload)
+        self._finish(Settlement(task, Outcome.DEAD, entry, reason="internal_error"))
 
     def _finish(self, settlement: Settlement, duration: float = 0.0, error: str = "") -> None:
         task = settlement.task
@@ -828,7 +891,7 @@ class Worker:
                 next_beat = now + self.s.heartbeat_seconds
                 try:
                     self._beat()
-                except redis_lib.RedisError as exc:
+                except self.outages as exc:
                     self.log.warning("heartbeat failed; will retry", error=str(exc))
             if self.fatal and not self.stopping.is_set():
                 self.request_stop(self.fatal[1])
@@ -838,11 +901,11 @@ class Worker:
         with self.lock:
             tokens = list(self.held)
         for i in range(0, len(tokens), 1000):
-            self.broker.renew(tokens[i : i + 1000])
+            self.link.renew(tokens[i : i + 1000])
         hb = self.heartbeat()
-        self.broker.write_heartbeat(json.dumps(hb), ttl_seconds=self.s.heartbeat_seconds * 3)
+        self.coordinator.write_heartbeat(hb, ttl_seconds=self.s.heartbeat_seconds * 3)
         if not self.stopping.is_set():
-            n = self.broker.recover()
+            n = self.link.recover()
             if n:
                 self.log.warning("returned expired leases of unresponsive workers to the queue", count=n)
         self.metrics.set_state(busy=hb["busy"], in_flight=hb["in_flight"])
@@ -895,7 +958,7 @@ class Worker:
                     ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
                 )
             self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
-            self._complete(
+            self._settle_outcome(
                 task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
             )
             self._spawn_executor()
@@ -913,9 +976,9 @@ class Worker:
         while True:
             try:
                 return fn()
-            except redis_lib.RedisError as exc:
+            except self.outages as exc:
                 failures += 1
-                delay = _redis_backoff(failures, draw=1.0)
+                delay = outage_backoff(failures, draw=1.0)
                 if deadline is not None and time.monotonic() + delay > deadline:
                     self.log.error(
                         f"{what} failed; giving up, the leases will expire instead", error=str(exc)
@@ -925,9 +988,10 @@ class Worker:
                 time.sleep(delay)
 
 
-def _redis_backoff(failures: int, *, draw: float) -> float:
-    """Seconds before trying Redis again after ``failures`` failures in a row: 0.1 s, doubling
-    up to 5 s; ``draw`` in [0, 1) spreads it over the upper half (1.0: no spread)."""
+def outage_backoff(failures: int, *, draw: float) -> float:
+    """Seconds before trying the broker (or coordination) again after ``failures`` failures in a
+    row: 0.1 s, doubling up to 5 s; ``draw`` in [0, 1) spreads it over the upper half (1.0: no
+    spread). The one back-off for every outage the worker meets."""
     return retry_delay(failures, base=0.2, cap=5.0, draw=draw)
 
 
@@ -962,4 +1026,16 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 def _short_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)[-8:])[-4000:]
+    try:
+        return "".join(traceback.format_exception(exc)[-8:])[-4000:]
+    except Exception:  # a __str__ that raises: keep what can be said
+        return _error_text(exc)
+
+
+def _error_text(exc: BaseException, *, bare: bool = False) -> str:
+    """``Type: message``; never raises, even for an exception whose ``__str__`` does."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<the exception could not be shown>"
+    return text if bare else f"{type(exc).__name__}: {text}"

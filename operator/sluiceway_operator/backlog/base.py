@@ -51,8 +51,9 @@ class BacklogSource(Protocol):
         ...
 
     def purge(self) -> int:
-        """Delete the queue, its retries and its dead letters (the finalizer); returns how many
-        broker objects (keys, queues, topics) went."""
+        """Delete the queue, its retries and its dead letters (the finalizer), and the queue's
+        coordination keys on Redis (``sluiceway.fleet.purge``: heartbeats, rate limiter);
+        returns how many objects (keys, queues, topics) went."""
         ...
 
     def describe(self) -> Mapping[str, Any]:

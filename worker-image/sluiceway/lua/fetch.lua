@@ -2,11 +2,13 @@
 -- in-flight set with a lease deadline. One round trip per batch, on the server's clock.
 --
 -- KEYS: 1 ready  2 delayed  3 inflight(worker)  4 leased-workers  5 ratelimit  6 sequence
---       7 redeliveries
+--       7 redelivered
 -- ARGV: 1 worker id  2 wanted  3 lease ms  4 qps (0 = unlimited)  5 burst  6 horizon µs
 --       7 promote limit
 -- Returns: {first_offset_us, interval_us, retry_after_us, new_tat, {redelivery counts}, member...}
--- A member is "<lease seq>:<payload>"; the sequence keeps identical payloads distinct.
+-- A member is "<lease seq>:<redeliveries>:<payload>": the sequence keeps identical payloads
+-- distinct, and the count travels with the message. Redelivered messages (returned by reap or a
+-- hand-back, as "<count>:<payload>") are taken before fresh ones.
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
@@ -20,7 +22,8 @@ if #due > 0 then
   redis.call('ZREM', KEYS[2], unpack(due))
 end
 
-local depth = redis.call('LLEN', KEYS[1])
+local returned = redis.call('LLEN', KEYS[7])
+local depth = redis.call('LLEN', KEYS[1]) + returned
 local take = math.min(wanted, depth)
 local first_offset, step, retry_after, new_tat_s = 0, 0, 0, ''
 if qps > 0 and take > 0 then
@@ -48,20 +51,29 @@ local out = {string.format('%.3f', first_offset), string.format('%.3f', step),
              string.format('%.3f', retry_after), new_tat_s, {}}
 if take <= 0 then return out end
 
-local payloads = redis.call('RPOP', KEYS[1], take)
+local payloads, counts = {}, out[5]
+if returned > 0 then
+  for _, e in ipairs(redis.call('RPOP', KEYS[7], math.min(take, returned))) do
+    local c = string.find(e, ':', 1, true)
+    counts[#counts + 1] = tonumber(string.sub(e, 1, c - 1))
+    payloads[#payloads + 1] = string.sub(e, c + 1)
+  end
+end
+if #payloads < take then
+  for _, p in ipairs(redis.call('RPOP', KEYS[1], take - #payloads)) do
+    counts[#counts + 1] = 0
+    payloads[#payloads + 1] = p
+  end
+end
 local n = #payloads
 local last = redis.call('INCRBY', KEYS[6], n)
 local deadline = now_ms + tonumber(ARGV[3])
 local zargs = {}
-local track = redis.call('HLEN', KEYS[7]) > 0
 for i = 1, n do
-  local member = tostring(last - n + i) .. ':' .. payloads[i]
+  local member = tostring(last - n + i) .. ':' .. counts[i] .. ':' .. payloads[i]
   zargs[#zargs + 1] = deadline
   zargs[#zargs + 1] = member
   out[#out + 1] = member
-  if track then
-    out[5][i] = tonumber(redis.call('HGET', KEYS[7], redis.sha1hex(payloads[i])) or '0')
-  end
 end
 redis.call('ZADD', KEYS[3], unpack(zargs))
 redis.call('SADD', KEYS[4], ARGV[1])

@@ -1,12 +1,25 @@
--- Give messages back unstarted (graceful shutdown): they return to the consumer end of the queue
--- at once, and their unused rate-limit slots are handed back when no later lease exists.
--- KEYS: 1 inflight(worker)  2 ready  3 ratelimit  4 stats
--- ARGV: 1 expected tat (µs, "" = none)  2 slot interval µs  3 slots to hand back  4.. members
+-- Give messages back (graceful shutdown): they return to the consumer end of the queue at once,
+-- and their unused rate-limit slots are handed back when no later lease exists.
+-- With "count" set the messages were running (the grace period ended first): that counts as a
+-- redelivery, so a message that keeps a worker from stopping is dead-lettered in the end.
+-- KEYS: 1 inflight(worker)  2 ready  3 ratelimit  4 stats  5 redelivered
+-- ARGV: 1 expected tat (µs, "" = none)  2 slot interval µs  3 slots to hand back  4 count (1/0)
+--       5.. members ("<seq>:<redeliveries>:<payload>")
 -- Returns the number of messages returned.
 local returned = 0
-for i = 4, #ARGV do
-  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
-    redis.call('RPUSH', KEYS[2], string.sub(ARGV[i], string.find(ARGV[i], ':', 1, true) + 1))
+local add = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  local m = ARGV[i]
+  if redis.call('ZREM', KEYS[1], m) == 1 then
+    local a = string.find(m, ':', 1, true)
+    local b = string.find(m, ':', a + 1, true)
+    local count = tonumber(string.sub(m, a + 1, b - 1)) + add
+    local payload = string.sub(m, b + 1)
+    if count == 0 then
+      redis.call('RPUSH', KEYS[2], payload)
+    else
+      redis.call('RPUSH', KEYS[5], count .. ':' .. payload)
+    end
     returned = returned + 1
   end
 end

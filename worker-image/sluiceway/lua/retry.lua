@@ -1,5 +1,5 @@
 -- Schedule a failed message for another attempt after its backoff (server clock).
--- KEYS: 1 inflight(worker)  2 delayed  3 stats  4 redeliveries
+-- KEYS: 1 inflight(worker)  2 delayed  3 stats
 -- ARGV: 1 member  2 new payload (attempt+1)  3 delay ms
 -- Returns 1, or 0 if the lease was already gone (then the message is back in the queue anyway).
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -7,8 +7,4 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'retried', 1)
-if redis.call('HLEN', KEYS[4]) > 0 then
-  local payload = string.sub(ARGV[1], string.find(ARGV[1], ':', 1, true) + 1)
-  redis.call('HDEL', KEYS[4], redis.sha1hex(payload))
-end
 return 1

@@ -35,9 +35,12 @@ Rules every transport keeps (the conformance suite in ``tests/conformance/`` che
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sluiceway.coordination.base import Coordinator
 
 Token = Hashable  # opaque settle handle: Redis lease member, RabbitMQ delivery tag, Kafka offset
 
@@ -104,8 +107,10 @@ class Transport(Protocol):
 
     def settle(self, outcomes: Outcomes) -> Settled: ...
 
-    def give_back(self, tokens: Sequence[Token]) -> int:
-        """Return unstarted deliveries to the queue at once; returns how many went back."""
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        """Return deliveries to the queue at once; returns how many went back. ``redelivered``:
+        they were running when the worker had to stop, which counts as a redelivery (so a
+        message that keeps a worker from stopping is dead-lettered in the end)."""
         ...
 
     def renew(self, tokens: Sequence[Token]) -> int: ...
@@ -173,8 +178,16 @@ class WorkerLink(Protocol):
         Settling comes first, so the fetch already sees the room it freed."""
         ...
 
-    def give_back(self, tokens: Sequence[Token], slots: SlotLease | None, unused_slots: int) -> int:
-        """Return unstarted or unfinished deliveries at once, and the newest lease's unused slots."""
+    def give_back(
+        self,
+        tokens: Sequence[Token],
+        slots: SlotLease | None,
+        unused_slots: int,
+        *,
+        redelivered: bool = False,
+    ) -> int:
+        """Return unstarted (or, ``redelivered``, unfinished) deliveries at once, and the newest
+        lease's unused slots."""
         ...
 
     def acquire_slot(self) -> float:
@@ -190,6 +203,18 @@ class WorkerLink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSide:
+    """Everything the worker engine talks to, built for one worker process by
+    :func:`sluiceway.wiring.worker_side`."""
+
+    link: WorkerLink
+    coordinator: Coordinator
+    outage_errors: tuple[type[BaseException], ...]  # every exception type that means "outage"
+    round_trips: Callable[[], int]  # requests sent to the coordination Redis so far
+    close: Callable[[], None]
 
 
 # --- Publishing ----------------------------------------------------------------------------------

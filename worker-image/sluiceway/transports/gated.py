@@ -72,8 +72,15 @@ class Gated:
         lease = slots.lease if len(deliveries) == slots.count else None
         return Batch(deliveries=deliveries, slots=lease)
 
-    def give_back(self, tokens: Sequence[Token], slots: SlotLease | None, unused_slots: int) -> int:
-        n = self.transport.give_back(tokens) if tokens else 0
+    def give_back(
+        self,
+        tokens: Sequence[Token],
+        slots: SlotLease | None,
+        unused_slots: int,
+        *,
+        redelivered: bool = False,
+    ) -> int:
+        n = self.transport.give_back(tokens, redelivered=redelivered) if tokens else 0
         if self.limiter is not None and slots is not None and unused_slots:
             self.limiter.release(slots, unused_slots)
         return n

@@ -14,24 +14,21 @@ need it. A broker module provides:
 - ``outage_errors``: the client library's exception types for "broker unreachable for now".
 
 Coordination (heartbeats) and the rate limiter are on the coordination Redis
-(``SLUICEWAY_REDIS_URL``) for every broker.
+(``SLUICEWAY_REDIS_URL``) for every broker; :mod:`sluiceway.wiring` puts a worker's side together.
+Nothing here imports a client library, not even lazily inside a function (the import-linter
+contracts in ``pyproject.toml`` check it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-from sluiceway.transports.base import AsyncSink, BrokerUnavailableError, Sink, WorkerLink
-
-if TYPE_CHECKING:
-    from sluiceway.coordination.base import Coordinator
-    from sluiceway.settings import WorkerSettings
+from sluiceway.transports.base import AsyncSink, BrokerUnavailableError, Sink
 
 BROKERS: Final = ("redis", "rabbitmq", "kafka")
 _SCHEMES: Final = {
@@ -74,54 +71,6 @@ def module(broker: str) -> ModuleType:
             ) from None
         need = _EXTRA.get(broker, exc.name or "its client library")
         raise BrokerUnavailableError(f"the {broker} transport needs {need}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSide:
-    """Everything the worker talks to, built for one worker process."""
-
-    link: WorkerLink
-    coordinator: Coordinator
-    outage_errors: tuple[type[BaseException], ...]  # every exception type that means "outage"
-    round_trips: Callable[[], int]  # requests sent to the coordination Redis so far
-    close: Callable[[], None]
-
-
-def worker_side(settings: WorkerSettings, worker_id: str) -> WorkerSide:
-    """The worker's link and coordinator for ``settings.broker``."""
-    from sluiceway import connection
-    from sluiceway.contract import Keys
-    from sluiceway.coordination.redis import RedisCoordinator
-    from sluiceway.transports.gated import Gated
-
-    mod = module(settings.broker)
-    client = connection.client(settings.redis_url)
-    counter = connection.count_round_trips(client)
-    keys = Keys(settings.namespace, settings.queue)
-    coordinator = RedisCoordinator(client, keys, worker_id)
-    link: WorkerLink
-    if hasattr(mod, "link"):
-        link = mod.link(settings, worker_id, client)
-    else:
-        from sluiceway.ratelimit.redis import RedisLimiter
-
-        limiter = RedisLimiter(
-            client,
-            keys.ratelimit,
-            qps=settings.qps,
-            burst=settings.qps_burst,
-            horizon_seconds=settings.qps_horizon,
-        )
-        link = Gated(mod.transport(settings, worker_id), limiter, limiter_errors=coordinator.outage_errors)
-    errors = tuple(dict.fromkeys((*link.outage_errors, *coordinator.outage_errors)))
-
-    def close() -> None:
-        try:
-            link.close()
-        finally:
-            client.close()
-
-    return WorkerSide(link, coordinator, errors, lambda: counter.count, close)
 
 
 def sink(broker: str, url: str) -> Sink:

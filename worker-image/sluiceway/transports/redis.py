@@ -1,25 +1,50 @@
-"""The Redis broker: a LIST per queue, per-worker lease ZSETs, all moves done by Lua scripts."""
+"""The Redis transport: a LIST per queue, per-worker lease ZSETs, every move done by a Lua script.
+
+Its own optimisations, behind the same seam as every broker:
+
+- the fetch script takes rate-limit slots and messages in one atomic step (``lua/fetch.lua``), so
+  this transport is a :class:`~sluiceway.transports.base.WorkerLink` itself and needs no
+  :class:`~sluiceway.transports.gated.Gated`;
+- one round trip settles and fetches, and it is sent ahead (:class:`RedisExchange`): the worker
+  keeps running tasks while Redis works.
+
+A lease (the settle token) is the member ``<seq>:<redeliveries>:<payload>`` of the worker's
+in-flight ZSET: the sequence makes each delivery unique, so identical payloads are separate
+messages, and the redelivery count travels with the message, not with its payload.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis as redis_lib
 from redis.commands.core import Script
 
-from sluiceway.brokers import Batch, Delivery, Exchanged, SlotLease
+from sluiceway import connection
 from sluiceway.contract import Keys
 from sluiceway.scripts import Scripts
+from sluiceway.transports.base import (
+    Batch,
+    Delivery,
+    Exchanged,
+    Outcomes,
+    SlotLease,
+    Token,
+)
 
 # How many due retries one fetch promotes; bounds the script's run time (Redis is single-threaded).
 PROMOTE_LIMIT = 1000
 REAP_LIMIT = 1000
 ACK_CHUNK = 1000
+_PUBLISH_CHUNK = 1000  # messages per LPUSH: large enough to amortize, small enough not to stall Redis
+
+outage_errors: tuple[type[BaseException], ...] = (redis_lib.RedisError,)
 
 
-class RedisBroker:
+class RedisTransport:
+    outage_errors = outage_errors
+
     def __init__(
         self,
         client: redis_lib.Redis,
@@ -41,41 +66,23 @@ class RedisBroker:
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
 
-    def begin_exchange(
-        self,
-        acks: Sequence[bytes],
-        retries: Sequence[tuple[bytes, bytes, float]],
-        deads: Sequence[tuple[bytes, bytes]],
-        wanted: int,
-    ) -> RedisExchange:
+    def begin_exchange(self, outcomes: Outcomes, wanted: int) -> RedisExchange:
         k = self.keys
+        acks = cast(Sequence[bytes], outcomes.acks)
         calls: list[tuple[Script, list[Any]]] = []
         # Lua's unpack() takes about 8,000 values at most; the ack script unpacks its arguments.
         for i in range(0, len(acks), ACK_CHUNK):
-            calls.append(
-                (self.scripts.ack, [3, self._inflight, k.stats, k.redeliveries, *acks[i : i + ACK_CHUNK]])
-            )
+            calls.append((self.scripts.ack, [2, self._inflight, k.stats, *acks[i : i + ACK_CHUNK]]))
         ack_calls = len(calls)
-        for token, payload, delay in retries:
+        for r in outcomes.retries:
             calls.append(
                 (
                     self.scripts.retry,
-                    [
-                        4,
-                        self._inflight,
-                        k.delayed,
-                        k.stats,
-                        k.redeliveries,
-                        token,
-                        payload,
-                        int(delay * 1000),
-                    ],
+                    [3, self._inflight, k.delayed, k.stats, r.token, r.payload, int(r.delay * 1000)],
                 )
             )
-        for token, entry in deads:
-            calls.append(
-                (self.scripts.dead, [4, self._inflight, k.dead, k.stats, k.redeliveries, token, entry])
-            )
+        for d in outcomes.deads:
+            calls.append((self.scripts.dead, [3, self._inflight, k.dead, k.stats, d.token, d.record]))
         if wanted > 0:
             # Settling comes first, so the fetch already sees the room it freed.
             calls.append(
@@ -89,7 +96,7 @@ class RedisBroker:
                         k.leased_workers,
                         k.ratelimit,
                         k.sequence,
-                        k.redeliveries,
+                        k.redelivered,
                         self.worker_id,
                         wanted,
                         self.lease_ms,
@@ -102,20 +109,35 @@ class RedisBroker:
             )
         return RedisExchange(self, calls, ack_calls=ack_calls, wanted=wanted)
 
-    def give_back(self, tokens: Sequence[bytes], slots: SlotLease | None, unused_slots: int) -> int:
+    def give_back(
+        self,
+        tokens: Sequence[Token],
+        slots: SlotLease | None,
+        unused_slots: int,
+        *,
+        redelivered: bool = False,
+    ) -> int:
+        """Return leases to the queue at once. ``redelivered``: they were running (the grace
+        period ended first), which counts as a redelivery."""
         if not tokens and not (slots and unused_slots):
             return 0
         k = self.keys
         return int(
             self.scripts.requeue(
-                keys=[self._inflight, k.ready, k.ratelimit, k.stats],
-                args=[slots.tat if slots else "", slots.interval_us if slots else 0, unused_slots, *tokens],
+                keys=[self._inflight, k.ready, k.ratelimit, k.stats, k.redelivered],
+                args=[
+                    slots.tat if slots else "",
+                    slots.interval_us if slots else 0,
+                    unused_slots,
+                    1 if redelivered else 0,
+                    *cast(Sequence[bytes], tokens),
+                ],
             )
         )
 
     def acquire_slot(self) -> float:
-        """Take one fresh rate-limit slot; returns seconds until it starts, or -1 with none granted
-        (then ``-retry_after``). Used for a message whose slot went stale while its worker stalled."""
+        """Take one fresh rate-limit slot; returns seconds until it starts, or minus the wait
+        with none granted. For a message whose slot went stale while its worker stalled."""
         count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
             keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
         )
@@ -123,10 +145,12 @@ class RedisBroker:
             return -max(float(retry_after_us) / 1e6, 0.001)
         return max(float(first_offset_us) / 1e6, 0.0)
 
-    def renew(self, tokens: Sequence[bytes]) -> int:
+    def renew(self, tokens: Sequence[Token]) -> int:
         if not tokens:
             return 0
-        return int(self.scripts.renew(keys=[self._inflight], args=[self.lease_ms, *tokens]))
+        return int(
+            self.scripts.renew(keys=[self._inflight], args=[self.lease_ms, *cast(Sequence[bytes], tokens)])
+        )
 
     def recover(self) -> int:
         return reap(self.client, self.keys, self.scripts)
@@ -134,25 +158,8 @@ class RedisBroker:
     def adopt_orphans(self) -> int:
         return reap(self.client, self.keys, self.scripts, worker_id=self.worker_id, force=True)
 
-    def write_heartbeat(self, heartbeat: str, ttl_seconds: float) -> None:
-        k = self.keys
-        now_ms = int(time.time() * 1000)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(k.heartbeat(self.worker_id), heartbeat, px=int(ttl_seconds * 1000))
-        pipe.zadd(k.workers, {self.worker_id: now_ms})
-        # Forget workers silent for a long time, so the set does not grow with every pod ever run.
-        pipe.zremrangebyscore(k.workers, "-inf", now_ms - 3_600_000)
-        pipe.execute()
-
-    def deregister(self) -> None:
-        k = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(k.heartbeat(self.worker_id))
-        pipe.zrem(k.workers, self.worker_id)
-        pipe.execute()
-
     def close(self) -> None:
-        self.client.close()
+        pass  # the client is the coordination client; its owner closes it
 
 
 class RedisExchange:
@@ -165,13 +172,13 @@ class RedisExchange:
     """
 
     def __init__(
-        self, broker: RedisBroker, calls: list[tuple[Script, list[Any]]], *, ack_calls: int, wanted: int
+        self, transport: RedisTransport, calls: list[tuple[Script, list[Any]]], *, ack_calls: int, wanted: int
     ) -> None:
-        self.broker = broker
+        self.transport = transport
         self.calls = calls
         self.ack_calls = ack_calls
         self.wanted = wanted
-        pool = broker.client.connection_pool
+        pool = transport.client.connection_pool
         conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
         self.conn: Any = conn
         try:
@@ -215,10 +222,10 @@ class RedisExchange:
         fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
         if fetch_index in errors:
             raise errors[fetch_index]
-        batch = _batch(replies[fetch_index], self.broker.qps) if fetch_index >= 0 else Batch()
-        # An ack call's arguments are the key count, three keys, then one token per ack.
+        batch = _batch(replies[fetch_index], self.transport.qps) if fetch_index >= 0 else Batch()
+        # An ack call's arguments are the key count, two keys, then one token per ack.
         gone = sum(
-            len(self.calls[i][1]) - 4 - int(replies[i]) for i in range(self.ack_calls) if i not in errors
+            len(self.calls[i][1]) - 3 - int(replies[i]) for i in range(self.ack_calls) if i not in errors
         )
         return Exchanged(batch=batch, settle_error=str(next(iter(errors.values()), "")), gone=gone)
 
@@ -228,7 +235,7 @@ class RedisExchange:
             return
         if broken:
             conn.disconnect()
-        self.broker.client.connection_pool.release(conn)
+        self.transport.client.connection_pool.release(conn)
 
 
 def reap(
@@ -246,7 +253,7 @@ def reap(
     while True:
         n = int(
             s.reap(
-                keys=[keys.ready, keys.leased_workers, keys.redeliveries, keys.stats],
+                keys=[keys.redelivered, keys.leased_workers, keys.stats],
                 args=[
                     keys.prefix,
                     REAP_LIMIT,
@@ -261,26 +268,101 @@ def reap(
             return total
 
 
+def delivery(member: bytes, start_after: float = 0.0) -> Delivery:
+    """The delivery a lease member stands for."""
+    _, count, payload = member.split(b":", 2)
+    return Delivery(payload=payload, token=member, start_after=start_after, redeliveries=int(count))
+
+
 def _batch(reply: list[Any], qps: float) -> Batch:
     """The fetch script's reply as a batch of deliveries."""
     first_offset_us = float(reply[0])
     interval_us = float(reply[1])
     retry_after_us = float(reply[2])
     tat = reply[3]
-    counts = reply[4]
     members: list[bytes] = reply[5:]
     if not members:
         return Batch(retry_after=retry_after_us / 1e6)
     deliveries = []
     for i, member in enumerate(members):
         offset = first_offset_us + i * interval_us
-        deliveries.append(
-            Delivery(
-                payload=member[member.index(b":") + 1 :],
-                token=member,
-                start_after=offset / 1e6 if offset > 0 else 0.0,
-                redeliveries=int(counts[i]) if counts else 0,
-            )
-        )
+        deliveries.append(delivery(member, offset / 1e6 if offset > 0 else 0.0))
     slots = SlotLease(tat.decode(), interval_us) if qps > 0 and tat else None
     return Batch(deliveries=deliveries, slots=slots)
+
+
+# --- Registry entry points -----------------------------------------------------------------------
+
+
+def link(settings: Any, worker_id: str, client: redis_lib.Redis) -> RedisTransport:
+    """The worker's link: the queue lives on the coordination Redis itself."""
+    return RedisTransport(
+        client,
+        Keys(settings.namespace, settings.queue),
+        worker_id,
+        lease_seconds=settings.lease_seconds,
+        qps=settings.qps,
+        burst=settings.qps_burst,
+        horizon_seconds=settings.qps_horizon,
+    )
+
+
+class RedisSink:
+    """Publishes with LPUSH (ZADD on the server's clock for a delay). Thread-safe."""
+
+    def __init__(self, url: str) -> None:
+        self.client: redis_lib.Redis = connection.client(url)
+
+    def send(self, namespace: str, queue: str, payloads: Sequence[bytes], *, delay: float = 0.0) -> None:
+        keys = Keys(namespace, queue)
+        if delay > 0:
+            due = _server_ms(self.client.time()) + int(delay * 1000)
+            self.client.zadd(keys.delayed, dict.fromkeys(payloads, due))
+            return
+        if len(payloads) == 1:
+            self.client.lpush(keys.ready, payloads[0])
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(payloads), _PUBLISH_CHUNK):
+            pipe.lpush(keys.ready, *payloads[i : i + _PUBLISH_CHUNK])
+        pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisSink:
+    def __init__(self, url: str) -> None:
+        self.client = connection.async_client(url)
+
+    async def send(
+        self, namespace: str, queue: str, payloads: Sequence[bytes], *, delay: float = 0.0
+    ) -> None:
+        keys = Keys(namespace, queue)
+        if delay > 0:
+            due = _server_ms(await self.client.time()) + int(delay * 1000)
+            await self.client.zadd(keys.delayed, dict.fromkeys(payloads, due))
+            return
+        if len(payloads) == 1:
+            await self.client.lpush(keys.ready, payloads[0])
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(payloads), _PUBLISH_CHUNK):
+                pipe.lpush(keys.ready, *payloads[i : i + _PUBLISH_CHUNK])
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def sink(url: str) -> RedisSink:
+    return RedisSink(url)
+
+
+def async_sink(url: str) -> AsyncRedisSink:
+    return AsyncRedisSink(url)
+
+
+def _server_ms(t: tuple[int, int]) -> int:
+    # Delays are measured on the Redis clock, like the retry schedule, so publisher skew is moot.
+    return int(t[0]) * 1000 + int(t[1]) // 1000
