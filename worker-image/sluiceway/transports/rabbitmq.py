@@ -187,7 +187,9 @@ class RabbitMQTransport:
         result: Settled = self._call(lambda: self._settle(outcomes))
         return result
 
-    def give_back(self, tokens: Sequence[Token]) -> int:
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        # A nack with requeue either way: a quorum queue counts it in x-delivery-count, so an
+        # unstarted hand-back (redelivered=False) counts too; see docs/brokers/rabbitmq.md.
         if not tokens:
             return 0
         try:

@@ -29,9 +29,12 @@ declare that meets other arguments falls back to a passive declare and uses the 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any, Final
+
+from sluiceway.deadletter import payload_fields
 
 QUEUE_TYPES: Final = ("quorum", "classic")
 DEFAULT_QUEUE_TYPE: Final = "quorum"
@@ -122,15 +125,46 @@ def redeliveries(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
     return 1 if redelivered else 0
 
 
+_PAYLOAD_FIELDS: Final = ("payload", "payload_b64")
+
+
 def dead_headers(reason: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """Headers of a dead-lettered message: its reason, and the record (without the payload,
     which is the message body itself), cut so the headers stay well inside one frame."""
-    import json
-
-    slim = {k: v for k, v in record.items() if k not in ("payload", "payload_base64")}
+    slim = {k: v for k, v in record.items() if k not in _PAYLOAD_FIELDS}
     detail = str(record.get("detail", ""))
     return {
         HEADER_REASON: reason,
         HEADER_DETAIL: detail[:2000],
         HEADER_RECORD: json.dumps(slim, default=str)[:16000],
     }
+
+
+def record_of(headers: Mapping[str, Any] | None, body: bytes) -> dict[str, Any]:
+    """The full dead-letter record (:mod:`sluiceway.deadletter`) of a message in ``Q.dead``: the
+    record from its headers plus the payload from its body. A message the broker dead-lettered
+    itself (no Sluiceway headers) gets the reason from its ``x-death`` entry."""
+    headers = headers or {}
+    raw = headers.get(HEADER_RECORD)
+    rec: dict[str, Any] = {}
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        try:
+            loaded = json.loads(raw)
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, dict):
+            rec = loaded
+    if "reason" not in rec:
+        reason = headers.get(HEADER_REASON)
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        if not isinstance(reason, str):
+            deaths = headers.get("x-death")
+            first = deaths[0] if isinstance(deaths, list) and deaths else {}
+            why = first.get("reason") if isinstance(first, dict) else None
+            reason = f"broker:{why.decode() if isinstance(why, bytes) else why}" if why else "unknown"
+        rec["reason"] = reason
+    rec.update(payload_fields(body))
+    return rec
