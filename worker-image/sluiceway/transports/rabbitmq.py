@@ -53,7 +53,9 @@ BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the l
 REQOS_INTERVAL: Final = 1.0
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
 MAX_PREFETCH: Final = 65535
-GET_BATCH_MAX: Final = 1000  # basic_get calls in one command at most, so one stays short
+GET_BATCH_MAX: Final = 1000
+IN_FLIGHT_SECONDS: Final = 0.2
+MAX_IN_FLIGHT_AHEAD: Final = 2000  # basic_get calls in one command at most, so one stays short
 
 
 class RabbitMQUnavailableError(ConnectionError):
@@ -139,12 +141,17 @@ class RabbitMQTransport:
         self.cond = threading.Condition()
         self.buffer: deque[_Buffered] = deque()
         self.handed: dict[int, bytes] = {}  # delivery tag -> payload, handed to the worker, unsettled
+        self.taken: dict[int, bytes] = {}  # scratch for settle, under cond
+        self.unacked: set[int] = set()  # outstanding delivery tags on the channel; I/O thread only
         self.commands: queue_mod.SimpleQueue[_Command] = queue_mod.SimpleQueue()
         self.closing = threading.Event()
         self.connected = threading.Event()
         self.last_error = ""
         self.reconnects = 0
         self.last_reqos = 0.0
+        self.rate = 0.0  # deliveries handed to the worker per second, for the prefetch
+        self.rate_at = time.monotonic()
+        self.handed_total = 0
         self.delay_declared: dict[int, float] = {}  # delay ms -> monotonic time of the last declare
         self.thread = threading.Thread(target=self._io_main, name="sluiceway-rabbitmq-io", daemon=True)
         self.thread.start()
@@ -179,13 +186,62 @@ class RabbitMQTransport:
                 b = self.buffer.popleft()
                 self.handed[b.tag] = b.body
                 out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+            self.handed_total += len(out)
             return out
 
     def settle(self, outcomes: Outcomes) -> Settled:
+        """Acks go out without waiting for the I/O thread (a lost ack only means a redelivery,
+        which at-least-once allows); retries and dead letters wait for their publish confirms,
+        since the original is acked only once its successor is safe in the broker."""
         if not len(outcomes):
             return Settled()
-        result: Settled = self._call(lambda: self._settle(outcomes))
-        return result
+        gone = 0
+        acks: list[int] = []
+        retries: list[tuple[int, Retry]] = []
+        deads: list[tuple[int, DeadLetter, bytes]] = []
+        with self.cond:
+            gen = self.generation
+            for token in outcomes.acks:
+                tag = self._take(token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    acks.append(tag)
+            for r in outcomes.retries:
+                tag = self._take(r.token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    retries.append((tag, r))
+            for d in outcomes.deads:
+                tag = self._take(d.token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    deads.append((tag, d, self.taken.pop(tag)))
+            self.taken.clear()
+        if retries or deads:
+            self._call(lambda: self._settle_publishing(gen, acks, retries, deads))
+        elif acks:
+            try:
+                self._submit(lambda: self._ack(gen, acks))
+            except RabbitMQUnavailableError:
+                gone += len(acks)  # the channel is gone: the broker redelivers them
+        return Settled(gone=gone)
+
+    def _take(self, token: Token, gen: int) -> int | None:
+        """The delivery tag of a token of this connection, now taken out of ``handed``; None
+        for a token of an older connection (its message was redelivered) or one settled before."""
+        if not isinstance(token, tuple) or len(token) != 2 or token[0] != gen:
+            return None
+        tag = token[1]
+        if not isinstance(tag, int):
+            return None
+        body = self.handed.pop(tag, None)
+        if body is None:
+            return None
+        self.taken[tag] = body
+        return tag
 
     def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
         # A nack with requeue either way: a quorum queue counts it in x-delivery-count, so an
@@ -222,7 +278,8 @@ class RabbitMQTransport:
 
     # --- commands ---------------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _submit(self, fn: Callable[[], Any]) -> _Command:
+        """Queue ``fn`` for the I/O thread; raises if there is no connection to run it on."""
         conn = self.conn
         if conn is None or not self.connected.is_set():
             raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
@@ -232,6 +289,10 @@ class RabbitMQTransport:
             conn.add_callback_threadsafe(self._run_commands)
         except Exception as exc:
             raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {exc}") from exc
+        return cmd
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        cmd = self._submit(fn)
         if not cmd.done.wait(COMMAND_TIMEOUT):
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
         if cmd.error is not None:
@@ -276,6 +337,9 @@ class RabbitMQTransport:
                 while not self.closing.is_set():
                     assert self.conn is not None
                     self.conn.process_data_events(time_limit=0.05)
+                    if self.buffer:
+                        with self.cond:
+                            self.cond.notify_all()
                     # A command queued while the connection was changing has no callback of its
                     # own to run it: run it here rather than let its caller time out.
                     if not self.commands.empty():
@@ -313,6 +377,7 @@ class RabbitMQTransport:
                 self.generation += 1
                 self.buffer.clear()
                 self.handed.clear()
+            self.unacked.clear()
             self.delay_declared.clear()
             self.conn, self.channel, self.pub = conn, channel, pub
             if self.consume:
@@ -359,9 +424,10 @@ class RabbitMQTransport:
             topo.redeliveries(props.headers, bool(method.redelivered)),
             time.monotonic(),
         )
-        with self.cond:
-            self.buffer.append(b)
-            self.cond.notify()
+        self.unacked.add(b.tag)
+        # deque appends are atomic, and only this thread changes the buffer other than by
+        # popping: the waiting fetch is woken once per dispatch round (see _io_main), not per message.
+        self.buffer.append(b)
 
     def _expire_buffer(self) -> None:
         if not self.buffer:
@@ -374,12 +440,22 @@ class RabbitMQTransport:
         if stale and self.channel is not None:
             for tag in stale:
                 self.channel.basic_nack(tag, requeue=True)
+                self.unacked.discard(tag)
             log.warning("returned %d deliveries that waited %s s unstarted", len(stale), BUFFER_MAX_AGE)
 
     def _maybe_reqos(self, room: int) -> None:
-        """Follow the worker's capacity: what it holds plus the room it reports."""
+        """Follow the worker's capacity: what it holds plus the room it reports, plus what is
+        handed out in :data:`IN_FLIGHT_SECONDS` at the measured rate. That last part covers
+        the round trip from an ack to the next delivery, so a fast queue streams instead of
+        stalling once per window; a slow task's rate is low, so it adds nothing there."""
+        now = time.monotonic()
+        if now - self.rate_at >= 0.5:
+            self.rate = self.handed_total / (now - self.rate_at)
+            self.handed_total = 0
+            self.rate_at = now
+        ahead = min(MAX_IN_FLIGHT_AHEAD, int(self.rate * IN_FLIGHT_SECONDS))
         with self.cond:
-            want = max(1, min(MAX_PREFETCH, len(self.handed) + len(self.buffer) + room))
+            want = max(1, min(MAX_PREFETCH, len(self.handed) + len(self.buffer) + room + ahead))
         # Grow at once (the worker has room the broker will not fill); shrink only by half.
         if (want > self.prefetch or want < self.prefetch / 2) and (
             time.monotonic() - self.last_reqos >= REQOS_INTERVAL
@@ -399,6 +475,7 @@ class RabbitMQTransport:
             method, props, body = self.channel.basic_get(self.queue, auto_ack=False)
             if method is None:
                 break
+            self.unacked.add(method.delivery_tag)
             with self.cond:
                 self.handed[method.delivery_tag] = body
             out.append(
@@ -410,60 +487,43 @@ class RabbitMQTransport:
             )
         return out
 
-    def _current(self, token: Token) -> int | None:
-        """The delivery tag of a token of this connection, or None (old connection, unknown)."""
-        if not isinstance(token, tuple) or len(token) != 2 or token[0] != self.generation:
-            return None
-        tag = token[1]
-        return tag if isinstance(tag, int) and tag in self.handed else None
-
-    def _settle(self, outcomes: Outcomes) -> Settled:
-        assert self.channel is not None
-        gone = 0
-        tags: list[int] = []
-        for token in outcomes.acks:
-            tag = self._current(token)
-            if tag is None:
-                gone += 1
-            else:
-                tags.append(tag)
-        for r in outcomes.retries:
-            tag = self._current(r.token)
-            if tag is None:
-                gone += 1
-                continue
+    def _settle_publishing(
+        self,
+        gen: int,
+        acks: list[int],
+        retries: list[tuple[int, Retry]],
+        deads: list[tuple[int, DeadLetter, bytes]],
+    ) -> None:
+        if gen != self.generation:
+            raise RabbitMQUnavailableError("the connection these deliveries came on is gone")
+        for tag, r in retries:
             self._publish_retry(r)
-            tags.append(tag)
-        for d in outcomes.deads:
-            tag = self._current(d.token)
-            if tag is None:
-                gone += 1
-                continue
-            self._publish_dead(d, self.handed[tag])
-            tags.append(tag)
-        self._ack(tags)
-        return Settled(gone=gone)
+            acks.append(tag)
+        for tag, d, original in deads:
+            self._publish_dead(d, original)
+            acks.append(tag)
+        self._ack(gen, acks)
 
-    def _ack(self, tags: list[int]) -> None:
+    def _ack(self, gen: int, tags: list[int]) -> None:
+        """Ack ``tags`` (already taken out of ``handed``) on the channel they came on.
+
+        Every tag in an ack frame must still be outstanding, or the broker closes the channel
+        ("unknown delivery tag"); ``unacked``, kept by this thread alone, says which are. One
+        multiple-ack covers every tag below the oldest outstanding one not being acked."""
+        if gen != self.generation or not tags:
+            return  # a new channel: these tags mean nothing on it, and the broker redelivers
         assert self.channel is not None
-        if not tags:
+        acking = {t for t in tags if t in self.unacked}
+        if not acking:
             return
-        with self.cond:
-            for tag in tags:
-                self.handed.pop(tag, None)
-            # One multiple-ack covers every settled tag below the oldest one still held.
-            oldest_held = min(self.handed, default=None)
-            if self.buffer:
-                first_buffered = self.buffer[0].tag
-                oldest_held = first_buffered if oldest_held is None else min(oldest_held, first_buffered)
-        tags.sort()
-        below = [t for t in tags if oldest_held is None or t < oldest_held]
-        if len(below) > 1:
+        rest = min((t for t in self.unacked if t not in acking), default=None)
+        ordered = sorted(acking)
+        below = [t for t in ordered if rest is None or t < rest]
+        if below:
             self.channel.basic_ack(below[-1], multiple=True)
-        elif below:
-            self.channel.basic_ack(below[0])
-        for tag in tags[len(below) :]:
+        for tag in ordered[len(below) :]:
             self.channel.basic_ack(tag)
+        self.unacked -= acking
 
     def _nack(self, tokens: Sequence[Token]) -> int:
         assert self.channel is not None
@@ -473,9 +533,10 @@ class RabbitMQTransport:
             for token in tokens:
                 if isinstance(token, tuple) and len(token) == 2 and token[0] == self.generation:
                     tag = token[1]
-                    if tag in self.handed or tag in buffered:
+                    if (tag in self.handed or tag in buffered) and tag in self.unacked:
                         self.handed.pop(tag, None)
                         self.channel.basic_nack(tag, requeue=True)
+                        self.unacked.discard(tag)
                         n += 1
             if buffered:
                 back = set(tokens)
