@@ -3,14 +3,19 @@
 - throughput: one worker process, no-op task, at-least-once, against two bare redis-py loops
 - qps: achieved / target rate and the worst 1-second window, for 10/100/1000 QPS x 1/4/8 workers
 - round trips per message at the default settings
+- with ``--compare-with REF``: this tree against the code at git ref REF, the median of 5 rounds
+  that alternate the two versions in one run (a single run on a shared machine varies by up to 2x)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -45,10 +50,31 @@ def _server() -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-def _env(url: str) -> dict[str, str]:
+def reference_tree(ref: str) -> Path:
+    """The code at git ref ``ref``, extracted once into the cache (keyed by commit)."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sluiceway" / "bench-ref" / sha
+    if not (cache / ".complete").exists():
+        archive = subprocess.run(["git", "archive", sha], cwd=REPO, capture_output=True, check=True).stdout
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(cache, filter="data")
+        (cache / ".complete").touch()
+    return cache
+
+
+def _env(url: str, tree: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # A reference tree's runtime comes first on the path, ahead of the editable install of this one.
+    path = f"{tree / 'worker-image'}{os.pathsep}{REPO}" if tree is not None else str(REPO)
     env.update(
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=path,
         SLUICEWAY_REDIS_URL=url,
         BENCH_RECORD_URL=url,
         SLUICEWAY_METRICS_PORT="0",
@@ -102,8 +128,9 @@ def _round_trips(metrics_port: int) -> float:
     raise RuntimeError("the worker exposes no sluiceway_redis_round_trips_total")
 
 
-def worker_throughput(url: str, n: int, concurrency: int) -> tuple[float, float]:
-    """Messages/s of one worker process on a no-op task, and its Redis round trips per message."""
+def worker_throughput(url: str, n: int, concurrency: int, tree: Path | None = None) -> tuple[float, float]:
+    """Messages/s of one worker process on a no-op task, and its Redis round trips per message.
+    ``tree``: run the worker runtime of that source tree instead of this one."""
     from tests.support.redis_server import free_port
 
     client = redis.Redis.from_url(url)
@@ -125,16 +152,17 @@ def worker_throughput(url: str, n: int, concurrency: int) -> tuple[float, float]
             "--metrics-port",
             str(metrics_port),
         ],
-        env=_env(url),
+        env=_env(url, tree),
     )
     # Time from the first ack to the last, so process start-up does not count.
     while fleet.queue_stats(client, KEYS).acked == 0:
         time.sleep(0.001)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds(proc.pid)
     first = fleet.queue_stats(client, KEYS).acked
     while (done := fleet.queue_stats(client, KEYS).acked) < n:
         time.sleep(0.005)
     rate = (done - first) / (time.perf_counter() - t0)
+    LAST_CPU_US[0] = (_cpu_seconds(proc.pid) - cpu0) / max(done - first, 1) * 1e6
     # Counted by the worker itself: start-up (a handful) and heartbeats included.
     round_trips = _round_trips(metrics_port)
     proc.terminate()
@@ -168,14 +196,57 @@ def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[flo
     return len(window) / seconds / qps, max_in_window(window, 1.0)
 
 
+# CPU time (user + system) the worker process spent per message in the last throughput run, µs.
+# Steadier than msg/s on a shared machine: waiting for a core does not count.
+LAST_CPU_US = [0.0]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compare(
+    url: str, n: int, concurrency: int, ref: str, rounds: int = 5
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (msg/s, CPU µs per message) of this tree and of ``ref``, alternating which goes
+    first in each round."""
+    base = reference_tree(ref)
+    mine: list[tuple[float, float]] = []
+    theirs: list[tuple[float, float]] = []
+    for i in range(rounds):
+        runs: list[tuple[list[tuple[float, float]], Path | None]] = [(mine, None), (theirs, base)]
+        for sink, tree in runs if i % 2 == 0 else reversed(runs):
+            rate = worker_throughput(url, n, concurrency, tree)[0]
+            sink.append((rate, LAST_CPU_US[0]))
+
+    def median(xs: list[tuple[float, float]]) -> tuple[float, float]:
+        return statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
+
+    return median(mine), median(theirs)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--qps-seconds", type=float, default=10.0)
     p.add_argument("--skip-qps", action="store_true")
+    p.add_argument("--compare-with", metavar="REF", help="also compare with the worker at this git ref")
+    p.add_argument("--compare-only", action="store_true", help="run only the --compare-with rounds")
     args = p.parse_args(argv)
     proc, url = _server()
     try:
+        if args.compare_with:
+            for c in (1, 8):
+                (now, now_cpu), (then, then_cpu) = compare(url, args.messages, c, args.compare_with)
+                print(
+                    f"worker (-c {c}) vs {args.compare_with}: median of 5 alternating rounds "
+                    f"{now:,.0f} vs {then:,.0f} msg/s = {now / then:.1%}; "
+                    f"CPU {now_cpu:.1f} vs {then_cpu:.1f} µs/message = {now_cpu / then_cpu:.1%}",
+                    flush=True,
+                )
+            if args.compare_only:
+                return
         client = redis.Redis.from_url(url)
         n = args.messages
         # References are the best of three runs: the physical limit, not a noisy sample of it.

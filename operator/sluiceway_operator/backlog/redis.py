@@ -14,7 +14,7 @@ import redis
 from sluiceway import fleet
 from sluiceway.contract import Keys
 
-from .base import Backlog
+from .base import Backlog, BacklogSource
 
 
 class RedisSource:
@@ -52,3 +52,7 @@ class RedisSource:
 def source(*, namespace: str, queue: str, coordination: Any, broker_url: str) -> RedisSource:
     # The Redis broker is the coordination Redis: broker_url names the same server.
     return RedisSource(coordination, Keys(namespace, queue))
+
+
+def _conforms(s: RedisSource) -> BacklogSource:
+    return s  # mypy checks RedisSource against the seam's protocol

@@ -20,6 +20,7 @@ from sluiceway.transports.base import (
     SlotLease,
     Token,
     Transport,
+    WorkerLink,
 )
 
 # How long a fetch waits for a first message. Short: the thread that fetches is one that has
@@ -104,3 +105,7 @@ class Gated:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _conforms(g: Gated) -> WorkerLink:
+    return g  # mypy checks Gated against the seam's protocol

@@ -1,0 +1,123 @@
+"""The conformance suite's broker parametrisation.
+
+Every scenario in ``test_conformance.py`` takes the ``broker_env`` fixture: a started broker
+server plus what a worker and a publisher need to use it. A scenario only talks to the broker
+through :class:`BrokerEnv` and real worker processes, so it runs unchanged on every broker.
+
+**Adding a broker** (RabbitMQ, Kafka): write a factory ``def my_env(request) -> Iterator[BrokerEnv]``
+that starts the server (the project's own scripts/fixtures, on loopback), yields a
+:class:`BrokerEnv`, and stops it; then add it to :data:`FACTORIES`. Nothing else changes. Run
+one broker with ``pytest tests/conformance -k rabbitmq``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import sluiceway
+from sluiceway import fleet
+from sluiceway.contract import Keys
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess, worker_env
+
+QUEUE = "conformance"
+NAMESPACE = "default"
+
+
+@dataclass
+class BrokerEnv:
+    """One broker, started, and the ways a scenario may touch it."""
+
+    name: str
+    coordination_url: str  # Redis: heartbeats, the rate limiter, and the tasks' records
+    env: dict[str, str]  # SLUICEWAY_* variables that point a worker at this broker
+    publisher: Callable[[], sluiceway.Publisher]  # the SDK's publisher for this broker
+    publish_raw: Callable[[Sequence[bytes]], None]  # exact bytes, for poison inputs
+    dead_letters: Callable[[], list[dict[str, Any]]]  # decoded dead-letter records
+    restart: Callable[[float], None]  # stop the broker, wait, start it again (data kept)
+    # Seconds a dead worker's unsettled messages may take to run again (the lease, for Redis).
+    redelivery_bound: float = 10.0
+    extra_worker_args: list[str] = field(default_factory=list)
+
+    def publish(self, messages: Sequence[dict[str, Any]]) -> None:
+        pub = self.publisher()
+        try:
+            pub.publish_batch(f"{NAMESPACE}/{QUEUE}", messages)
+        finally:
+            pub.close()
+
+
+def redis_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    url: str = request.getfixturevalue("redis_url")  # flushed for this test
+    keys = Keys(NAMESPACE, QUEUE)
+    client = redis.Redis.from_url(url)
+
+    def publish_raw(payloads: Sequence[bytes]) -> None:
+        client.lpush(keys.ready, *payloads)
+
+    yield BrokerEnv(
+        name="redis",
+        coordination_url=url,
+        env={"SLUICEWAY_BROKER": "redis"},
+        publisher=lambda: sluiceway.Publisher(url),
+        publish_raw=publish_raw,
+        dead_letters=lambda: fleet.dead_letters(redis.Redis.from_url(url), keys, 10_000),
+        restart=lambda down_for: server.restart(down_for=down_for),
+        redelivery_bound=3.0 + 2.0,  # the scenarios' lease, plus a reaper tick and slack
+    )
+    client.close()
+
+
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Iterator[BrokerEnv]]] = {"redis": redis_env}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def broker_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    yield from FACTORIES[request.param](request)
+
+
+@pytest.fixture
+def record(broker_env: BrokerEnv) -> Iterator[redis.Redis]:
+    """The coordination Redis, where the conformance tasks record what ran."""
+    client = redis.Redis.from_url(broker_env.coordination_url)
+    yield client
+    client.close()
+
+
+@dataclass
+class Fleet:
+    broker: BrokerEnv
+    tmp: Path
+    started: list[WorkerProcess] = field(default_factory=list)
+
+    def spawn(self, function: str, *args: str, worker_id: str = "") -> WorkerProcess:
+        env = worker_env(
+            self.broker.coordination_url, TEST_RECORD_URL=self.broker.coordination_url, **self.broker.env
+        )
+        ids = ["--worker-id", worker_id] if worker_id else []
+        argv = ["-f", function, "-q", QUEUE, "-n", NAMESPACE, *ids, *self.broker.extra_worker_args, *args]
+        proc = WorkerProcess(argv, env, self.tmp / f"worker-{len(self.started)}.log")
+        self.started.append(proc)
+        return proc
+
+
+@pytest.fixture
+def fleet_(broker_env: BrokerEnv, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(broker_env, tmp_path)
+    yield f
+    for proc in f.started:
+        proc.stop()
+
+
+def figures_line(scenario: str, broker: str, **values: Any) -> str:
+    """The ``[figures]`` line every scenario prints (the run's summary repeats them)."""
+    parts = " ".join(f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items())
+    return f"[figures] conformance {broker} {scenario}: {parts}"
