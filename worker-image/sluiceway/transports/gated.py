@@ -8,6 +8,7 @@ later lease exists; when one does, they are lost, which under-uses the limit but
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from sluiceway.ratelimit.redis import RedisLimiter
@@ -58,6 +59,7 @@ class Gated:
         if self.limiter is None:
             return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
         slots = self.limiter.acquire(wanted)
+        granted = time.monotonic()
         if slots.count == 0:
             return Batch(retry_after=slots.retry_after_us / 1e6)
         try:
@@ -67,8 +69,12 @@ class Gated:
             raise
         if len(deliveries) < slots.count:
             self.limiter.release(slots.lease, slots.count - len(deliveries))
+        # Slot offsets count from the grant; the worker counts from when this returns, so the
+        # time the fetch took (a basic_get round trip per message on RabbitMQ) comes off, or
+        # every slot would start that much late and overlap the next lease's.
+        late = time.monotonic() - granted
         for i, d in enumerate(deliveries):
-            d.start_after = slots.start_after(i)
+            d.start_after = slots.start_after(i) - late
         # A partial hand-back changed the limiter's state, so this lease can no longer return more.
         lease = slots.lease if len(deliveries) == slots.count else None
         return Batch(deliveries=deliveries, slots=lease)
