@@ -317,3 +317,48 @@ def test_backlog_is_ready_only_from_a_passive_declare(rabbitmq_url: str) -> None
         assert src.describe()["ready"] is None  # gone
     finally:
         src.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_sdk_and_the_cli_publish_to_rabbitmq(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from sluiceway import codec
+    from sluiceway.publish import AsyncPublisher, Publisher, publish_async
+    from tests.support.workers import REPO, worker_env
+
+    pub = Publisher(rabbitmq_url)  # the amqp:// scheme picks the broker
+    ids = pub.publish_batch("sdk", [{"i": i} for i in range(3)])
+    pub.publish("sdk", {"i": 3})
+    pub.close()
+    apub = AsyncPublisher(rabbitmq_url)
+    await apub.publish("sdk", {"i": 4})
+    await apub.aclose()
+    monkeypatch.setenv("SLUICEWAY_BROKER", "rabbitmq")
+    monkeypatch.setenv("SLUICEWAY_BROKER_URL", rabbitmq_url)
+    await publish_async("sdk", {"i": 5})
+    env = worker_env("redis://127.0.0.1:1/0", SLUICEWAY_BROKER="rabbitmq", SLUICEWAY_BROKER_URL=rabbitmq_url)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sluiceway", "publish", "-q", "sdk", '{"i": 6}'],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "published 1 message" in out.stdout
+    tr = RabbitMQTransport(rabbitmq_url, "sdk")
+    try:
+        got = _fetch_all(tr, 7)
+        tr.settle(Outcomes(acks=[d.token for d in got]))
+    finally:
+        tr.close()
+    messages = [codec.decode(d.payload) for d in got]
+    assert sorted(m.kwargs["i"] for m in messages) == list(range(7))  # plain JSON keyword arguments
+    assert set(ids) <= {m.meta.id for m in messages}
