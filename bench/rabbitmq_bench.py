@@ -194,9 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for qps in (10, 100, 1000):
                 for fleet in (1, 4, 8):
-                    ratio, worst = qps_precision(
-                        rds.url, url, f"q{next(seq)}", qps, fleet, args.qps_seconds
-                    )
+                    ratio, worst = qps_precision(rds.url, url, f"q{next(seq)}", qps, fleet, args.qps_seconds)
                     print(
                         f"  qps {qps:>4} x {fleet} workers: achieved {ratio:.4f}, worst window {worst} ({worst / qps:.3f})",
                         flush=True,
