@@ -9,6 +9,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # The project's local Redis for `make services` and the demo (tests start their own on free ports).
 SLUICEWAY_LOCAL_REDIS_PORT ?= 6390
 export SLUICEWAY_LOCAL_REDIS_PORT
+SLUICEWAY_LOCAL_RABBITMQ_PORT ?= 5690
+export SLUICEWAY_LOCAL_RABBITMQ_PORT
 
 .PHONY: help deps venv system-deps services services-down test test-unit lint fmt bench demo demo-local clean
 
@@ -30,7 +32,7 @@ venv: $(VENV)/.installed ## Create .venv with the package and dev tools
 
 deps: system-deps venv ## Everything a fresh machine needs for tests and the demo
 
-services: deps ## Start the local Redis on 127.0.0.1:$(SLUICEWAY_LOCAL_REDIS_PORT) (idempotent)
+services: deps ## Start the local Redis (127.0.0.1:$(SLUICEWAY_LOCAL_REDIS_PORT)) and RabbitMQ (:$(SLUICEWAY_LOCAL_RABBITMQ_PORT)) (idempotent)
 	@bash scripts/services.sh up
 
 services-down: ## Stop the local services started by `make services`
@@ -39,8 +41,8 @@ services-down: ## Stop the local services started by `make services`
 test: deps cluster-bins argocd-bin ## Run every test; starts the real services it needs
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: venv ## Fast tests only: no Redis, no cluster
-	@$(PY) -m pytest -m "not redis and not cluster" $(PYTEST_ARGS)
+test-unit: venv ## Fast tests only: no Redis, no RabbitMQ, no cluster
+	@$(PY) -m pytest -m "not redis and not rabbitmq and not cluster" $(PYTEST_ARGS)
 
 lint: venv ## ruff, mypy --strict, and the import layers (import-linter)
 	@$(VENV)/bin/ruff check .

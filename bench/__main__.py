@@ -9,6 +9,9 @@ import sys
 def main() -> int:
     print("== worker (bench/worker_bench.py) ==", flush=True)
     importlib.import_module("bench.worker_bench").main(sys.argv[1:])
+    # The broker benchmarks take no worker_bench flags (BENCH_ARGS are the Redis worker's).
+    print("\n== rabbitmq (bench/rabbitmq_bench.py) ==", flush=True)
+    importlib.import_module("bench.rabbitmq_bench").main([])
     print("\n== kafka (bench/kafka_bench.py) ==", flush=True)
     importlib.import_module("bench.kafka_bench").main([])
     try:

@@ -5,6 +5,8 @@ set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# RabbitMQ (Debian 3.10.x with its Erlang); the test fixtures run the server binary directly.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/bin/time ] || need+=(time)
 
@@ -21,7 +23,21 @@ echo "system-deps: installing ${need[*]} from Debian's packages"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts a system Redis on 6379 on install; the project runs its own on other ports.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
-  $SUDO systemctl stop redis-server || true
+# Debian starts system services on install; the project runs its own on private ports and node names,
+# so stop them (and keep them from coming back at boot).
+for svc in redis-server rabbitmq-server; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $SUDO systemctl stop "$svc" || true
+    $SUDO systemctl disable "$svc" >/dev/null 2>&1 || true
+  fi
+done
+# Without systemd the package's postinst may still have started a node through the init script,
+# and it leaves a system epmd on the default port 4369 behind. The project's nodes use their own
+# epmd on a private port, so stop both (epmd -kill refuses while a node is registered with it).
+if [ -x /etc/init.d/rabbitmq-server ]; then
+  $SUDO /etc/init.d/rabbitmq-server stop >/dev/null 2>&1 || true
+fi
+if command -v epmd >/dev/null 2>&1 && epmd -names 2>/dev/null | grep -q '^epmd: up' \
+  && ! epmd -names 2>/dev/null | grep -q '^name '; then
+  epmd -kill >/dev/null 2>&1 || true
 fi

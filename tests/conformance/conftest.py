@@ -158,9 +158,51 @@ def kafka_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
     source.close()
 
 
+def rabbitmq_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    """RabbitMQ for the messages (a session node, one vhost per test), the session Redis for
+    coordination and the tasks' records."""
+    import pika
+
+    from sluiceway.transports import rabbitmq_topology
+
+    server = request.getfixturevalue("rabbitmq_server")
+    url: str = request.getfixturevalue("rabbitmq_url")  # a fresh vhost for this test
+    coordination: str = request.getfixturevalue("redis_url")  # flushed for this test
+
+    def publish_raw(payloads: Sequence[bytes]) -> None:
+        sluiceway.Publisher(url).sink.send(NAMESPACE, QUEUE, list(payloads))
+
+    def dead_letters() -> list[dict[str, Any]]:
+        # Read without taking: get every dead letter, then close the channel unacked (they go back).
+        conn = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            ch = conn.channel()
+            out: list[dict[str, Any]] = []
+            while True:
+                method, props, body = ch.basic_get(rabbitmq_topology.dead_queue(QUEUE), auto_ack=False)
+                if method is None:
+                    return out
+                out.append(rabbitmq_topology.record_of(props.headers, body))
+        finally:
+            conn.close()
+
+    yield BrokerEnv(
+        name="rabbitmq",
+        coordination_url=coordination,
+        env={"SLUICEWAY_BROKER": "rabbitmq", "SLUICEWAY_BROKER_URL": url},
+        publisher=lambda: sluiceway.Publisher(url),
+        publish_raw=publish_raw,
+        dead_letters=dead_letters,
+        restart=lambda down_for: server.restart(down_for=down_for),
+        # The broker requeues a dead consumer's deliveries as soon as its connection drops.
+        redelivery_bound=5.0,
+    )
+
+
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Iterator[BrokerEnv]]] = {
     "redis": redis_env,
     "kafka": kafka_env,
+    "rabbitmq": rabbitmq_env,
 }
 
 

@@ -38,7 +38,7 @@ class ToolExit(IntEnum):
 
 
 # Brokers this runtime can run today; the others in settings.py are reserved names that exit 2.
-WORKING_BROKERS = ("redis",)
+WORKING_BROKERS = ("redis", "rabbitmq", "kafka")
 
 _EPILOG = """\
 Every worker flag can also come from its SLUICEWAY_* environment variable (the operator sets

@@ -19,6 +19,7 @@ ENV_QUEUE: Final = "SLUICEWAY_QUEUE"  # the broker queue (Redis list, RabbitMQ q
 ENV_TASKQUEUE: Final = "SLUICEWAY_TASKQUEUE"  # the TaskQueue's name, for logs and metrics only
 ENV_BROKER: Final = "SLUICEWAY_BROKER"  # redis | rabbitmq | kafka
 ENV_BROKER_URL: Final = "SLUICEWAY_BROKER_URL"
+ENV_RABBITMQ_QUEUE_TYPE: Final = "SLUICEWAY_RABBITMQ_QUEUE_TYPE"  # quorum (default) | classic
 ENV_REDIS_URL: Final = "SLUICEWAY_REDIS_URL"  # coordination: rate limit, heartbeats, leases
 ENV_QPS: Final = "SLUICEWAY_QPS"  # fleet-wide; unset or 0 = unlimited
 ENV_QPS_BURST: Final = "SLUICEWAY_QPS_BURST"

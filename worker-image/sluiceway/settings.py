@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sluiceway import contract as c
+from sluiceway.transports import rabbitmq_topology
 
 # One definition each, shared with the operator and the CRD.
 QUEUE_NAME = c.QUEUE_RE
@@ -29,6 +30,7 @@ class WorkerSettings:
     taskqueue: str = ""
     broker: str = "redis"
     broker_url: str = ""
+    rabbitmq_queue_type: str = rabbitmq_topology.DEFAULT_QUEUE_TYPE
     redis_url: str = "redis://127.0.0.1:6379/0"
     qps: float = 0.0  # 0 = unlimited
     qps_burst: int = 0
@@ -85,6 +87,7 @@ _ENV_FIELDS: dict[str, tuple[str, type]] = {
     c.ENV_TASKQUEUE: ("taskqueue", str),
     c.ENV_BROKER: ("broker", str),
     c.ENV_BROKER_URL: ("broker_url", str),
+    c.ENV_RABBITMQ_QUEUE_TYPE: ("rabbitmq_queue_type", str),
     c.ENV_REDIS_URL: ("redis_url", str),
     c.ENV_QPS: ("qps", float),
     c.ENV_QPS_BURST: ("qps_burst", int),
@@ -143,6 +146,11 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append(f"broker {s.broker!r} must be redis, rabbitmq or kafka")
     if s.broker != "redis" and not s.broker_url:
         out.append(f"broker {s.broker} needs a broker URL ({c.ENV_BROKER_URL})")
+    if s.rabbitmq_queue_type not in rabbitmq_topology.QUEUE_TYPES:
+        out.append(
+            f"rabbitmq queue type {s.rabbitmq_queue_type!r} ({c.ENV_RABBITMQ_QUEUE_TYPE}) must be one of "
+            + ", ".join(rabbitmq_topology.QUEUE_TYPES)
+        )
     if not (s.qps >= 0 and math.isfinite(s.qps)):
         out.append(f"qps must be >= 0 (0 = unlimited), got {s.qps}")
     if s.qps_burst < 0:

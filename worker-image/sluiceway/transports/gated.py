@@ -59,22 +59,22 @@ class Gated:
         if self.limiter is None:
             return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
         slots = self.limiter.acquire(wanted)
+        granted = time.monotonic()
         if slots.count == 0:
             return Batch(retry_after=slots.retry_after_us / 1e6)
         try:
-            granted = time.monotonic()
             deliveries = self.transport.fetch(slots.count, FETCH_WAIT)
-            # Slot offsets count from the grant; the worker counts from this return. Without
-            # taking the fetch's wait off, a batch runs up to FETCH_WAIT late against the next
-            # one's slots, and a 1-s window can hold qps + 2 starts.
-            waited = time.monotonic() - granted
         except BaseException:
             self.limiter.release(slots.lease, slots.count)
             raise
         if len(deliveries) < slots.count:
             self.limiter.release(slots.lease, slots.count - len(deliveries))
+        # Slot offsets count from the grant; the worker counts from when this returns, so the
+        # time the fetch took (a basic_get round trip per message on RabbitMQ) comes off, or
+        # every slot would start that much late and overlap the next lease's.
+        late = time.monotonic() - granted
         for i, d in enumerate(deliveries):
-            d.start_after = max(0.0, slots.start_after(i) - waited)
+            d.start_after = slots.start_after(i) - late
         # A partial hand-back changed the limiter's state, so this lease can no longer return more.
         lease = slots.lease if len(deliveries) == slots.count else None
         return Batch(deliveries=deliveries, slots=lease)

@@ -1,0 +1,364 @@
+"""The RabbitMQ transport, publisher and backlog source against a real RabbitMQ node.
+
+Each test has its own vhost (``rabbitmq_url``). Waits are on observed conditions; timings are
+printed as figures, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.parse
+
+import pika
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sluiceway.transports import rabbitmq_topology as topo
+from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, Retry
+from sluiceway.transports.rabbitmq import (
+    PublishRefusedError,
+    RabbitMQSink,
+    RabbitMQTransport,
+    RabbitMQUnavailableError,
+)
+from sluiceway_operator.backlog.rabbitmq import RabbitMQSource
+from tests.support.rabbitmq_server import RabbitMQServer
+from tests.support.workers import wait_for
+
+# --- pure rules ------------------------------------------------------------------------------------
+
+
+@given(st.floats(min_value=0.011, max_value=7 * 24 * 3600.0))
+def test_delay_buckets_are_close_to_the_asked_delay(seconds: float) -> None:
+    ms = topo.delay_bucket_ms(seconds)
+    assert abs(ms - seconds * 1000) <= seconds * 1000 * 0.023 + 1
+
+
+@given(st.floats(min_value=0, max_value=1e6), st.floats(min_value=0, max_value=1e6))
+def test_delay_buckets_keep_order(a: float, b: float) -> None:
+    lo, hi = sorted((a, b))
+    assert topo.delay_bucket_ms(lo) <= topo.delay_bucket_ms(hi)
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, 0.005, math.nan, math.inf * -1])
+def test_tiny_or_invalid_delays_go_straight_back(seconds: float) -> None:
+    assert topo.delay_bucket_ms(seconds) == 0
+
+
+@given(st.integers(min_value=topo.MIN_DELAY_MS, max_value=topo.MAX_DELAY_MS))
+def test_a_delay_queue_outlives_every_message_published_before_its_redeclare(ms: int) -> None:
+    # Published at most redeclare_after() after the last declare, a message expires before the queue.
+    assert topo.redeclare_after(ms) * 1000 + ms < topo.delay_expiry_ms(ms)
+
+
+def test_redeliveries_from_headers() -> None:
+    assert topo.redeliveries({"x-delivery-count": 3}, True) == 3
+    assert topo.redeliveries(None, False) == 0
+    assert topo.redeliveries(None, True) == 1  # classic queues only flag it
+    assert topo.redeliveries({"x-delivery-count": True}, False) == 0
+
+
+def test_queue_type_is_checked_by_name() -> None:
+    with pytest.raises(ValueError, match="queue type 'stream'"):
+        topo.work_arguments("q", "stream")
+
+
+# --- against RabbitMQ ------------------------------------------------------------------------------
+
+
+def _bodies(n: int, tag: str = "m") -> list[bytes]:
+    return [json.dumps({"i": i, "tag": tag}).encode() for i in range(n)]
+
+
+def _fetch_all(tr: RabbitMQTransport, n: int, timeout: float = 30.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += tr.fetch(n - len(got), 0.2)
+    return got
+
+
+def _ready(url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        conn.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_publish_fetch_ack_roundtrip(rabbitmq_url: str, queue_type: str) -> None:
+    sink = RabbitMQSink(rabbitmq_url, queue_type=queue_type)
+    bodies = _bodies(500)
+    started = time.monotonic()
+    sink.send("default", "work", bodies)
+    publish_s = time.monotonic() - started
+    tr = RabbitMQTransport(rabbitmq_url, "work", queue_type=queue_type)
+    try:
+        got = _fetch_all(tr, 500)
+        assert sorted(d.payload for d in got) == sorted(bodies)  # byte for byte
+        assert all(d.redeliveries == 0 for d in got)
+        assert tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
+        wait_for(lambda: _ready(rabbitmq_url, "work") == 0, 10, what="queue empty")
+        assert tr.fetch(10, 0.3) == []
+    finally:
+        tr.close()
+        sink.close()
+    print(f"[figures] {queue_type}: published 500 with confirms in {publish_s:.2f} s")
+
+
+@pytest.mark.rabbitmq
+def test_the_same_queue_declared_with_other_arguments_is_used_as_it_is(rabbitmq_url: str) -> None:
+    RabbitMQSink(rabbitmq_url, queue_type="classic").send("default", "mixed", [b"{}"])
+    tr = RabbitMQTransport(rabbitmq_url, "mixed", queue_type="quorum")  # inequivalent arg: passive
+    try:
+        assert len(_fetch_all(tr, 1)) == 1
+    finally:
+        tr.close()
+
+
+@pytest.mark.rabbitmq
+def test_publishing_to_a_queue_that_cannot_route_raises(rabbitmq_url: str) -> None:
+    sink = RabbitMQSink(rabbitmq_url)
+    sink.send("default", "exists", [b"{}"])
+    assert sink.channel is not None
+    sink.declared["gone"] = time.monotonic()  # pretend it was declared, then it vanished
+    sink.declared[topo.dead_queue("gone")] = time.monotonic()
+    with pytest.raises(PublishRefusedError, match="'gone'"):
+        sink.send("default", "gone", [b"{}"])
+    sink.close()
+
+
+@pytest.mark.rabbitmq
+def test_retry_waits_in_a_delay_queue_then_returns(rabbitmq_url: str) -> None:
+    sink = RabbitMQSink(rabbitmq_url)
+    sink.send("default", "r", [b'{"a": 1}'])
+    tr = RabbitMQTransport(rabbitmq_url, "r")
+    try:
+        (d,) = _fetch_all(tr, 1)
+        sent = time.monotonic()
+        tr.settle(Outcomes(retries=[Retry(d.token, b'{"a": 1, "attempt": 2}', 0.8)]))
+        (again,) = _fetch_all(tr, 1)
+        waited = time.monotonic() - sent
+        assert again.payload == b'{"a": 1, "attempt": 2}'
+        assert waited >= 0.7  # it waited in the broker, at least about its delay
+        tr.settle(Outcomes(acks=[again.token]))
+    finally:
+        tr.close()
+    print(f"[figures] retry after 0.8 s came back after {waited:.2f} s")
+
+
+@pytest.mark.rabbitmq
+def test_a_retry_survives_its_workers_death(rabbitmq_url: str) -> None:
+    RabbitMQSink(rabbitmq_url).send("default", "r2", [b'{"a": 1}'])
+    tr = RabbitMQTransport(rabbitmq_url, "r2")
+    (d,) = _fetch_all(tr, 1)
+    tr.settle(Outcomes(retries=[Retry(d.token, b'{"a": 2}', 1.0)]))
+    tr.close()  # the worker is gone; the retry waits in the broker
+    tr2 = RabbitMQTransport(rabbitmq_url, "r2")
+    try:
+        (again,) = _fetch_all(tr2, 1)
+        assert again.payload == b'{"a": 2}'
+        tr2.settle(Outcomes(acks=[again.token]))
+    finally:
+        tr2.close()
+
+
+@pytest.mark.rabbitmq
+def test_dead_letters_carry_their_reason_in_headers(rabbitmq_url: str) -> None:
+    raw = b"\xff\xfe not utf-8"
+    RabbitMQSink(rabbitmq_url).send("default", "d", [raw])
+    tr = RabbitMQTransport(rabbitmq_url, "d")
+    try:
+        (d,) = _fetch_all(tr, 1)
+        record = {"reason": "invalid_utf8", "detail": "not UTF-8", "payload_base64": "//4=", "attempts": 0}
+        tr.settle(Outcomes(deads=[DeadLetter(d.token, json.dumps(record).encode(), "invalid_utf8")]))
+    finally:
+        tr.close()
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        method, props, body = conn.channel().basic_get("d.dead", auto_ack=True)
+    finally:
+        conn.close()
+    assert method is not None
+    assert body == raw  # the original bytes, for a replay
+    assert props.headers[topo.HEADER_REASON] == "invalid_utf8"
+    assert props.headers[topo.HEADER_DETAIL] == "not UTF-8"
+    assert json.loads(props.headers[topo.HEADER_RECORD])["attempts"] == 0
+    assert props.delivery_mode == 2
+
+
+@pytest.mark.rabbitmq
+def test_give_back_returns_at_once_and_counts_a_redelivery(rabbitmq_url: str) -> None:
+    RabbitMQSink(rabbitmq_url).send("default", "g", _bodies(3))
+    tr = RabbitMQTransport(rabbitmq_url, "g")
+    try:
+        got = _fetch_all(tr, 3)
+        assert tr.give_back([d.token for d in got]) == 3
+        again = _fetch_all(tr, 3)
+        assert sorted(d.payload for d in again) == sorted(d.payload for d in got)
+        assert all(d.redeliveries == 1 for d in again)  # quorum queues count every return
+        tr.settle(Outcomes(acks=[d.token for d in again]))
+    finally:
+        tr.close()
+
+
+@pytest.mark.rabbitmq
+def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None:
+    RabbitMQSink(rabbitmq_url).send("default", "lim", _bodies(10))
+    tr = RabbitMQTransport(rabbitmq_url, "lim", consume=False)
+    try:
+        first = tr.fetch(3, 0.1)
+        assert len(first) == 3
+        # Nothing else left the queue: the worker holds only what it had slots for.
+        wait_for(lambda: _ready(rabbitmq_url, "lim") == 7, 10, what="7 ready")
+        rest = _fetch_all(tr, 7)
+        tr.settle(Outcomes(acks=[d.token for d in first + rest]))
+        assert tr.fetch(5, 0.1) == []
+    finally:
+        tr.close()
+
+
+def _drop_connections(server: RabbitMQServer, vhost: str) -> int:
+    conns = server._http("GET", f"/api/vhosts/{urllib.parse.quote(vhost, safe='')}/connections")
+    assert isinstance(conns, list)
+    for c in conns:
+        server._http("DELETE", f"/api/connections/{urllib.parse.quote(c['name'], safe='')}")
+    return len(conns)
+
+
+@pytest.mark.rabbitmq
+def test_reconnects_after_a_connection_drop_and_forgets_old_tags(
+    rabbitmq_server: RabbitMQServer, rabbitmq_url: str
+) -> None:
+    vhost = urllib.parse.unquote(rabbitmq_url.rsplit("/", 1)[1])
+    RabbitMQSink(rabbitmq_url).send("default", "rc", _bodies(20))
+    tr = RabbitMQTransport(rabbitmq_url, "rc")
+    try:
+        held = _fetch_all(tr, 20)
+        # The management API lists a connection a moment after it opens.
+        wait_for(lambda: _drop_connections(rabbitmq_server, vhost) > 0, 30, what="a connection to drop")
+        dropped = time.monotonic()
+        # Settling tags of the dropped channel is harmless: the acks are lost (or count as gone
+        # once the drop is noticed), and the messages come back.
+        settled = None
+        while settled is None:
+            try:
+                settled = tr.settle(Outcomes(acks=[d.token for d in held]))
+            except RabbitMQUnavailableError:
+                time.sleep(0.05)
+        again: list[Delivery] = []
+        deadline = time.monotonic() + 60
+        while len(again) < 20 and time.monotonic() < deadline:
+            try:
+                again += tr.fetch(20 - len(again), 0.2)
+            except RabbitMQUnavailableError:
+                time.sleep(0.05)
+        back_after = time.monotonic() - dropped
+        assert sorted(d.payload for d in again) == sorted(d.payload for d in held)
+        assert all(d.redeliveries >= 1 for d in again)
+        assert tr.settle(Outcomes(acks=[d.token for d in again])).gone == 0
+        assert tr.reconnects >= 1
+    finally:
+        tr.close()
+    print(f"[figures] after a connection drop, 20 held messages ran again after {back_after:.2f} s")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_survives_a_broker_restart_with_nothing_lost(
+    rabbitmq_server: RabbitMQServer, rabbitmq_url: str
+) -> None:
+    sink = RabbitMQSink(rabbitmq_url)
+    sink.send("default", "br", _bodies(200))
+    tr = RabbitMQTransport(rabbitmq_url, "br")
+    try:
+        first = _fetch_all(tr, 50)
+        tr.settle(Outcomes(acks=[d.token for d in first]))
+        down = time.monotonic()
+        rabbitmq_server.restart()
+        restart_s = time.monotonic() - down
+        seen = {d.payload for d in first}
+        deadline = time.monotonic() + 120
+        while len(seen) < 200 and time.monotonic() < deadline:
+            try:
+                batch = tr.fetch(100, 0.3)
+                tr.settle(Outcomes(acks=[d.token for d in batch]))
+            except RabbitMQUnavailableError:
+                time.sleep(0.1)
+                continue
+            seen |= {d.payload for d in batch}
+        assert seen == set(_bodies(200))
+    finally:
+        tr.close()
+        sink.close()
+    print(f"[figures] broker restart took {restart_s:.1f} s; all 200 messages processed after it")
+
+
+@pytest.mark.rabbitmq
+def test_backlog_is_ready_only_from_a_passive_declare(rabbitmq_url: str) -> None:
+    src = RabbitMQSource(rabbitmq_url, "bk")
+    try:
+        assert src.backlog().ready == 0  # the source declared the queue: it exists before any worker
+        RabbitMQSink(rabbitmq_url).send("default", "bk", _bodies(10))
+        tr = RabbitMQTransport(rabbitmq_url, "bk", consume=False)
+        held = tr.fetch(3, 0.1)
+        assert len(held) == 3
+        b = src.backlog()
+        assert (b.ready, b.in_flight, b.dead) == (7, None, 0)  # unacked come from heartbeats
+        tr.close()
+        wait_for(lambda: src.backlog().ready == 10, 10, what="held messages back on close")
+        assert src.describe()["ready"] == 10
+        assert src.purge() == 2
+        assert src.describe()["ready"] is None  # gone
+    finally:
+        src.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_sdk_and_the_cli_publish_to_rabbitmq(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from sluiceway import codec
+    from sluiceway.publish import AsyncPublisher, Publisher, publish_async
+    from tests.support.workers import REPO, worker_env
+
+    pub = Publisher(rabbitmq_url)  # the amqp:// scheme picks the broker
+    ids = pub.publish_batch("sdk", [{"i": i} for i in range(3)])
+    pub.publish("sdk", {"i": 3})
+    pub.close()
+    apub = AsyncPublisher(rabbitmq_url)
+    await apub.publish("sdk", {"i": 4})
+    await apub.aclose()
+    monkeypatch.setenv("SLUICEWAY_BROKER", "rabbitmq")
+    monkeypatch.setenv("SLUICEWAY_BROKER_URL", rabbitmq_url)
+    await publish_async("sdk", {"i": 5})
+    env = worker_env("redis://127.0.0.1:1/0", SLUICEWAY_BROKER="rabbitmq", SLUICEWAY_BROKER_URL=rabbitmq_url)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sluiceway", "publish", "-q", "sdk", '{"i": 6}'],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "published 1 message" in out.stdout
+    tr = RabbitMQTransport(rabbitmq_url, "sdk")
+    try:
+        got = _fetch_all(tr, 7)
+        tr.settle(Outcomes(acks=[d.token for d in got]))
+    finally:
+        tr.close()
+    messages = [codec.decode(d.payload) for d in got]
+    assert sorted(m.kwargs["i"] for m in messages) == list(range(7))  # plain JSON keyword arguments
+    assert set(ids) <= {m.meta.id for m in messages}

@@ -1,0 +1,738 @@
+"""The RabbitMQ transport (pika): durable queues, manual acks after success, retries that wait in
+the broker, a dead-letter queue with reasons, reconnects, and a publisher with confirms.
+
+One I/O thread owns the connection (pika's ``BlockingConnection`` is not thread-safe, and a
+connection whose loop stops turning misses heartbeats and is dropped by the broker). The worker's
+threads talk to it through commands run by ``add_callback_threadsafe``; deliveries arrive in a
+local buffer the worker's ``fetch`` reads.
+
+How many messages a worker holds:
+
+- **Without a rate limit** it consumes (``basic_consume``) with a prefetch that follows the
+  worker's free capacity: each ``fetch(n)`` says the worker has room for ``n`` beyond what it
+  holds, and the consumer is re-subscribed with a new ``basic_qos`` when that figure grows, or
+  shrinks by more than half (at most every :data:`REQOS_INTERVAL`). A delivery that waits in the local buffer
+  longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
+  node-wide on 3.10) never fires on a message that never started.
+- **With a rate limit** it does not consume at all: the worker takes its slots from the fleet
+  limiter first (:class:`~sluiceway.transports.gated.Gated`) and then gets exactly that many
+  messages with ``basic_get``. A message is never held for a slot that has not been granted, so
+  a slow queue under a low QPS cannot run into ``consumer_timeout`` and redeliver forever.
+
+Tokens are ``(generation, delivery_tag)``. A delivery tag belongs to its channel: after a
+reconnect (a new generation) old tags are forgotten, settling them counts as ``gone``, and the
+broker redelivers those messages, which at-least-once allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue as queue_mod
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import pika
+import pika.exceptions
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from sluiceway.backoff import retry_delay
+from sluiceway.transports import rabbitmq_topology as topo
+from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, Retry, Settled, Token
+
+log = logging.getLogger("sluiceway.rabbitmq")
+
+BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the local buffer
+REQOS_INTERVAL: Final = 1.0
+COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
+MAX_PREFETCH: Final = 65535
+GET_BATCH_MAX: Final = 1000
+IN_FLIGHT_SECONDS: Final = 0.2
+MAX_IN_FLIGHT_AHEAD: Final = 2000  # basic_get calls in one command at most, so one stays short
+
+
+class RabbitMQUnavailableError(ConnectionError):
+    """RabbitMQ is unreachable for now (the connection or a channel dropped)."""
+
+
+outage_errors: tuple[type[BaseException], ...] = (RabbitMQUnavailableError, pika.exceptions.AMQPError)
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    # The I/O thread turns the loop every few ms, so a short heartbeat costs nothing and finds a
+    # dead broker (or a half-open TCP connection) in seconds rather than minutes.
+    if params.heartbeat is None:
+        params.heartbeat = 15
+    params.connection_attempts = 1
+    params.blocked_connection_timeout = params.blocked_connection_timeout or 30.0
+    return params
+
+
+@dataclass(slots=True)
+class _Command:
+    run: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Buffered:
+    tag: int
+    body: bytes
+    redeliveries: int
+    at: float  # monotonic time it arrived
+
+
+def declare(
+    channel_factory: Callable[[], BlockingChannel], name: str, arguments: dict[str, Any]
+) -> BlockingChannel:
+    """Declare a durable queue idempotently; returns a usable channel (a refused declare closes
+    the channel it was sent on, so a fresh one comes back then).
+
+    A queue that exists with other arguments is used as it is (queue arguments are immutable;
+    change them with a policy): the declare falls back to a passive one and logs why."""
+    channel = channel_factory()
+    try:
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        return channel
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: inequivalent arg
+            raise
+        log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc.reply_text)
+    channel = channel_factory()
+    channel.queue_declare(name, passive=True)
+    return channel
+
+
+class RabbitMQTransport:
+    """A :class:`~sluiceway.transports.base.Transport` on one RabbitMQ queue."""
+
+    outage_errors = outage_errors
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        queue_type: str = topo.DEFAULT_QUEUE_TYPE,
+        consume: bool = True,
+        initial_prefetch: int = 16,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self.queue_type = topo.check_queue_type(queue_type)
+        self.consume = consume  # False under a rate limit: basic_get exactly the granted count
+        self.prefetch = max(1, min(initial_prefetch, MAX_PREFETCH))
+        self.generation = 0
+        self.conn: BlockingConnection | None = None
+        self.channel: BlockingChannel | None = None  # consuming and acking
+        self.pub: BlockingChannel | None = None  # publishing with confirms (retries, dead letters)
+        self.consumer_tag: str | None = None
+        self.cond = threading.Condition()
+        self.buffer: deque[_Buffered] = deque()
+        self.handed: dict[int, bytes] = {}  # delivery tag -> payload, handed to the worker, unsettled
+        self.taken: dict[int, bytes] = {}  # scratch for settle, under cond
+        self.unacked: set[int] = set()  # outstanding delivery tags on the channel; I/O thread only
+        self.commands: queue_mod.SimpleQueue[_Command] = queue_mod.SimpleQueue()
+        self.closing = threading.Event()
+        self.connected = threading.Event()
+        self.last_error = ""
+        self.reconnects = 0
+        self.last_reqos = 0.0
+        self.rate = 0.0  # deliveries handed to the worker per second, for the prefetch
+        self.rate_at = time.monotonic()
+        self.handed_total = 0
+        self.delay_declared: dict[int, float] = {}  # delay ms -> monotonic time of the last declare
+        self.thread = threading.Thread(target=self._io_main, name="sluiceway-rabbitmq-io", daemon=True)
+        self.thread.start()
+        # The first connection is waited for, so a wrong URL or password fails the start clearly.
+        if not self.connected.wait(connect_timeout):
+            self.closing.set()
+            raise RabbitMQUnavailableError(
+                f"could not connect to RabbitMQ within {connect_timeout} s: {self.last_error}"
+            )
+
+    # --- the worker's side (any thread, one call at a time) --------------------------------------
+
+    def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        if max_count <= 0:
+            return []
+        if not self.consume:
+            got: list[Delivery] = self._call(lambda: self._get(max_count))
+            return got
+        self._maybe_reqos(max_count)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.buffer:
+                if not self.connected.is_set():
+                    raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self.cond.wait(left)
+            gen = self.generation
+            out: list[Delivery] = []
+            while self.buffer and len(out) < max_count:
+                b = self.buffer.popleft()
+                self.handed[b.tag] = b.body
+                out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+            self.handed_total += len(out)
+            return out
+
+    def settle(self, outcomes: Outcomes) -> Settled:
+        """Acks go out without waiting for the I/O thread (a lost ack only means a redelivery,
+        which at-least-once allows); retries and dead letters wait for their publish confirms,
+        since the original is acked only once its successor is safe in the broker."""
+        if not len(outcomes):
+            return Settled()
+        gone = 0
+        acks: list[int] = []
+        retries: list[tuple[int, Retry]] = []
+        deads: list[tuple[int, DeadLetter, bytes]] = []
+        with self.cond:
+            gen = self.generation
+            for token in outcomes.acks:
+                tag = self._take(token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    acks.append(tag)
+            for r in outcomes.retries:
+                tag = self._take(r.token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    retries.append((tag, r))
+            for d in outcomes.deads:
+                tag = self._take(d.token, gen)
+                if tag is None:
+                    gone += 1
+                else:
+                    deads.append((tag, d, self.taken.pop(tag)))
+            self.taken.clear()
+        if retries or deads:
+            self._call(lambda: self._settle_publishing(gen, acks, retries, deads))
+        elif acks:
+            try:
+                self._submit(lambda: self._ack(gen, acks))
+            except RabbitMQUnavailableError:
+                gone += len(acks)  # the channel is gone: the broker redelivers them
+        return Settled(gone=gone)
+
+    def _take(self, token: Token, gen: int) -> int | None:
+        """The delivery tag of a token of this connection, now taken out of ``handed``; None
+        for a token of an older connection (its message was redelivered) or one settled before."""
+        if not isinstance(token, tuple) or len(token) != 2 or token[0] != gen:
+            return None
+        tag = token[1]
+        if not isinstance(tag, int):
+            return None
+        body = self.handed.pop(tag, None)
+        if body is None:
+            return None
+        self.taken[tag] = body
+        return tag
+
+    def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
+        # A nack with requeue either way: a quorum queue counts it in x-delivery-count, so an
+        # unstarted hand-back (redelivered=False) counts too; see docs/brokers/rabbitmq.md.
+        if not tokens:
+            return 0
+        try:
+            n: int = self._call(lambda: self._nack(tokens))
+        except RabbitMQUnavailableError:
+            return 0  # the connection is gone, and with it every unacked delivery: all went back
+        return n
+
+    def renew(self, tokens: Sequence[Token]) -> int:
+        return 0  # the broker keeps a delivery until its channel closes; nothing to renew
+
+    def recover(self) -> int:
+        return 0  # the broker requeues a dead consumer's deliveries by itself
+
+    def close(self) -> None:
+        if self.closing.is_set():
+            return
+        with self.cond:
+            # Unstarted buffered deliveries go back now, not when the connection closes.
+            pending = [(self.generation, b.tag) for b in self.buffer]
+        if pending and self.connected.is_set():
+            with contextlib.suppress(RabbitMQUnavailableError):
+                self._call(lambda: self._nack(pending))
+        self.closing.set()
+        conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.add_callback_threadsafe(lambda: None)
+        self.thread.join(15)
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[], Any]) -> _Command:
+        """Queue ``fn`` for the I/O thread; raises if there is no connection to run it on."""
+        conn = self.conn
+        if conn is None or not self.connected.is_set():
+            raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
+        cmd = _Command(fn)
+        self.commands.put(cmd)
+        try:
+            conn.add_callback_threadsafe(self._run_commands)
+        except Exception as exc:
+            raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {exc}") from exc
+        return cmd
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        cmd = self._submit(fn)
+        if not cmd.done.wait(COMMAND_TIMEOUT):
+            raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
+        if cmd.error is not None:
+            if isinstance(cmd.error, RabbitMQUnavailableError | pika.exceptions.AMQPError):
+                raise RabbitMQUnavailableError(f"RabbitMQ: {cmd.error!r}") from cmd.error
+            raise cmd.error
+        return cmd.result
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue_mod.Empty:
+                return
+            try:
+                cmd.result = cmd.run()
+            except BaseException as exc:
+                cmd.error = exc
+                cmd.done.set()
+                if isinstance(exc, pika.exceptions.AMQPError):
+                    raise  # the loop reconnects; later commands fail there
+                continue
+            cmd.done.set()
+
+    def _fail_commands(self, why: str) -> None:
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue_mod.Empty:
+                return
+            cmd.error = RabbitMQUnavailableError(why)
+            cmd.done.set()
+
+    # --- the I/O thread ---------------------------------------------------------------------------
+
+    def _io_main(self) -> None:
+        failures = 0
+        while not self.closing.is_set():
+            try:
+                self._connect()
+                failures = 0
+                while not self.closing.is_set():
+                    assert self.conn is not None
+                    self.conn.process_data_events(time_limit=0.05)
+                    if self.buffer:
+                        with self.cond:
+                            self.cond.notify_all()
+                    # A command queued while the connection was changing has no callback of its
+                    # own to run it: run it here rather than let its caller time out.
+                    if not self.commands.empty():
+                        self._run_commands()
+                    self._expire_buffer()
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if not self.closing.is_set():
+                    log.warning("RabbitMQ connection dropped; reconnecting: %s", self.last_error)
+            finally:
+                self._disconnect()
+            if self.closing.is_set():
+                break
+            failures += 1
+            delay = retry_delay(failures, base=0.2, cap=5.0, draw=random.random())
+            end = time.monotonic() + delay
+            while time.monotonic() < end and not self.closing.is_set():
+                self._fail_commands(f"RabbitMQ connection lost: {self.last_error}")
+                time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        self._fail_commands("the RabbitMQ transport is closed")
+
+    def _connect(self) -> None:
+        conn = BlockingConnection(connection_parameters(self.url))
+        try:
+            channel = declare(conn.channel, self.queue, topo.work_arguments(self.queue, self.queue_type))
+            first = channel
+            channel = declare(
+                lambda: first if first.is_open else conn.channel(),
+                topo.dead_queue(self.queue),
+                topo.dead_arguments(self.queue_type),
+            )
+            pub = conn.channel()
+            pub.confirm_delivery()
+            with self.cond:
+                self.generation += 1
+                self.buffer.clear()
+                self.handed.clear()
+            self.unacked.clear()
+            self.delay_declared.clear()
+            self.conn, self.channel, self.pub = conn, channel, pub
+            if self.consume:
+                self._subscribe(self.prefetch)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        if self.generation > 1:
+            self.reconnects += 1
+            log.warning("RabbitMQ reconnected (generation %d)", self.generation)
+        self.connected.set()
+
+    def _disconnect(self) -> None:
+        self.connected.clear()
+        conn, self.conn, self.channel, self.pub, self.consumer_tag = self.conn, None, None, None, None
+        with self.cond:
+            # Every unacked delivery goes back with its channel; forget them all.
+            self.buffer.clear()
+            self.handed.clear()
+            self.cond.notify_all()
+        self._fail_commands(f"RabbitMQ connection lost: {self.last_error or 'closed'}")
+        if conn is not None and conn.is_open:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _subscribe(self, prefetch: int) -> None:
+        assert self.channel is not None
+        if self.consumer_tag is not None:
+            # Deliveries already dispatched to us stay ours to ack; pika nacks (requeues) the
+            # few that arrived after the cancel but before its reply.
+            self.channel.basic_cancel(self.consumer_tag)
+        self.channel.basic_qos(prefetch_count=prefetch)
+        self.consumer_tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
+        self.prefetch = prefetch
+        self.last_reqos = time.monotonic()
+
+    def _on_message(
+        self, _ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes
+    ) -> None:
+        b = _Buffered(
+            method.delivery_tag,
+            body,
+            topo.redeliveries(props.headers, bool(method.redelivered)),
+            time.monotonic(),
+        )
+        self.unacked.add(b.tag)
+        # deque appends are atomic, and only this thread changes the buffer other than by
+        # popping: the waiting fetch is woken once per dispatch round (see _io_main), not per message.
+        self.buffer.append(b)
+
+    def _expire_buffer(self) -> None:
+        if not self.buffer:
+            return
+        limit = time.monotonic() - BUFFER_MAX_AGE
+        stale: list[int] = []
+        with self.cond:
+            while self.buffer and self.buffer[0].at < limit:
+                stale.append(self.buffer.popleft().tag)
+        if stale and self.channel is not None:
+            for tag in stale:
+                self.channel.basic_nack(tag, requeue=True)
+                self.unacked.discard(tag)
+            log.warning("returned %d deliveries that waited %s s unstarted", len(stale), BUFFER_MAX_AGE)
+
+    def _maybe_reqos(self, room: int) -> None:
+        """Follow the worker's capacity: what it holds plus the room it reports, plus what is
+        handed out in :data:`IN_FLIGHT_SECONDS` at the measured rate. That last part covers
+        the round trip from an ack to the next delivery, so a fast queue streams instead of
+        stalling once per window; a slow task's rate is low, so it adds nothing there."""
+        now = time.monotonic()
+        if now - self.rate_at >= 0.5:
+            self.rate = self.handed_total / (now - self.rate_at)
+            self.handed_total = 0
+            self.rate_at = now
+        ahead = min(MAX_IN_FLIGHT_AHEAD, int(self.rate * IN_FLIGHT_SECONDS))
+        with self.cond:
+            want = max(1, min(MAX_PREFETCH, len(self.handed) + len(self.buffer) + room + ahead))
+        # Grow at once (the worker has room the broker will not fill); shrink only by half.
+        if (want > self.prefetch or want < self.prefetch / 2) and (
+            time.monotonic() - self.last_reqos >= REQOS_INTERVAL
+        ):
+            self.last_reqos = time.monotonic()
+            # An outage is reported by the fetch that follows.
+            with contextlib.suppress(RabbitMQUnavailableError):
+                self._call(lambda: self._subscribe(want))
+
+    # --- run in the I/O thread --------------------------------------------------------------------
+
+    def _get(self, count: int) -> list[Delivery]:
+        assert self.channel is not None
+        gen = self.generation
+        out: list[Delivery] = []
+        for _ in range(min(count, GET_BATCH_MAX)):
+            method, props, body = self.channel.basic_get(self.queue, auto_ack=False)
+            if method is None:
+                break
+            self.unacked.add(method.delivery_tag)
+            with self.cond:
+                self.handed[method.delivery_tag] = body
+            out.append(
+                Delivery(
+                    payload=body,
+                    token=(gen, method.delivery_tag),
+                    redeliveries=topo.redeliveries(props.headers, bool(method.redelivered)),
+                )
+            )
+        return out
+
+    def _settle_publishing(
+        self,
+        gen: int,
+        acks: list[int],
+        retries: list[tuple[int, Retry]],
+        deads: list[tuple[int, DeadLetter, bytes]],
+    ) -> None:
+        if gen != self.generation:
+            raise RabbitMQUnavailableError("the connection these deliveries came on is gone")
+        for tag, r in retries:
+            self._publish_retry(r)
+            acks.append(tag)
+        for tag, d, original in deads:
+            self._publish_dead(d, original)
+            acks.append(tag)
+        self._ack(gen, acks)
+
+    def _ack(self, gen: int, tags: list[int]) -> None:
+        """Ack ``tags`` (already taken out of ``handed``) on the channel they came on.
+
+        Every tag in an ack frame must still be outstanding, or the broker closes the channel
+        ("unknown delivery tag"); ``unacked``, kept by this thread alone, says which are. One
+        multiple-ack covers every tag below the oldest outstanding one not being acked."""
+        if gen != self.generation or not tags:
+            return  # a new channel: these tags mean nothing on it, and the broker redelivers
+        assert self.channel is not None
+        acking = {t for t in tags if t in self.unacked}
+        if not acking:
+            return
+        rest = min((t for t in self.unacked if t not in acking), default=None)
+        ordered = sorted(acking)
+        below = [t for t in ordered if rest is None or t < rest]
+        if below:
+            self.channel.basic_ack(below[-1], multiple=True)
+        for tag in ordered[len(below) :]:
+            self.channel.basic_ack(tag)
+        self.unacked -= acking
+
+    def _nack(self, tokens: Sequence[Token]) -> int:
+        assert self.channel is not None
+        n = 0
+        with self.cond:
+            buffered = {b.tag for b in self.buffer}
+            for token in tokens:
+                if isinstance(token, tuple) and len(token) == 2 and token[0] == self.generation:
+                    tag = token[1]
+                    if (tag in self.handed or tag in buffered) and tag in self.unacked:
+                        self.handed.pop(tag, None)
+                        self.channel.basic_nack(tag, requeue=True)
+                        self.unacked.discard(tag)
+                        n += 1
+            if buffered:
+                back = set(tokens)
+                self.buffer = deque(b for b in self.buffer if (self.generation, b.tag) not in back)
+        return n
+
+    def _publish_retry(self, r: Retry) -> None:
+        delay_ms = topo.delay_bucket_ms(r.delay)
+        target = self.queue if delay_ms == 0 else self._delay_queue(delay_ms)
+        self._publish(target, r.payload, None)
+
+    def _publish_dead(self, d: DeadLetter, original: bytes) -> None:
+        try:
+            record = json.loads(d.record)
+        except ValueError:
+            record = {"reason": d.reason}
+        if not isinstance(record, dict):
+            record = {"reason": d.reason}
+        self._publish(topo.dead_queue(self.queue), original, topo.dead_headers(d.reason, record))
+
+    def _delay_queue(self, delay_ms: int) -> str:
+        name = topo.delay_queue(self.queue, delay_ms)
+        last = self.delay_declared.get(delay_ms)
+        if last is None or time.monotonic() - last > topo.redeclare_after(delay_ms):
+            assert self.conn is not None and self.pub is not None
+            pub = self.pub
+
+            def reopen() -> BlockingChannel:
+                assert self.conn is not None
+                ch = self.conn.channel()
+                ch.confirm_delivery()
+                return ch
+
+            self.pub = declare(
+                lambda: pub if pub.is_open else reopen(), name, topo.delay_arguments(self.queue, delay_ms)
+            )
+            if not self.pub.is_open:
+                self.pub = reopen()
+            self.delay_declared[delay_ms] = time.monotonic()
+        return name
+
+    def _publish(self, queue: str, body: bytes, headers: dict[str, Any] | None) -> None:
+        assert self.pub is not None
+        # Confirms + mandatory: returns only once the broker has routed and stored it.
+        self.pub.basic_publish(
+            "",
+            queue,
+            body,
+            pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers),
+            mandatory=True,
+        )
+
+
+# --- the registry's entry points ------------------------------------------------------------------
+
+
+def transport(settings: Any, worker_id: str) -> RabbitMQTransport:
+    limited = settings.qps > 0
+    initial = settings.concurrency + (settings.prefetch if settings.prefetch >= 0 else settings.concurrency)
+    return RabbitMQTransport(
+        settings.broker_url,
+        settings.queue,
+        queue_type=settings.rabbitmq_queue_type,
+        consume=not limited,
+        initial_prefetch=initial,
+    )
+
+
+PUBLISH_WINDOW: Final = 1000  # messages published before waiting for their confirms
+CONFIRM_TIMEOUT: Final = 60.0
+
+
+class PublishRefusedError(RuntimeError):
+    """The broker refused a message (a nack) or could not route it (mandatory return): it is
+    NOT stored. The message names the queue."""
+
+
+class RabbitMQSink:
+    """Publishes with confirms and ``mandatory``: ``send`` returns once the broker stored every
+    message, and raises :class:`PublishRefusedError` if one was refused or could not be routed.
+
+    A batch is pipelined: up to :data:`PUBLISH_WINDOW` messages go out before their confirms are
+    awaited (pika's blocking channel would wait for each one: a round trip, and a quorum queue's
+    fsync, per message). Thread-safe (one lock)."""
+
+    def __init__(self, url: str, *, queue_type: str = topo.DEFAULT_QUEUE_TYPE) -> None:
+        self.url = url
+        self.queue_type = topo.check_queue_type(queue_type)
+        self.lock = threading.Lock()
+        self.conn: BlockingConnection | None = None
+        self.channel: BlockingChannel | None = None
+        self.declared: dict[str, float] = {}
+        self.sent = 0  # publish sequence numbers on the current channel
+        self.confirmed = 0
+        self.refused: list[str] = []
+
+    def _open(self) -> BlockingChannel:
+        if self.conn is None or not self.conn.is_open:
+            self.conn = BlockingConnection(connection_parameters(self.url))
+            self.channel = None
+            self.declared.clear()
+        if self.channel is None or not self.channel.is_open:
+            self.channel = self._new_channel()
+        return self.channel
+
+    def _new_channel(self) -> BlockingChannel:
+        assert self.conn is not None
+        ch = self.conn.channel()
+        selected = threading.Event()
+        # The asynchronous channel underneath, so confirms can be awaited for a whole window.
+        ch._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _f: selected.set())
+        ch._impl.add_on_return_callback(self._on_return)
+        deadline = time.monotonic() + CONFIRM_TIMEOUT
+        while not selected.is_set():
+            if time.monotonic() > deadline:
+                raise RabbitMQUnavailableError("RabbitMQ did not enable publisher confirms")
+            self.conn.process_data_events(time_limit=0.05)
+        self.sent = self.confirmed = 0
+        return ch
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        upto = int(method.delivery_tag)
+        count = (upto - self.confirmed) if method.multiple else 1
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.refused.append(f"the broker refused {count} message(s) (nack)")
+        self.confirmed = max(self.confirmed, upto) if method.multiple else self.confirmed + 1
+
+    def _on_return(self, _ch: Any, method: Any, _props: Any, _body: bytes) -> None:
+        self.refused.append(f"no queue {method.routing_key!r} to route to ({method.reply_text})")
+
+    def _ensure(self, name: str, arguments: dict[str, Any], ttl: float) -> None:
+        last = self.declared.get(name)
+        if last is not None and time.monotonic() - last < ttl:
+            return
+        ch = self._open()
+        declared = declare(lambda: ch if ch.is_open else self._new_channel(), name, arguments)
+        self.channel = declared
+        self.declared[name] = time.monotonic()
+
+    def send(self, namespace: str, queue: str, payloads: Sequence[bytes], *, delay: float = 0.0) -> None:
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    self._send(queue, payloads, delay)
+                    return
+                except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError):
+                    # A connection idle for long may have been dropped: open a new one once.
+                    # Messages of the failed try may be stored twice, which at-least-once allows.
+                    self.conn = None
+                    if attempt == 2:
+                        raise
+
+    def _send(self, queue: str, payloads: Sequence[bytes], delay: float) -> None:
+        self._ensure(queue, topo.work_arguments(queue, self.queue_type), float("inf"))
+        self._ensure(topo.dead_queue(queue), topo.dead_arguments(self.queue_type), float("inf"))
+        target = queue
+        delay_ms = topo.delay_bucket_ms(delay)
+        if delay_ms:
+            target = topo.delay_queue(queue, delay_ms)
+            self._ensure(target, topo.delay_arguments(queue, delay_ms), topo.redeclare_after(delay_ms))
+        ch = self._open()
+        assert self.conn is not None
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        self.refused.clear()
+        for i in range(0, len(payloads), PUBLISH_WINDOW):
+            for body in payloads[i : i + PUBLISH_WINDOW]:
+                ch._impl.basic_publish("", target, body, props, mandatory=True)
+                self.sent += 1
+            deadline = time.monotonic() + CONFIRM_TIMEOUT
+            while self.confirmed < self.sent:
+                if not ch.is_open:
+                    raise pika.exceptions.ChannelWrongStateError(
+                        "the channel closed before its confirms came"
+                    )
+                if time.monotonic() > deadline:
+                    raise RabbitMQUnavailableError(
+                        f"RabbitMQ did not confirm the messages for {target!r} in time"
+                    )
+                self.conn.process_data_events(time_limit=0.05)
+            if self.refused:
+                raise PublishRefusedError(
+                    f"publishing to RabbitMQ queue {target!r}: " + "; ".join(self.refused)
+                )
+
+    def close(self) -> None:
+        with self.lock:
+            if self.conn is not None and self.conn.is_open:
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+            self.conn = None
+
+
+def sink(url: str) -> RabbitMQSink:
+    import os
+
+    from sluiceway.contract import ENV_RABBITMQ_QUEUE_TYPE
+
+    return RabbitMQSink(url, queue_type=os.environ.get(ENV_RABBITMQ_QUEUE_TYPE) or topo.DEFAULT_QUEUE_TYPE)

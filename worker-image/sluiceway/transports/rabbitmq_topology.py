@@ -1,0 +1,170 @@
+"""RabbitMQ queues of one Sluiceway queue: their names, their arguments, and the header codec.
+
+Pure (no pika, no I/O), so the worker, the publishing SDK and the operator declare exactly the
+same queues, and the rules are tested with examples and hypothesis.
+
+For a queue ``Q`` (``spec.broker.queue``; a RabbitMQ queue name is global to its vhost, so
+TaskQueues that must not share a queue use different names or vhosts):
+
+- ``Q``: the work queue, durable. **Quorum by default**: it is replicated and fsyncs before it
+  confirms (so a broker crash loses no confirmed message), and it counts deliveries
+  (``x-delivery-count``), which is what lets a worker dead-letter a message that keeps killing
+  its worker; a classic queue only says ``redelivered`` and cannot. Classic is an option for
+  brokers without quorum queues or for throughput over safety. Its dead-letter exchange is the
+  default exchange with routing key ``Q.dead``: anything the broker itself drops (RabbitMQ 4's
+  quorum delivery limit of 20, an operator policy) lands in the dead-letter queue instead of
+  vanishing.
+- ``Q.dead``: the dead-letter queue, same type. Each message is the original payload byte for
+  byte, with the reason in ``x-sluiceway-*`` headers (broker-side drops carry ``x-death``).
+- ``Q.delay.<ms>``: one classic queue per retry delay (rounded to a grid of 1/16 octave) with
+  ``x-message-ttl`` = that delay, dead-lettering back to ``Q``: a retry waits in the broker, not
+  in a worker, so it survives the worker's death. One TTL per queue, because RabbitMQ expires
+  messages only at a queue's head. Each expires (``x-expires``) when unused for twice its delay
+  plus a minute, and every publisher re-declares it well before that (:func:`redeclare_after`),
+  so an idle delay queue disappears and a busy one never does.
+
+Queue arguments cannot change once a queue exists (the broker answers ``inequivalent arg``): a
+declare that meets other arguments falls back to a passive declare and uses the queue as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+from sluiceway.deadletter import payload_fields
+
+QUEUE_TYPES: Final = ("quorum", "classic")
+DEFAULT_QUEUE_TYPE: Final = "quorum"
+DEAD_SUFFIX: Final = ".dead"
+DELAY_INFIX: Final = ".delay."
+# Below this a retry goes straight back to the work queue: a delay queue would cost more than it waits.
+MIN_DELAY_MS: Final = 10
+MAX_DELAY_MS: Final = 7 * 24 * 3600 * 1000
+DELAY_STEPS_PER_OCTAVE: Final = 16  # delays are rounded to within about 2.2 % of what was asked
+EXPIRY_SLACK_MS: Final = 60_000
+
+HEADER_REASON: Final = "x-sluiceway-reason"
+HEADER_DETAIL: Final = "x-sluiceway-detail"
+HEADER_RECORD: Final = "x-sluiceway-record"  # the dead-letter record as JSON, without the payload
+HEADER_DELIVERY_COUNT: Final = "x-delivery-count"  # quorum queues: times delivered before
+
+
+def dead_queue(queue: str) -> str:
+    return queue + DEAD_SUFFIX
+
+
+def delay_queue(queue: str, delay_ms: int) -> str:
+    return f"{queue}{DELAY_INFIX}{delay_ms}"
+
+
+def check_queue_type(queue_type: str) -> str:
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"RabbitMQ queue type {queue_type!r} must be one of {', '.join(QUEUE_TYPES)}")
+    return queue_type
+
+
+def work_arguments(queue: str, queue_type: str) -> dict[str, Any]:
+    return {
+        "x-queue-type": check_queue_type(queue_type),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_queue(queue),
+    }
+
+
+def dead_arguments(queue_type: str) -> dict[str, Any]:
+    return {"x-queue-type": check_queue_type(queue_type)}
+
+
+def delay_bucket_ms(seconds: float) -> int:
+    """The delay queue a retry after ``seconds`` waits in, in ms; 0 means "no wait": publish to
+    the work queue. Rounded on a geometric grid, so jittered delays share a few queues."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        return 0
+    ms = seconds * 1000.0
+    if ms < MIN_DELAY_MS:
+        return 0
+    ms = min(ms, float(MAX_DELAY_MS))
+    step = round(math.log2(ms) * DELAY_STEPS_PER_OCTAVE)
+    bucket = round(math.pow(2.0, step / DELAY_STEPS_PER_OCTAVE))
+    return max(MIN_DELAY_MS, min(MAX_DELAY_MS, bucket))
+
+
+def delay_arguments(queue: str, delay_ms: int) -> dict[str, Any]:
+    return {
+        "x-queue-type": "classic",  # a short-lived buffer; quorum TTL queues need 3.10+ features
+        "x-message-ttl": delay_ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-expires": delay_expiry_ms(delay_ms),
+    }
+
+
+def delay_expiry_ms(delay_ms: int) -> int:
+    return 2 * delay_ms + EXPIRY_SLACK_MS
+
+
+def redeclare_after(delay_ms: int) -> float:
+    """Seconds after a declare by which a publisher must declare the delay queue again.
+
+    The broker deletes an unused queue ``x-expires`` after its last declare, and publishing does
+    not count as use. A message published at most this long after a declare has expired (gone
+    back to the work queue) before the queue can: E/4 + ttl < E since E > 2 ttl."""
+    return delay_expiry_ms(delay_ms) / 4000.0
+
+
+def redeliveries(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
+    """How often the broker delivered this message before: quorum queues count exactly; a
+    classic queue only flags a redelivery, which counts as one."""
+    if headers:
+        count = headers.get(HEADER_DELIVERY_COUNT)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+    return 1 if redelivered else 0
+
+
+_PAYLOAD_FIELDS: Final = ("payload", "payload_b64")
+
+
+def dead_headers(reason: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Headers of a dead-lettered message: its reason, and the record (without the payload,
+    which is the message body itself), cut so the headers stay well inside one frame."""
+    slim = {k: v for k, v in record.items() if k not in _PAYLOAD_FIELDS}
+    detail = str(record.get("detail", ""))
+    return {
+        HEADER_REASON: reason,
+        HEADER_DETAIL: detail[:2000],
+        HEADER_RECORD: json.dumps(slim, default=str)[:16000],
+    }
+
+
+def record_of(headers: Mapping[str, Any] | None, body: bytes) -> dict[str, Any]:
+    """The full dead-letter record (:mod:`sluiceway.deadletter`) of a message in ``Q.dead``: the
+    record from its headers plus the payload from its body. A message the broker dead-lettered
+    itself (no Sluiceway headers) gets the reason from its ``x-death`` entry."""
+    headers = headers or {}
+    raw = headers.get(HEADER_RECORD)
+    rec: dict[str, Any] = {}
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        try:
+            loaded = json.loads(raw)
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, dict):
+            rec = loaded
+    if "reason" not in rec:
+        reason = headers.get(HEADER_REASON)
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        if not isinstance(reason, str):
+            deaths = headers.get("x-death")
+            first = deaths[0] if isinstance(deaths, list) and deaths else {}
+            why = first.get("reason") if isinstance(first, dict) else None
+            reason = f"broker:{why.decode() if isinstance(why, bytes) else why}" if why else "unknown"
+        rec["reason"] = reason
+    rec.update(payload_fields(body))
+    return rec
