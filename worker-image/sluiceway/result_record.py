@@ -12,10 +12,21 @@ It names its reply key, so one pub/sub channel can carry the results of many cal
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from sluiceway.deadletter import safe_text
 from sluiceway.errors import RemoteError
+
+
+class ResultSink(Protocol):
+    """Where a worker writes the records of settled calls: ``(reply key, record)`` pairs, in one
+    batch per round trip; raises the coordination Redis's outage errors."""
+
+    def write(self, records: Sequence[tuple[str, bytes]]) -> None: ...
+
+    def close(self) -> None: ...
+
 
 MAX_MESSAGE_CHARS = 2000  # an exception's text in a record; a traceback stays in the dead letter
 

@@ -36,7 +36,6 @@ from sluiceway.contract import Heartbeat
 from sluiceway.errors import Reject, RetryLater
 from sluiceway.log import get_logger
 from sluiceway.metrics import WorkerMetrics
-from sluiceway.results import ResultWriter
 from sluiceway.settings import WorkerSettings
 from sluiceway.transports.base import (
     DeadLetter,
@@ -141,6 +140,7 @@ class Worker:
         side: WorkerSide,
         *,
         install_signals: bool = True,
+        results: result_record.ResultSink | None = None,
     ) -> None:
         self.s = settings
         self.fn = function
@@ -161,7 +161,8 @@ class Worker:
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
         self.metrics.round_trips = side.round_trips
         self.install_signals = install_signals
-        self.results = ResultWriter(settings.redis_url, settings.result_ttl_seconds)
+        # Writes calls' results; the process entry point builds it (the engine knows no Redis).
+        self.results = results
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
@@ -323,7 +324,8 @@ class Worker:
             self.coordinator.deregister()
         except self.outages as exc:
             self.log.warning("could not remove heartbeat on exit", error=str(exc))
-        self.results.close()
+        if self.results is not None:
+            self.results.close()
         if self.fatal:
             self.log.error(
                 "worker stopped on a fatal error", error=self.fatal[1], exit_code=int(self.fatal[0])
@@ -492,6 +494,11 @@ class Worker:
     def _write_results(self, done: list[Settlement], replies: list[tuple[str, bytes]]) -> bool:
         """Write calls' results before their acks, so an acked call always has its result (a
         crash in between runs the task again, whose result is then dropped by the LTRIM)."""
+        if self.results is None:
+            self.log.error(
+                "a call asked for a result and this worker has no result writer", count=len(replies)
+            )
+            return True
         try:
             self.results.write(replies)
         except self.outages as exc:
