@@ -9,6 +9,8 @@ import sys
 def main() -> int:
     print("== worker (bench/worker_bench.py) ==", flush=True)
     importlib.import_module("bench.worker_bench").main(sys.argv[1:])
+    print("\n== calls (bench/results_bench.py) ==", flush=True)
+    importlib.import_module("bench.results_bench").main([])
     try:
         operator_bench = importlib.import_module("bench.operator_bench")
     except ModuleNotFoundError:
