@@ -337,7 +337,7 @@ def test_messages_older_than_the_max_age_are_dead_lettered_unrun(
 def test_orphaned_workers_are_those_without_pod_and_heartbeat(r: redis.Redis) -> None:
     for w in ("live-pod", "dead-pod", "local-worker"):
         r.sadd(KEYS.leased_workers, w)
-        r.zadd(KEYS.inflight(w), {f"1:0:{w}": 0})
+        r.zadd(KEYS.inflight(w), {f"1:{w}": 0})  # a lease as every version writes it
     r.set(KEYS.heartbeat("local-worker"), "{}", px=10_000)
     assert fleet.orphaned_workers(r, KEYS, known={"live-pod"}) == ["dead-pod"]
     assert fleet.requeue_worker(r, KEYS, "dead-pod") == 1

@@ -6,8 +6,10 @@
 -- ARGV: 1 worker id  2 wanted  3 lease ms  4 qps (0 = unlimited)  5 burst  6 horizon µs
 --       7 promote limit
 -- Returns: {first_offset_us, interval_us, retry_after_us, new_tat, {redelivery counts}, member...}
--- A member is "<lease seq>:<redeliveries>:<payload>": the sequence keeps identical payloads
--- distinct, and the count travels with the message. Redelivered messages (returned by reap or a
+-- A member is "<lease seq>[.<redeliveries>]:<payload>": the sequence keeps identical payloads
+-- distinct, and the count travels with the message. Everything after the first ':' is the
+-- payload, as in the members of earlier versions, so workers of both versions can reap each
+-- other's leases during a rolling upgrade. Redelivered messages (returned by reap or a
 -- hand-back, as "<count>:<payload>") are taken before fresh ones.
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -70,7 +72,9 @@ local last = redis.call('INCRBY', KEYS[6], n)
 local deadline = now_ms + tonumber(ARGV[3])
 local zargs = {}
 for i = 1, n do
-  local member = tostring(last - n + i) .. ':' .. counts[i] .. ':' .. payloads[i]
+  local member = tostring(last - n + i)
+  if counts[i] > 0 then member = member .. '.' .. counts[i] end
+  member = member .. ':' .. payloads[i]
   zargs[#zargs + 1] = deadline
   zargs[#zargs + 1] = member
   out[#out + 1] = member

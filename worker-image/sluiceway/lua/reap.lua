@@ -24,9 +24,10 @@ for _, w in ipairs(workers) do
   end
   for _, m in ipairs(members) do
     local a = string.find(m, ':', 1, true)
-    local b = string.find(m, ':', a + 1, true)
-    local count = tonumber(string.sub(m, a + 1, b - 1)) + add
-    redis.call('RPUSH', KEYS[1], count .. ':' .. string.sub(m, b + 1))
+    local dot = string.find(string.sub(m, 1, a - 1), '.', 1, true)
+    local count = add
+    if dot then count = count + tonumber(string.sub(m, dot + 1, a - 1)) end
+    redis.call('RPUSH', KEYS[1], count .. ':' .. string.sub(m, a + 1))
     returned = returned + 1
   end
   if #members > 0 then redis.call('ZREM', key, unpack(members)) end

@@ -4,7 +4,7 @@
 -- redelivery, so a message that keeps a worker from stopping is dead-lettered in the end.
 -- KEYS: 1 inflight(worker)  2 ready  3 ratelimit  4 stats  5 redelivered
 -- ARGV: 1 expected tat (µs, "" = none)  2 slot interval µs  3 slots to hand back  4 count (1/0)
---       5.. members ("<seq>:<redeliveries>:<payload>")
+--       5.. members ("<seq>[.<redeliveries>]:<payload>")
 -- Returns the number of messages returned.
 local returned = 0
 local add = tonumber(ARGV[4])
@@ -12,9 +12,10 @@ for i = 5, #ARGV do
   local m = ARGV[i]
   if redis.call('ZREM', KEYS[1], m) == 1 then
     local a = string.find(m, ':', 1, true)
-    local b = string.find(m, ':', a + 1, true)
-    local count = tonumber(string.sub(m, a + 1, b - 1)) + add
-    local payload = string.sub(m, b + 1)
+    local dot = string.find(string.sub(m, 1, a - 1), '.', 1, true)
+    local count = add
+    if dot then count = count + tonumber(string.sub(m, dot + 1, a - 1)) end
+    local payload = string.sub(m, a + 1)
     if count == 0 then
       redis.call('RPUSH', KEYS[2], payload)
     else

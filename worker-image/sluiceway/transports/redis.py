@@ -8,8 +8,9 @@ Its own optimisations, behind the same seam as every broker:
 - one round trip settles and fetches, and it is sent ahead (:class:`RedisExchange`): the worker
   keeps running tasks while Redis works.
 
-A lease (the settle token) is the member ``<seq>:<redeliveries>:<payload>`` of the worker's
-in-flight ZSET: the sequence makes each delivery unique, so identical payloads are separate
+A lease (the settle token) is the member ``<seq>[.<redeliveries>]:<payload>`` of the worker's
+in-flight ZSET (the count only when it is not 0, so the payload is everything after the first
+``:``, as in earlier versions: during a rolling upgrade either version reaps the other's leases): the sequence makes each delivery unique, so identical payloads are separate
 messages, and the redelivery count travels with the message, not with its payload.
 """
 
@@ -272,12 +273,12 @@ def reap(
 
 
 def delivery(member: bytes, start_after: float = 0.0) -> Delivery:
-    """The delivery a lease member (``<seq>:<redeliveries>:<payload>``) stands for."""
+    """The delivery a lease member (``<seq>[.<redeliveries>]:<payload>``) stands for."""
     # Runs for every message: two finds and one slice, and no int() for the usual count of 0.
     a = member.index(b":")
-    b = member.index(b":", a + 1)
-    count = 0 if b == a + 2 and member[a + 1] == 48 else int(member[a + 1 : b])  # 48: b"0"
-    return Delivery(payload=member[b + 1 :], token=member, start_after=start_after, redeliveries=count)
+    dot = member.find(b".", 0, a)
+    count = int(member[dot + 1 : a]) if dot >= 0 else 0
+    return Delivery(payload=member[a + 1 :], token=member, start_after=start_after, redeliveries=count)
 
 
 def _batch(reply: list[Any], qps: float) -> Batch:
