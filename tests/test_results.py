@@ -195,3 +195,24 @@ async def test_ten_thousand_concurrent_calls_share_a_few_connections(
     assert 0 < peak <= 4
     # Delivered results are removed: nothing piles up for the TTL.
     wait_for(lambda: not list(r.scan_iter(match=REPLY_PREFIX + "*", count=1000)), 10, what="keys unlinked")
+
+
+# --- the operator: spec.results.ttlSeconds reaches the workers as SLUICEWAY_RESULT_TTL -----------------
+
+
+def test_spec_results_ttl_reaches_the_worker_env_and_bad_values_name_the_field() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from sluiceway import contract
+    from sluiceway_operator.spec import SpecError
+    from tests.operator.test_manifests import deployment, env, spec
+
+    assert env(deployment())[contract.ENV_RESULT_TTL]["value"] == str(contract.DEFAULT_RESULT_TTL_SECONDS)
+    assert env(deployment(spec(results={"ttlSeconds": 60})))[contract.ENV_RESULT_TTL]["value"] == "60"
+    with pytest.raises(SpecError, match=r"spec\.results\.ttlSeconds"):
+        spec(results={"ttlSeconds": 0})
+    crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "taskqueue.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert props["results"]["properties"]["ttlSeconds"]["default"] == contract.DEFAULT_RESULT_TTL_SECONDS
