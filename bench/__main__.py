@@ -14,6 +14,8 @@ def main() -> int:
     importlib.import_module("bench.rabbitmq_bench").main([])
     print("\n== kafka (bench/kafka_bench.py) ==", flush=True)
     importlib.import_module("bench.kafka_bench").main([])
+    print("\n== calls (bench/results_bench.py) ==", flush=True)
+    importlib.import_module("bench.results_bench").main([])
     try:
         operator_bench = importlib.import_module("bench.operator_bench")
     except ModuleNotFoundError:

@@ -130,6 +130,7 @@ def worker_env(
         (contract.ENV_BACKOFF_SECONDS, _num(spec.retry.backoff_seconds)),
         (contract.ENV_MAX_BACKOFF_SECONDS, _num(spec.retry.max_backoff_seconds)),
         (contract.ENV_TIMEOUT_SECONDS, str(spec.timeout_seconds)),
+        (contract.ENV_RESULT_TTL, str(spec.result_ttl_seconds)),
         (contract.ENV_LEASE_SECONDS, _num(spec.liveness.lease_seconds)),
         (contract.ENV_HEARTBEAT_SECONDS, _num(spec.liveness.heartbeat_seconds)),
         (contract.ENV_METRICS_PORT, str(settings.metrics_port)),

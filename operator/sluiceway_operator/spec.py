@@ -64,6 +64,7 @@ DEFAULTS: Final[Mapping[str, Any]] = {
     "concurrency": {"mode": "thread", "perPod": 8, "prefetch": -1},
     "retry": {"maxAttempts": 5, "backoffSeconds": 1, "maxBackoffSeconds": 300},
     "timeoutSeconds": 300,
+    "results": {"ttlSeconds": contract.DEFAULT_RESULT_TTL_SECONDS},
     "liveness": {
         "heartbeatSeconds": 2,
         "leaseSeconds": 15,
@@ -226,6 +227,7 @@ class TaskQueueSpec:
     concurrency: Concurrency
     retry: Retry
     timeout_seconds: int
+    result_ttl_seconds: int  # how long a call's result waits in Redis (docs/results.md)
     max_message_age_seconds: int | None
     liveness: Liveness
     scaling: Scaling
@@ -262,6 +264,9 @@ def parse_spec(raw: Mapping[str, Any], *, name: str) -> TaskQueueSpec:
         concurrency=_concurrency(r.child("concurrency")),
         retry=_retry(r.child("retry")),
         timeout_seconds=r.integer("timeoutSeconds", DEFAULTS["timeoutSeconds"], low=1, high=86400),
+        result_ttl_seconds=r.child("results").integer(
+            "ttlSeconds", DEFAULTS["results"]["ttlSeconds"], low=1, high=7 * 86400
+        ),
         max_message_age_seconds=r.optional_integer("maxMessageAgeSeconds", low=1, high=31_536_000),
         liveness=_liveness(r.child("liveness")),
         scaling=_scaling(r.child("scaling")),

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sluiceway.contract import META_KEY
+from sluiceway.contract import META_KEY, REPLY_PREFIX, reply_channel_of
 
 
 class DecodeError(ValueError):
@@ -35,6 +35,8 @@ class Meta:
     trace: str | None = None
     # Reasons of earlier failed attempts, newest last, so the dead-letter entry tells the story.
     errors: tuple[str, ...] = ()
+    # The reply key of a call (see ``contract.reply_key``): the worker writes the outcome there.
+    reply: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ def _meta_to_json(meta: Meta) -> dict[str, Any]:
         out["trace"] = meta.trace
     if meta.errors:
         out["errors"] = list(meta.errors)
+    if meta.reply is not None:
+        out["reply"] = meta.reply
     return out
 
 
@@ -140,6 +144,7 @@ def _meta_from_json(raw: Any) -> Meta:
     attempt = raw.get("attempt", 0)
     trace = raw.get("trace")
     errors = raw.get("errors")
+    reply = raw.get("reply")
     # Type checks by exact class first: this runs for every message.
     if msg_id is not None and type(msg_id) is not str:
         raise DecodeError("invalid_metadata", f"{META_KEY}.id must be a string")
@@ -151,6 +156,13 @@ def _meta_from_json(raw: Any) -> Meta:
         raise DecodeError("invalid_metadata", f"{META_KEY}.trace must be a string")
     if errors is not None and (type(errors) is not list or not all(type(e) is str for e in errors)):
         raise DecodeError("invalid_metadata", f"{META_KEY}.errors must be a list of strings")
+    if reply is not None and (type(reply) is not str or reply_channel_of(reply) is None):
+        raise DecodeError("invalid_metadata", f"{META_KEY}.reply must be a reply key ({REPLY_PREFIX}...)")
     return Meta(
-        msg_id, float(ts) if ts is not None else None, attempt, trace, tuple(errors) if errors else ()
+        msg_id,
+        float(ts) if ts is not None else None,
+        attempt,
+        trace,
+        tuple(errors) if errors else (),
+        reply,
     )

@@ -40,9 +40,11 @@ ENV_METRICS_PORT: Final = "SLUICEWAY_METRICS_PORT"  # 0 disables the Prometheus 
 ENV_LOG_FORMAT: Final = "SLUICEWAY_LOG_FORMAT"  # json | console
 ENV_LOG_LEVEL: Final = "SLUICEWAY_LOG_LEVEL"
 ENV_ORDERING: Final = "SLUICEWAY_ORDERING"  # Kafka: unset/none = any order | key
+ENV_RESULT_TTL: Final = "SLUICEWAY_RESULT_TTL"  # seconds a call's result waits in Redis
 
 DEFAULT_NAMESPACE: Final = "default"
 DEFAULT_METRICS_PORT: Final = 9464
+DEFAULT_RESULT_TTL_SECONDS: Final = 3600
 
 # --- Rules both sides check: the operator (spec.py), the worker (settings.py) and the CRD's CEL rules,
 # which embed these patterns verbatim (tests/operator/test_validation_agreement.py holds them to it).
@@ -157,6 +159,35 @@ class Keys:
             self.redelivered,
             self.stats,
         ]
+
+
+# --- Results of calls (``sluiceway.call``): on the coordination Redis for every broker. A caller
+# process has a client id; each call a unique reply key under it. The worker pushes the outcome to
+# the reply key (a LIST, so a late caller still finds it within the TTL) and publishes it on the
+# client's channel, which the caller's one listener multiplexes over all its calls.
+REPLY_PREFIX: Final = "sluiceway:reply:"
+REPLY_CHANNEL_PREFIX: Final = "sluiceway:replies:"
+
+
+def reply_key(client_id: str, call_id: str) -> str:
+    """LIST holding one call's result record (at most one entry), with a TTL."""
+    return f"{REPLY_PREFIX}{client_id}:{call_id}"
+
+
+def reply_channel(client_id: str) -> str:
+    """Pub/sub channel on which the worker announces every result for one caller process."""
+    return REPLY_CHANNEL_PREFIX + client_id
+
+
+def reply_channel_of(key: str) -> str | None:
+    """The channel for a reply key, or ``None`` when ``key`` is not a reply key: a message can
+    make a worker write only under :data:`REPLY_PREFIX`, never to a queue's keys."""
+    if not key.startswith(REPLY_PREFIX):
+        return None
+    client_id, sep, call_id = key[len(REPLY_PREFIX) :].partition(":")
+    if not (client_id and sep and call_id) or len(key) > 200:
+        return None
+    return reply_channel(client_id)
 
 
 class Heartbeat(TypedDict):

@@ -8,6 +8,7 @@ from typing import Any
 from sluiceway import wiring
 from sluiceway.log import configure, get_logger
 from sluiceway.metrics import serve
+from sluiceway.results_redis import ResultWriter
 from sluiceway.settings import SettingsError, from_env
 from sluiceway.transports.base import BrokerUnavailableError
 from sluiceway.worker import ExitCode, Worker, load_function
@@ -32,7 +33,12 @@ def run_worker(overrides: dict[str, Any]) -> int:
         log.error("broker not available", broker=settings.broker, error=str(exc))
         return ExitCode.USAGE
     try:
-        worker = Worker(settings, function, side)
+        worker = Worker(
+            settings,
+            function,
+            side,
+            results=ResultWriter(settings.redis_url, settings.result_ttl_seconds),
+        )
     except ValueError as exc:
         side.close()
         log.error("invalid worker configuration", error=str(exc))

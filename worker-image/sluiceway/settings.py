@@ -58,6 +58,7 @@ class WorkerSettings:
     log_format: str = "json"
     log_level: str = "INFO"
     fetch_batch: int = 256
+    result_ttl_seconds: float = c.DEFAULT_RESULT_TTL_SECONDS  # how long a call's result waits
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -107,6 +108,7 @@ _ENV_FIELDS: dict[str, tuple[str, type]] = {
     c.ENV_METRICS_PORT: ("metrics_port", int),
     c.ENV_LOG_FORMAT: ("log_format", str),
     c.ENV_LOG_LEVEL: ("log_level", str),
+    c.ENV_RESULT_TTL: ("result_ttl_seconds", float),
 }
 
 
@@ -183,4 +185,6 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append(f"log level {s.log_level!r} must be one of {', '.join(LOG_LEVELS)}")
     if s.fetch_batch < 1:
         out.append("fetch batch must be >= 1")
+    if not (1 <= s.result_ttl_seconds <= 7 * 86400):
+        out.append(f"result TTL ({c.ENV_RESULT_TTL}) must be 1 s to 7 days, got {s.result_ttl_seconds}")
     return out

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from sluiceway import __version__, codec, deadletter
+from sluiceway import __version__, codec, deadletter, result_record
 from sluiceway.backoff import retry_delay
 from sluiceway.contract import Heartbeat
 from sluiceway.errors import Reject, RetryLater
@@ -78,6 +78,8 @@ class Task:
     message: codec.Message | None = None
     started: float = 0.0
     finished: bool = False  # set once, under the worker's lock, by whoever settles it first
+    value: Any = None  # what the function returned: a call's result
+    error: BaseException | None = None  # what it raised
 
 
 @dataclass(slots=True)
@@ -87,6 +89,7 @@ class Settlement:
     payload: bytes = b""  # RETRY: the next attempt; DEAD: the dead-letter entry
     delay: float = 0.0
     reason: str = ""
+    reply: tuple[str, bytes] | None = None  # (reply key, result record) of a call
 
 
 _STOP = object()
@@ -137,6 +140,7 @@ class Worker:
         side: WorkerSide,
         *,
         install_signals: bool = True,
+        results: result_record.ResultSink | None = None,
     ) -> None:
         self.s = settings
         self.fn = function
@@ -157,6 +161,8 @@ class Worker:
         self.metrics = WorkerMetrics(settings.taskqueue or settings.queue, settings.queue)
         self.metrics.round_trips = side.round_trips
         self.install_signals = install_signals
+        # Writes calls' results; the process entry point builds it (the engine knows no Redis).
+        self.results = results
 
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
@@ -318,6 +324,8 @@ class Worker:
             self.coordinator.deregister()
         except self.outages as exc:
             self.log.warning("could not remove heartbeat on exit", error=str(exc))
+        if self.results is not None:
+            self.results.close()
         if self.fatal:
             self.log.error(
                 "worker stopped on a fatal error", error=self.fatal[1], exit_code=int(self.fatal[0])
@@ -466,6 +474,9 @@ class Worker:
             wanted = min(free, self.s.fetch_batch)
         if not done and wanted <= 0:
             return False
+        replies = [p.reply for p in done if p.reply is not None]
+        if replies and not self._write_results(done, replies):
+            return False
         outcomes = Outcomes(
             acks=[p.task.delivery.token for p in done if p.outcome is Outcome.OK],
             retries=[
@@ -485,6 +496,23 @@ class Worker:
             return False
         self.in_transit = _InTransit(pending, done, wanted, sent_at)
         self.last_sent = sent_at
+        return True
+
+    def _write_results(self, done: list[Settlement], replies: list[tuple[str, bytes]]) -> bool:
+        """Write calls' results before their acks, so an acked call always has its result (a
+        crash in between runs the task again, whose result is then dropped by the LTRIM)."""
+        if self.results is None:
+            self.log.error(
+                "a call asked for a result and this worker has no result writer", count=len(replies)
+            )
+            return True
+        try:
+            self.results.write(replies)
+        except self.outages as exc:
+            self._exchange_failed(done, exc)
+            return False
+        except Exception as exc:  # e.g. a reply key someone made a string: never block the acks
+            self.log.error("could not write results; the callers will time out", error=str(exc))
         return True
 
     def _receive(self) -> int:
@@ -674,7 +702,7 @@ class Worker:
         with self.lock:
             self.running[thread_id] = task
         try:
-            self.fn(**task.message.kwargs)
+            task.value = self.fn(**task.message.kwargs)
             error: BaseException | None = None
         except BaseException as exc:
             error = exc
@@ -684,6 +712,7 @@ class Worker:
         self._settle_outcome(task, error)
 
     def _settle_outcome(self, task: Task, error: BaseException | None) -> None:
+        task.error = error
         try:
             self._complete(task, error)
         except Exception as exc:
@@ -738,7 +767,7 @@ class Worker:
             with self.lock:
                 self.running[key] = task
             try:
-                await asyncio.wait_for(self.fn(**task.message.kwargs), self.s.timeout_seconds)
+                task.value = await asyncio.wait_for(self.fn(**task.message.kwargs), self.s.timeout_seconds)
                 error: BaseException | None = None
             except TimeoutError:
                 error = TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
@@ -858,6 +887,20 @@ class Worker:
     def _finish(self, settlement: Settlement, duration: float = 0.0, error: str = "") -> None:
         task = settlement.task
         now = time.monotonic()
+        reply = task.message.meta.reply if task.message is not None else None
+        if reply is not None and settlement.outcome is not Outcome.RETRY:
+            # Built here, in the task's thread, so the round trip only sends it.
+            settlement.reply = (
+                reply,
+                result_record.for_outcome(
+                    reply,
+                    ok=settlement.outcome is Outcome.OK,
+                    value=task.value,
+                    reason=settlement.reason,
+                    error=task.error,
+                    dead_entry=settlement.payload,
+                ),
+            )
         with self.lock:
             if task.finished:
                 return  # the supervisor already settled it (timeout), or drain handed it back
