@@ -11,7 +11,11 @@ from hypothesis import HealthCheck, settings
 from tests.support.redis_server import RedisServer
 from tests.support.workers import SpawnWorker, WorkerProcess, worker_env
 
-pytest_plugins = ["localcluster.pytest_plugin", "tests.support.rabbitmq_fixtures", "tests.support.kafka_server"]
+pytest_plugins = [
+    "localcluster.pytest_plugin",
+    "tests.support.rabbitmq_fixtures",
+    "tests.support.kafka_server",
+]
 
 # Property tests check logic, not speed: on a shared 2-core machine that is also running Redis,
 # a control plane and worker processes, Hypothesis's per-example deadline and its "generation
