@@ -59,7 +59,6 @@ from .status import Fault, conditions_for, fault_status, observed_status
 
 log = structlog.get_logger("sluiceway_operator")
 
-SECRET_TTL = 60.0  # re-read a coordination Secret this often, and at once after a Redis error
 ORPHAN_SWEEP_SECONDS = 10.0  # how often a loop looks for leases of workers whose pods are gone
 
 
@@ -308,7 +307,8 @@ class TaskQueueLoop:
             raise SpecError("spec.coordination.urlSecretRef", "is required")
         self._secret_ref = ref
         now = time.monotonic()
-        if self._secret is None or now - self._secret[1] > SECRET_TTL:
+        # Re-read every --secret-refresh-interval, and at once after a Redis error.
+        if self._secret is None or now - self._secret[1] > self.deps.config.secret_refresh_interval:
             url = await secret_value(self.deps.kube, self.namespace, ref)
             self._secret = (url, now)
         try:
@@ -320,11 +320,12 @@ class TaskQueueLoop:
 
     async def _secret_hash_inputs(self, spec: TaskQueueSpec) -> dict[str, str]:
         """The resourceVersions of the Secrets the pods read, for the config hash: a rotated broker
-        or coordination URL rolls the pods (they read it only at start). Re-read every SECRET_TTL,
-        so a rotation rolls within a minute; a resourceVersion, unlike a hash of the value, says
+        or coordination URL rolls the pods (they read it only at start). Re-read every
+        --secret-refresh-interval, so a rotation rolls within it; a resourceVersion, unlike a hash of the value, says
         nothing about the Secret's content."""
         now = time.monotonic()
-        if self._secret_versions is not None and now - self._secret_versions[1] <= SECRET_TTL:
+        fresh_for = self.deps.config.secret_refresh_interval
+        if self._secret_versions is not None and now - self._secret_versions[1] <= fresh_for:
             return self._secret_versions[0]
         refs = {r.name for r in (spec.coordination_secret_ref or self.deps.config.default_secret,
                                  spec.broker.url_secret_ref) if r is not None}  # fmt: skip

@@ -13,6 +13,9 @@ from .manifests import OperatorSettings
 from .spec import SecretKeyRef
 
 ENV_PREFIX = "SLUICEWAY_OPERATOR_"
+# How often a TaskQueue's loop re-reads the Secrets it uses (the coordination URL, and the
+# resourceVersions that roll the pods when a Secret changes): a rotation rolls within this.
+SECRET_REFRESH_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class Config:
     log_format: str = "json"
     log_level: str = "INFO"
     finalizer_timeout: float = 60.0  # after this, deletion proceeds without the Redis cleanup
+    secret_refresh_interval: float = SECRET_REFRESH_INTERVAL
 
     def operator_settings(self) -> OperatorSettings:
         return OperatorSettings(
@@ -92,7 +96,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--log-format", choices=("json", "console"), default=_env("LOG_FORMAT", "json"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     p.add_argument("--finalizer-timeout", type=float, default=float(_env("FINALIZER_TIMEOUT", "60")))
+    p.add_argument(
+        "--secret-refresh-interval",
+        type=float,
+        default=float(_env("SECRET_REFRESH_INTERVAL", str(SECRET_REFRESH_INTERVAL))),
+        help="re-read the Secrets a TaskQueue uses this often, seconds; a changed one rolls "
+        "the pods within it [%(default)s]",
+    )
     a = p.parse_args(argv)
+    if a.secret_refresh_interval <= 0:
+        p.error(f"--secret-refresh-interval must be > 0, got {a.secret_refresh_interval:g}")
     namespaces: tuple[str, ...] = ()
     if a.namespace:
         namespaces = tuple(a.namespace)
@@ -108,4 +121,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         log_format=a.log_format,
         log_level=a.log_level,
         finalizer_timeout=a.finalizer_timeout,
+        secret_refresh_interval=a.secret_refresh_interval,
     )
