@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sluiceway_operator.manifests import OperatorSettings, worker_deployment
 from sluiceway_operator.settings import parse_args
 from sluiceway_operator.spec import SecretKeyRef, parse_spec
@@ -36,3 +38,17 @@ def test_worker_metrics_port_zero_drops_the_port_and_probe_but_the_default_keeps
     c = test["spec"]["template"]["spec"]["containers"][0]
     assert "readinessProbe" not in c and "ports" not in c
     assert {"name": "SLUICEWAY_METRICS_PORT", "value": "0"} in c["env"]
+
+
+def test_secret_refresh_interval_defaults_to_60_s_and_rejects_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SLUICEWAY_OPERATOR_SECRET_REFRESH_INTERVAL", raising=False)
+    assert parse_args([]).secret_refresh_interval == 60.0
+    assert parse_args(["--secret-refresh-interval", "2"]).secret_refresh_interval == 2.0
+    monkeypatch.setenv("SLUICEWAY_OPERATOR_SECRET_REFRESH_INTERVAL", "5")
+    assert parse_args([]).secret_refresh_interval == 5.0
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--secret-refresh-interval", "0"])
+    assert exited.value.code == 2
+    assert "--secret-refresh-interval must be > 0" in capsys.readouterr().err
