@@ -289,10 +289,19 @@ class GitOps:
     """
 
     def __init__(
-        self, argocd: ArgoCD, kubeconfig: Path, namespace: str, run_dir: Path, *, resync: int = 30
+        self,
+        argocd: ArgoCD,
+        kubeconfig: Path,
+        namespace: str,
+        run_dir: Path,
+        *,
+        resync: int = 30,
+        helm: Path | None = None,
     ) -> None:
         self.argocd, self.kubeconfig, self.namespace, self.run_dir = argocd, kubeconfig, namespace, run_dir
         self.resync = resync
+        # The repo-server renders a Helm source by running `helm` from PATH.
+        self.helm = helm
         self.procs: list[ManagedProcess] = []
 
     def start(self) -> None:
@@ -317,6 +326,8 @@ class GitOps:
             "TMPDIR": str(data / "tmp"),
             "HOSTNAME": "sluiceway-test-controller",
         }
+        if self.helm is not None:
+            env["PATH"] = f"{self.helm.parent}{os.pathsep}{env.get('PATH', '')}"
         redis = ManagedProcess(
             "argocd-redis",
             [
@@ -387,13 +398,35 @@ class GitOps:
         self.procs.clear()
 
 
-def bootstrap_objects(namespace: str, cm: Path = ARGOCD_CM) -> list[dict[str, Any]]:
+# Argo CD assesses no health for an Application since v1.8, so in an app of apps a sync wave would not
+# wait for the child Application of the wave before. docs/gitops.md tells users to add such a check;
+# this one reports the child's own health, and a child not compared yet as Progressing.
+APPLICATION_HEALTH_KEY = "resource.customizations.health.argoproj.io_Application"
+APPLICATION_HEALTH_LUA = """hs = {status = "Progressing", message = ""}
+if obj.status ~= nil and obj.status.health ~= nil and obj.status.health.status ~= nil then
+  if obj.status.health.status ~= "Missing" then
+    hs.status = obj.status.health.status
+  end
+  if obj.status.health.message ~= nil then
+    hs.message = obj.status.health.message
+  end
+end
+return hs
+"""
+
+
+def bootstrap_objects(
+    namespace: str, cm: Path = ARGOCD_CM, *, application_health: bool = False
+) -> list[dict[str, Any]]:
     """The objects argocd-server and the install manifests would normally create: the default
-    AppProject, argocd-cm (with the project's health script) and argocd-secret."""
+    AppProject, argocd-cm (with the project's health script, and with ``application_health`` one for
+    Applications, which an app of apps needs for its sync waves) and argocd-secret."""
     import yaml  # a test dependency; the build path above needs none
 
     cm_obj = yaml.safe_load(cm.read_text())
     cm_obj["metadata"] = {"name": "argocd-cm", "namespace": namespace, "labels": dict(PART_OF)}
+    if application_health:
+        cm_obj["data"][APPLICATION_HEALTH_KEY] = APPLICATION_HEALTH_LUA
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         cm_obj,
