@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from sluiceway import __version__
 from sluiceway import contract as c
 from sluiceway.settings import LOG_LEVELS, QUEUE_NAME, WorkerSettings
+from sluiceway.transports.registry import BROKERS
 
 if TYPE_CHECKING:
     import redis
@@ -37,8 +38,8 @@ class ToolExit(IntEnum):
     UNREACHABLE = 5  # Redis could not be reached (down, wrong URL, refused credentials)
 
 
-# Brokers this runtime can run today; the others in settings.py are reserved names that exit 2.
-WORKING_BROKERS = ("redis", "rabbitmq", "kafka")
+# Brokers this runtime can run: the ones the transport registry has.
+WORKING_BROKERS = BROKERS
 
 _EPILOG = """\
 Every worker flag can also come from its SLUICEWAY_* environment variable (the operator sets
