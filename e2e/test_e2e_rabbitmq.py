@@ -66,6 +66,7 @@ def test_rabbitmq_burst_wakes_from_zero_drains_under_qps_survives_a_kill_and_ret
             broker={"type": "rabbitmq", "urlSecretRef": {"name": "rabbit", "key": "url"}, "queue": "rburst"},
             rateLimit={"qps": QPS},
             concurrency={"perPod": PER_POD},
+            deletionPolicy="Purge",  # the default, Retain, keeps the queue; this test checks the purge
             timeoutSeconds=10,
             scaling={
                 "minReplicas": 0,
@@ -130,7 +131,7 @@ def test_rabbitmq_burst_wakes_from_zero_drains_under_qps_survives_a_kill_and_ret
     assert f.duplicates <= PER_POD, f.line()
     assert drained >= MESSAGES / QPS * 0.9  # the limit held the fleet back
     c.kubectl("delete", "taskqueue", "rburst", "-n", ns, "--wait=false")
-    # The finalizer deletes the queue and its dead-letter queue, as it deletes Redis keys.
+    # Under Purge the finalizer deletes the queue and its dead-letter queue, as it deletes Redis keys.
     until(operator, lambda: _gone(rabbitmq_url, "rburst"), 60, "the queue deleted by the finalizer")
 
 

@@ -20,6 +20,7 @@ from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.ratelimit import max_in_window
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.starts import worst_window
 from tests.support.workers import SpawnWorker, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.redis
@@ -128,8 +129,11 @@ def test_a_stalled_worker_takes_fresh_slots_instead_of_bunching_late_starts(
         time.sleep(0.5)  # the stall itself
         stalled.proc.send_signal(signal.SIGCONT)
         time.sleep(0.3)  # let the resumed process start what it held before asking again
-    worst = max_in_window(starts(r), 1.0)
-    print(f"\n[figures] stalled worker at {qps} QPS: worst 1-s window {worst} (bound {bound(qps)})")
+    raw = max_in_window(starts(r), 1.0)
+    worst = worst_window(starts(r))
+    print(
+        f"\n[figures] stalled worker at {qps} QPS: worst 1-s window {raw} recorded, {worst} allowing the record lag (bound {bound(qps)})"
+    )
     assert worst <= bound(qps)
     for w in (stalled, other):
         w.terminate()

@@ -502,12 +502,17 @@ def _stats(args: argparse.Namespace, client: redis.Redis, keys: c.Keys | None) -
 
 
 def _watch(views: Any, interval: float, what: str) -> int:
+    import signal
+
     import redis as redis_lib
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     console = Console()
+    # Ctrl-C is how a live view ends. A shell that started us in the background (a script, CI)
+    # may have set SIGINT to "ignore", and Python then keeps it ignored: take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def render(rows: list[_QueueView], error: str) -> Table:
         table = Table(
