@@ -163,7 +163,9 @@ def test_fleet_wide_qps_is_exact_while_workers_join_and_leave(
         f"\n[figures] qps {qps}: mean {mean:.2f} ({mean / qps:.4f} of target), worst 1-s window {raw} (recorded), {worst} (allowing the record lag)"
     )
     assert worst <= qps + 1  # stated allowance: +1 for scheduling jitter (burst 0)
-    assert abs(mean - qps) / qps <= 0.02
+    # Below the limit by design when a worker dies holding slots, or is starved past a slot's
+    # 10 ms tolerance and drops it (the bound wins over throughput); README states 5 %.
+    assert abs(mean - qps) / qps <= 0.05
 
 
 def test_bad_input_and_failing_functions_end_in_retry_or_dead_letter(
