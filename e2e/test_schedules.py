@@ -225,6 +225,16 @@ def test_bad_schedules_in_a_stored_object_mark_only_themselves_and_degrade(
     events = c.get(f"/api/v1/namespaces/{ns}/events")["items"]
     failed = [e for e in events if e["involvedObject"]["name"] == "old" and e["reason"] == "ScheduleFailed"]
     assert len(failed) == 3 and all(e["type"] == "Warning" for e in failed), failed
+    # The stored object still takes writes under the new CRD: a user's label, and every status
+    # write the operator made (its status loop has run many times by now).
+    labelled = c.kubectl("label", "taskqueue", "old", "-n", ns, "team=a")
+    assert labelled.returncode == 0, labelled.stderr
+    refused = [
+        ln
+        for ln in op.log.read_text(errors="replace").splitlines()
+        if "status not written" in ln and ns in ln
+    ]
+    assert not refused, refused[:3]
     c.kubectl("delete", "taskqueue", "old", "-n", ns, "--wait=false")
 
 
