@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import sluiceway
 from sluiceway import codec, result_record
 from sluiceway.contract import REPLY_PREFIX, reply_channel_of, reply_key
-from tests.support.workers import SpawnWorker, wait_for
+from tests.support.workers import SpawnWorker, wait_for_async
 
 TASKS = "tests.support.call_tasks"
 
@@ -123,11 +123,11 @@ async def test_a_timeout_raises_and_a_late_awaiter_still_gets_the_result(
         sluiceway.call("slow_echo", {"value": 1, "seconds": 1.0}, timeout=0.1)
     # Published, not awaited: the result waits in its list, with the TTL, until someone asks.
     handle = await sluiceway.submit_async("slow_echo", {"value": "late", "seconds": 0.1})
-    wait_for(lambda: r.exists(handle.key), 30, what="the result to be written")
+    await wait_for_async(lambda: r.exists(handle.key), 30, what="the result to be written")
     assert 0 < r.ttl(handle.key) <= 120
     assert await handle.result_async(timeout=5) == "late"
     sync_handle = sluiceway.submit("slow_echo", {"value": "later", "seconds": 0.1})
-    wait_for(lambda: r.exists(sync_handle.key), 30, what="the result to be written")
+    await wait_for_async(lambda: r.exists(sync_handle.key), 30, what="the result to be written")
     assert sync_handle.result(timeout=5) == "later"
     # A handle awaited before its result exists waits for it.
     early = sluiceway.submit("slow_echo", {"value": "early", "seconds": 0.3})
@@ -194,7 +194,10 @@ async def test_ten_thousand_concurrent_calls_share_a_few_connections(
     # The subscription, one command connection, one publishing connection.
     assert 0 < peak <= 4
     # Delivered results are removed: nothing piles up for the TTL.
-    wait_for(lambda: not list(r.scan_iter(match=REPLY_PREFIX + "*", count=1000)), 10, what="keys unlinked")
+    # Polled without blocking the loop: the unlinker is one of this loop's tasks.
+    await wait_for_async(
+        lambda: not list(r.scan_iter(match=REPLY_PREFIX + "*", count=1000)), 10, what="keys unlinked"
+    )
 
 
 # --- the operator: spec.results.ttlSeconds reaches the workers as SLUICEWAY_RESULT_TTL -----------------

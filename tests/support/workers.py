@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -70,6 +71,17 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.05, what: st
         if predicate():  # type: ignore[operator]
             return
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def wait_for_async(predicate: Callable[[], object], timeout: float, what: str = "condition") -> None:  # noqa: ASYNC109
+    """``wait_for`` for async tests: it yields to the event loop between polls, so the client's
+    own background tasks (result listeners, unlinkers) run while the test waits on them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
