@@ -15,6 +15,7 @@ pytest_plugins = [
     "localcluster.pytest_plugin",
     "tests.support.rabbitmq_fixtures",
     "tests.support.kafka_server",
+    "tests.support.redis_cluster",
 ]
 
 # Property tests check logic, not speed: on a shared 2-core machine that is also running Redis,

@@ -46,6 +46,12 @@ class BrokerEnv:
     # Seconds a dead worker's unsettled messages may take to run again (the lease, for Redis).
     redelivery_bound: float = 10.0
     extra_worker_args: list[str] = field(default_factory=list)
+    record_url: str = ""  # where the tasks record what ran, when not the coordination Redis
+
+    @property
+    def records(self) -> str:
+        """A single-server Redis URL for the tasks' records (plain ``redis.Redis`` clients)."""
+        return self.record_url or self.coordination_url
 
     def publish(self, messages: Sequence[dict[str, Any]]) -> None:
         pub = self.publisher()
@@ -206,8 +212,45 @@ def rabbitmq_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
     )
 
 
+# The scenarios a Redis Cluster runs (the CI time budget is tight): lost leases reaped across
+# workers, the poison inputs' dead letters, and the fleet rate limit. The rest exercise the same
+# scripts and client paths as these and as the single-server run.
+CLUSTER_SCENARIOS = ("kill_9", "every_poison_input", "fleet_qps_bound")
+
+
+def redis_cluster_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    """A Redis Cluster of three masters (tests/support/redis_cluster.py) as queue and coordination;
+    the tasks record on the session's single Redis."""
+    if not any(s in request.node.name for s in CLUSTER_SCENARIOS):
+        pytest.skip("not in the Redis Cluster subset (CLUSTER_SCENARIOS)")
+    from sluiceway import connection
+
+    server = request.getfixturevalue("redis_cluster")
+    url: str = request.getfixturevalue("redis_cluster_url")  # flushed for this test
+    records: str = request.getfixturevalue("redis_url")
+    keys = Keys(NAMESPACE, QUEUE)
+    client = connection.client(url)
+
+    def publish_raw(payloads: Sequence[bytes]) -> None:
+        client.lpush(keys.ready, *payloads)
+
+    yield BrokerEnv(
+        name="redis-cluster",
+        coordination_url=url,
+        env={"SLUICEWAY_BROKER": "redis"},
+        publisher=lambda: sluiceway.Publisher(url),
+        publish_raw=publish_raw,
+        dead_letters=lambda: fleet.dead_letters(client, keys, 10_000),
+        restart=lambda down_for: server.restart(down_for=down_for),
+        redelivery_bound=3.0 + 2.0,
+        record_url=records,
+    )
+    client.close()
+
+
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Iterator[BrokerEnv]]] = {
     "redis": redis_env,
+    "redis-cluster": redis_cluster_env,
     "kafka": kafka_env,
     "rabbitmq": rabbitmq_env,
 }
@@ -221,7 +264,7 @@ def broker_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
 @pytest.fixture
 def record(broker_env: BrokerEnv) -> Iterator[redis.Redis]:
     """The coordination Redis, where the conformance tasks record what ran."""
-    client = redis.Redis.from_url(broker_env.coordination_url)
+    client = redis.Redis.from_url(broker_env.records)
     yield client
     client.close()
 
@@ -233,9 +276,7 @@ class Fleet:
     started: list[WorkerProcess] = field(default_factory=list)
 
     def spawn(self, function: str, *args: str, worker_id: str = "") -> WorkerProcess:
-        env = worker_env(
-            self.broker.coordination_url, TEST_RECORD_URL=self.broker.coordination_url, **self.broker.env
-        )
+        env = worker_env(self.broker.coordination_url, TEST_RECORD_URL=self.broker.records, **self.broker.env)
         ids = ["--worker-id", worker_id] if worker_id else []
         argv = ["-f", function, "-q", QUEUE, "-n", NAMESPACE, *ids, *self.broker.extra_worker_args, *args]
         proc = WorkerProcess(argv, env, self.tmp / f"worker-{len(self.started)}.log")

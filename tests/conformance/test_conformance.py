@@ -174,7 +174,7 @@ def test_a_broker_restart_mid_run_loses_nothing(
     workers = [fleet_.spawn(WORK, "-c", "8", *FAST) for _ in range(2)]
     wait_for(lambda: _done(record) > 300, 90, what="progress")
     broker_env.restart(2.0)
-    r2 = redis.Redis.from_url(broker_env.coordination_url)
+    r2 = redis.Redis.from_url(broker_env.records)
     wait_for(lambda: _done(r2) >= total, 180, what="every message done after the restart")
     s = _summary(r2, total)
     print(figures_line("broker-restart", broker_env.name, **s, dead=_reasons(broker_env)))

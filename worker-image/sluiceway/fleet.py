@@ -33,31 +33,35 @@ class QueueStats:
 
 
 _STATS_SCRIPT = """
--- KEYS: 1 ready  2 delayed  3 dead  4 leased-workers  5 stats  6 redelivered;  ARGV: 1 key prefix
+-- KEYS: 1 ready  2 delayed  3 dead  4 stats  5 redelivered  6.. inflight(worker), every lease holder
 local inflight = 0
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-  inflight = inflight + redis.call('ZCARD', ARGV[1] .. 'inflight:' .. w)
-end
-local s = redis.call('HMGET', KEYS[5], 'acked', 'retried', 'dead', 'reaped')
-return {redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[6]), redis.call('ZCARD', KEYS[2]), inflight, redis.call('LLEN', KEYS[3]),
+for i = 6, #KEYS do inflight = inflight + redis.call('ZCARD', KEYS[i]) end
+local s = redis.call('HMGET', KEYS[4], 'acked', 'retried', 'dead', 'reaped')
+return {redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[5]), redis.call('ZCARD', KEYS[2]), inflight,
+        redis.call('LLEN', KEYS[3]),
         tonumber(s[1] or '0'), tonumber(s[2] or '0'), tonumber(s[3] or '0'), tonumber(s[4] or '0')}
 """
 
 
 def queue_stats(client: redis_lib.Redis, keys: Keys) -> QueueStats:
-    """Depth, in-flight and counters in one round trip."""
+    """Depth, in-flight and counters, consistent with each other, in two round trips: the lease
+    holders, then one script told every key it reads (so it runs on a Redis Cluster too)."""
+    holders = sorted(_text(w) for w in client.smembers(keys.leased_workers))
     r = client.eval(
         _STATS_SCRIPT,
-        6,
+        5 + len(holders),
         keys.ready,
         keys.delayed,
         keys.dead,
-        keys.leased_workers,
         keys.stats,
         keys.redelivered,
-        keys.prefix,
+        *(keys.inflight(w) for w in holders),
     )
     return QueueStats(*(int(x) for x in cast(list[Any], r)))
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def heartbeats(client: redis_lib.Redis, keys: Keys) -> list[Heartbeat]:
@@ -78,7 +82,7 @@ def orphaned_workers(client: redis_lib.Redis, keys: Keys, known: set[str]) -> li
     Both tests are needed: ``known`` may lag behind the cluster (a watch just starting), and a
     heartbeat may lapse in a Redis hiccup; a worker is only an orphan when it fails both.
     """
-    holders = [w.decode() if isinstance(w, bytes) else str(w) for w in client.smembers(keys.leased_workers)]
+    holders = [_text(w) for w in client.smembers(keys.leased_workers)]
     candidates = [w for w in holders if w not in known]
     if not candidates:
         return []

@@ -1,23 +1,21 @@
--- Return leases to the queue: the expired ones of every worker, or (force) all of one worker's
+-- Return leases to the queue: the expired ones of the given workers, or (force) all of them
 -- (its pod is gone, or a restarted process finds leases left by its previous life).
 -- Each return is counted on the message itself ("<count>:<payload>" in the redelivered list),
 -- never on its payload, so equal payloads are each their own message, and one that keeps
 -- killing workers is dead-lettered.
--- KEYS: 1 redelivered  2 leased-workers  3 stats
--- ARGV: 1 key prefix  2 max per worker  3 worker id ("" = all)  4 force (1/0)  5 count (1/0)
--- Keys are built from the prefix inside the script; they share the hash tag, so they live in
--- the same Redis Cluster slot as KEYS.
+-- KEYS: 1 redelivered  2 leased-workers  3 stats  4.. inflight(worker), one per worker id
+-- ARGV: 1 max per worker  2 force (1/0)  3 count (1/0)  4.. worker ids, in the order of KEYS[4..]
+-- Every key is declared (the caller reads leased-workers first), so a Redis Cluster routes the
+-- script to the one slot all of them share.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local workers
-if ARGV[3] ~= '' then workers = {ARGV[3]} else workers = redis.call('SMEMBERS', KEYS[2]) end
-local limit = tonumber(ARGV[2])
-local add = tonumber(ARGV[5])
+local limit = tonumber(ARGV[1])
+local add = tonumber(ARGV[3])
 local returned = 0
-for _, w in ipairs(workers) do
-  local key = ARGV[1] .. 'inflight:' .. w
+for i = 4, #ARGV do
+  local w, key = ARGV[i], KEYS[i]
   local members
-  if ARGV[4] == '1' then
+  if ARGV[2] == '1' then
     members = redis.call('ZRANGE', key, 0, limit - 1)
   else
     members = redis.call('ZRANGEBYSCORE', key, '-inf', now_ms, 'LIMIT', 0, limit)

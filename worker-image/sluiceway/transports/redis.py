@@ -16,8 +16,9 @@ messages, and the redelivery count travels with the message, not with its payloa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import redis as redis_lib
 from redis.commands.core import Script
@@ -45,6 +46,15 @@ _PUBLISH_CHUNK = 1000  # messages per LPUSH: large enough to amortize, small eno
 
 outage_errors: tuple[type[BaseException], ...] = (redis_lib.RedisError,)
 
+# Replies that mean the command did not run where it was sent, so running it again through the
+# client (which loads scripts on demand and, on a cluster, follows MOVED and ASK, refreshing its
+# slot map on MOVED) runs it exactly once.
+_RUN_AGAIN: Final[tuple[type[redis_lib.ResponseError], ...]] = (
+    redis_lib.exceptions.NoScriptError,
+    redis_lib.exceptions.AskError,  # and MovedError, its subclass
+    redis_lib.exceptions.TryAgainError,
+)
+
 
 class RedisTransport:
     outage_errors = outage_errors
@@ -69,6 +79,24 @@ class RedisTransport:
         self.horizon_us = int(horizon_seconds * 1_000_000)
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
+        self.cluster = connection.is_cluster(client)
+        self._stale_slots = False  # a cluster connection broke: ask for the slot map again
+
+    def pool(self) -> Any:
+        """The connection pool the exchange uses: the client's own, or on a Redis Cluster that of
+        the node owning the queue's slot (every key of a queue shares its hash tag, so all of an
+        exchange's commands go to that one node)."""
+        if not self.cluster:
+            return self.client.connection_pool
+        cluster: Any = self.client
+        if self._stale_slots:
+            self._stale_slots = False
+            # A failover or a restart may have moved the slot; if the map cannot be read now,
+            # getting a connection below fails and the worker backs off as for any outage.
+            with contextlib.suppress(redis_lib.RedisError, OSError):
+                cluster.nodes_manager.initialize()
+        node = cluster.get_node_from_key(self.keys.ready)
+        return cluster.get_redis_connection(node).connection_pool
 
     def begin_exchange(self, outcomes: Outcomes, wanted: int) -> RedisExchange:
         k = self.keys
@@ -172,7 +200,10 @@ class RedisExchange:
     The worker keeps running tasks while Redis executes it, instead of waiting for the reply.
     Built by hand rather than with redis-py's ``Pipeline``, which asks ``SCRIPT EXISTS`` before
     every pipeline that runs a script (a second round trip); here a script Redis no longer knows
-    (after a restart) is loaded and rerun only when its reply says so.
+    (after a restart) is loaded and rerun only when its reply says so. On a Redis Cluster the
+    commands go to the node that owns the queue's slot; a command answered ``MOVED`` or ``ASK``
+    (the slot moved) is run again through the cluster client, in order, which follows the
+    redirect and refreshes the slot map for the next exchange.
     """
 
     def __init__(
@@ -182,8 +213,8 @@ class RedisExchange:
         self.calls = calls
         self.ack_calls = ack_calls
         self.wanted = wanted
-        pool = transport.client.connection_pool
-        conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
+        self.pool: Any = transport.pool()
+        conn: Any = self.pool.get_connection()  # redis-py's connection methods are untyped
         self.conn: Any = conn
         try:
             conn.send_packed_command(
@@ -213,10 +244,9 @@ class RedisExchange:
             raise
         self._release(broken=False)
         for i, err in list(errors.items()):
-            if isinstance(err, redis_lib.exceptions.NoScriptError):
-                # Redis lost its scripts (a restart). A command that said NOSCRIPT did not run,
-                # so running it now, through the client that loads scripts on demand, runs it
-                # exactly once.
+            if isinstance(err, _RUN_AGAIN):
+                # Redis lost its scripts (a restart), or on a cluster the slot moved. Either way
+                # the command did not run; in index order, settles still come before the fetch.
                 script, args = self.calls[i]
                 try:
                     replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
@@ -239,7 +269,8 @@ class RedisExchange:
             return
         if broken:
             conn.disconnect()
-        self.transport.client.connection_pool.release(conn)
+            self.transport._stale_slots = self.transport.cluster
+        self.pool.release(conn)
 
 
 def reap(
@@ -251,25 +282,35 @@ def reap(
     force: bool = False,
     count_redelivery: bool = True,
 ) -> int:
-    """Return expired leases (or, with ``force``, all leases of ``worker_id``) to the queue."""
+    """Return expired leases (or, with ``force``, all leases of ``worker_id``) to the queue.
+
+    The script is told every key it touches, so the lease holders are read first: a worker that
+    takes its first lease in between is looked at on the next round, when its leases can expire.
+    """
     s = scripts or Scripts.register(client)
     total = 0
     while True:
+        workers = [worker_id] if worker_id else sorted(_text(w) for w in client.smembers(keys.leased_workers))
+        if not workers:
+            return total
         n = int(
             s.reap(
-                keys=[keys.redelivered, keys.leased_workers, keys.stats],
-                args=[
-                    keys.prefix,
-                    REAP_LIMIT,
-                    worker_id,
-                    "1" if force else "0",
-                    "1" if count_redelivery else "0",
+                keys=[
+                    keys.redelivered,
+                    keys.leased_workers,
+                    keys.stats,
+                    *(keys.inflight(w) for w in workers),
                 ],
+                args=[REAP_LIMIT, "1" if force else "0", "1" if count_redelivery else "0", *workers],
             )
         )
         total += n
         if n < REAP_LIMIT:
             return total
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def delivery(member: bytes, start_after: float = 0.0) -> Delivery:

@@ -34,6 +34,8 @@ BROKERS: Final = ("redis", "rabbitmq", "kafka")
 _SCHEMES: Final = {
     "redis": "redis",
     "rediss": "redis",
+    "redis+cluster": "redis",  # a Redis Cluster (see sluiceway.connection)
+    "rediss+cluster": "redis",
     "unix": "redis",
     "amqp": "rabbitmq",
     "amqps": "rabbitmq",
