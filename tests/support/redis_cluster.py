@@ -158,6 +158,31 @@ class RedisClusterServer:
         nodes: dict[str, dict[str, object]] = _node(port).execute_command("CLUSTER NODES")
         return sum(1 for n in nodes.values() if "master" in str(n["flags"]) and "fail" not in str(n["flags"]))
 
+    def owner(self, slot: int) -> int:
+        """The port of the master that owns ``slot``, as the first node sees it."""
+        for start, end, master, *_ in _node(self.ports[0]).execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+        raise LookupError(f"slot {slot} is not covered")
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Reshard one slot with its keys to the master on ``to_port``, the way ``redis-cli
+        --cluster reshard`` does it (IMPORTING/MIGRATING, MIGRATE, then SETSLOT NODE everywhere),
+        and wait until every node agrees. Clients with the old slot map get MOVED afterwards."""
+        src, dst = _node(self.owner(slot)), _node(to_port)
+        src_id, dst_id = (n.execute_command("CLUSTER MYID") for n in (src, dst))
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+        for port in self.ports:
+            _node(port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        deadline = time.monotonic() + 30
+        while self.owner(slot) != to_port or any(self._state(p) != "ok" for p in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} did not move to port {to_port}")
+            time.sleep(0.05)
+
     def flush(self) -> None:
         for port in self.ports:
             redis.Redis(port=port).flushall()

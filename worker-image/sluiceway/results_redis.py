@@ -8,7 +8,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -39,7 +39,7 @@ class _Listener:
         self.url = url
         # Two sockets whatever the number of calls: the subscription, and one for commands.
         self.redis = connection.async_client(url, max_connections=1)
-        self.pubsub = connection.async_client(url).pubsub(ignore_subscribe_messages=True)
+        self.pubsub: Any = None  # made in _run: a cluster client must learn its slots first
         self.channel = reply_channel(CLIENT_ID)
         self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.ready = asyncio.Event()
@@ -84,12 +84,21 @@ class _Listener:
             if self.waiters.get(key) is fut:
                 del self.waiters[key]
 
+    async def _subscriber(self) -> Any:
+        client = connection.async_client(self.url)
+        if connection.is_cluster(client):
+            # The cluster's pub/sub routes by the channel's slot, so it needs the slot map.
+            await cast(Any, client).initialize()
+        return client.pubsub(ignore_subscribe_messages=True)
+
     async def _run(self) -> None:
         unlinker = asyncio.get_running_loop().create_task(self._unlink_delivered())
         failures = 0
         try:
             while True:
                 try:
+                    if self.pubsub is None:
+                        self.pubsub = await self._subscriber()
                     await self.pubsub.subscribe(self.channel)
                     # Results published while we were not subscribed: fetch them from their lists.
                     await self._sweep()
@@ -102,8 +111,9 @@ class _Listener:
                 except (redis.ConnectionError, redis.TimeoutError, ConnectionError):
                     failures += 1
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
-                    with contextlib.suppress(redis.RedisError, ConnectionError):
-                        await self.pubsub.reset()
+                    if self.pubsub is not None:
+                        with contextlib.suppress(redis.RedisError, ConnectionError):
+                            await self.pubsub.reset()
         finally:
             unlinker.cancel()
 
@@ -230,7 +240,9 @@ class ResultWriter:
     def write(self, records: Sequence[tuple[str, bytes]]) -> None:
         if self._client is None:
             self._client = connection.client(self.url)
+        cluster = connection.is_cluster(self._client)
         pipe = self._client.pipeline(transaction=False)
+        notices: list[tuple[str, bytes]] = []
         for key, record in records:
             channel = reply_channel_of(key)
             if channel is None:  # codec.decode already refused it; never write elsewhere
@@ -239,8 +251,21 @@ class ResultWriter:
             # A message that ran twice (at-least-once) keeps its first result only.
             pipe.ltrim(key, 0, 0)
             pipe.expire(key, self.ttl)
-            pipe.publish(channel, record)
+            if cluster:
+                notices.append((channel, record))
+            else:
+                pipe.publish(channel, record)
         pipe.execute()
+        if notices:
+            # redis-py's cluster pipeline refuses PUBLISH. A cluster forwards a PUBLISH to every
+            # node, so one node's plain pipeline reaches each caller, wherever it subscribed;
+            # it runs after the records are stored, so a notified caller finds its result.
+            node_client: Any = self._client
+            plain = node_client.get_redis_connection(node_client.get_default_node())
+            notify = plain.pipeline(transaction=False)
+            for channel, record in notices:
+                notify.publish(channel, record)
+            notify.execute()
 
     def close(self) -> None:
         if self._client is not None:

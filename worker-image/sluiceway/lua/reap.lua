@@ -13,12 +13,11 @@ local limit = tonumber(ARGV[1])
 local add = tonumber(ARGV[3])
 local returned = 0
 for i = 4, #ARGV do
-  local w, key = ARGV[i], KEYS[i]
   local members
   if ARGV[2] == '1' then
-    members = redis.call('ZRANGE', key, 0, limit - 1)
+    members = redis.call('ZRANGE', KEYS[i], 0, limit - 1)
   else
-    members = redis.call('ZRANGEBYSCORE', key, '-inf', now_ms, 'LIMIT', 0, limit)
+    members = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now_ms, 'LIMIT', 0, limit)
   end
   for _, m in ipairs(members) do
     local a = string.find(m, ':', 1, true)
@@ -28,8 +27,8 @@ for i = 4, #ARGV do
     redis.call('RPUSH', KEYS[1], count .. ':' .. string.sub(m, a + 1))
     returned = returned + 1
   end
-  if #members > 0 then redis.call('ZREM', key, unpack(members)) end
-  if redis.call('ZCARD', key) == 0 then redis.call('SREM', KEYS[2], w) end
+  if #members > 0 then redis.call('ZREM', KEYS[i], unpack(members)) end
+  if redis.call('ZCARD', KEYS[i]) == 0 then redis.call('SREM', KEYS[2], ARGV[i]) end
 end
 if returned > 0 then redis.call('HINCRBY', KEYS[3], 'reaped', returned) end
 return returned
