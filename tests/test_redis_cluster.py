@@ -51,6 +51,9 @@ def test_a_cluster_url_selects_redis_cluster_and_a_plain_url_does_not(redis_clus
     assert not connection.is_cluster(connection.client("redis://127.0.0.1:1/0"))
     with pytest.raises(ValueError, match="only database 0"):
         connection.client(redis_cluster_url + "/2")
+    # The cluster client connects as it is made; nothing listening is an outage like any other.
+    with pytest.raises(redis.ConnectionError, match="Redis Cluster"):
+        connection.client("redis+cluster://127.0.0.1:1")
 
 
 def test_messages_settle_and_reap_on_the_node_of_their_slot(
@@ -214,3 +217,12 @@ def test_calls_return_their_results_through_a_cluster(
         )
 
     assert asyncio.run(many()) == list(range(50))
+
+
+def test_a_worker_whose_cluster_is_unreachable_at_start_exits_naming_it(spawn_worker: SpawnWorker) -> None:
+    # RedisCluster reads the slot map as it is made; Kubernetes restarts the worker with back-off.
+    w = spawn_worker(
+        "-f", "tests.support.call_tasks:echo", "-q", "echo", SLUICEWAY_REDIS_URL="redis+cluster://127.0.0.1:1"
+    )
+    assert w.wait(60) != 0
+    assert "Redis Cluster" in w.output()

@@ -53,17 +53,20 @@ def client(url: str, **kwargs: Any) -> redis.Redis:
     asks :func:`is_cluster` first."""
     node_url = cluster_node_url(url)
     if node_url is not None:
-        return cast(
-            redis.Redis,
-            redis.RedisCluster.from_url(
+        try:
+            cluster = redis.RedisCluster.from_url(
                 node_url,
                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
                 socket_connect_timeout=2.0,
                 socket_timeout=10.0,
                 health_check_interval=15,
                 **kwargs,
-            ),
-        )
+            )
+        except redis.exceptions.RedisClusterException as exc:
+            # Unlike redis.Redis, RedisCluster connects as it is made (to read the slot map), and
+            # its error is not a RedisError; callers handle an unreachable Redis as an outage.
+            raise redis.ConnectionError(f"Redis Cluster: {exc}") from exc
+        return cast(redis.Redis, cluster)
     return redis.Redis.from_url(
         url,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
