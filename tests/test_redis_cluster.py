@@ -21,7 +21,7 @@ from sluiceway.transports.base import DeadLetter, Outcomes, Retry
 from sluiceway.transports.redis import AsyncRedisSink, RedisTransport
 from sluiceway_operator.backlog.redis import RedisSource, due_delayed
 from tests.support.redis_cluster import RedisClusterServer
-from tests.support.workers import SpawnWorker
+from tests.support.workers import SpawnWorker, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -226,3 +226,52 @@ def test_a_worker_whose_cluster_is_unreachable_at_start_exits_naming_it(spawn_wo
     )
     assert w.wait(60) != 0
     assert "Redis Cluster" in w.output()
+
+
+def test_a_restart_of_every_node_loses_no_lease_and_the_transport_reconnects(
+    redis_cluster: RedisClusterServer, redis_cluster_url: str
+) -> None:
+    publish(redis_cluster_url, 10)
+    t = transport(redis_cluster_url)
+    held = t.begin_exchange(Outcomes(), 5).result().batch.deliveries
+    redis_cluster.restart()  # AOF with appendfsync always: every acknowledged write survives
+    outcome: list[Any] = []
+
+    def exchanged() -> bool:
+        try:
+            outcome.append(t.begin_exchange(Outcomes(acks=[d.token for d in held]), 10).result())
+        except redis.RedisError:  # the worker backs off and tries again, as here
+            return False
+        return True
+
+    wait_for(exchanged, 30, interval=0.1, what="an exchange after the restart")
+    assert (outcome[0].gone, outcome[0].settle_error) == (0, "")
+    assert len(outcome[0].batch.deliveries) == 5
+    stats = fleet.queue_stats(t.client, KEYS)
+    assert (stats.acked, stats.in_flight, stats.ready) == (5, 5, 0)
+
+
+def test_a_slot_in_migration_is_an_outage_until_it_ends_and_nothing_runs_twice(
+    redis_cluster: RedisClusterServer, redis_cluster_url: str
+) -> None:
+    # While a slot migrates, the old owner answers ASK for keys it no longer has and the new one
+    # TRYAGAIN for a script whose keys are not all there yet (Redis refuses multi-key commands
+    # across a half-moved slot). The exchange runs nothing and raises, as for any outage; the
+    # worker keeps its outcomes and sends them again once the migration ends.
+    publish(redis_cluster_url, 6)
+    t = transport(redis_cluster_url)
+    held = t.begin_exchange(Outcomes(), 2).result().batch.deliveries
+    slot = t.client.keyslot(KEYS.ready)
+    before = redis_cluster.owner(slot)
+    target = next(p for p in redis_cluster.ports if p != before)
+    redis_cluster.move_slot(slot, target, finish=False)
+    try:
+        with pytest.raises(redis.RedisError):
+            t.begin_exchange(Outcomes(acks=[d.token for d in held]), 2).result()
+    finally:
+        redis_cluster.finish_move(slot, target)
+    result = t.begin_exchange(Outcomes(acks=[d.token for d in held]), 2).result()
+    assert (result.gone, result.settle_error) == (0, "")
+    assert len(result.batch.deliveries) == 2
+    stats = fleet.queue_stats(t.client, KEYS)
+    assert (stats.acked, stats.in_flight, stats.ready) == (2, 2, 2)

@@ -165,16 +165,23 @@ class RedisClusterServer:
                 return int(master[1])
         raise LookupError(f"slot {slot} is not covered")
 
-    def move_slot(self, slot: int, to_port: int) -> None:
+    def move_slot(self, slot: int, to_port: int, *, finish: bool = True) -> None:
         """Reshard one slot with its keys to the master on ``to_port``, the way ``redis-cli
         --cluster reshard`` does it (IMPORTING/MIGRATING, MIGRATE, then SETSLOT NODE everywhere),
-        and wait until every node agrees. Clients with the old slot map get MOVED afterwards."""
+        and wait until every node agrees. Clients with the old slot map get MOVED afterwards.
+        With ``finish=False`` it stops after moving the keys, the slot still migrating: the old
+        owner then answers ASK for them (call :meth:`finish_move` later)."""
         src, dst = _node(self.owner(slot)), _node(to_port)
         src_id, dst_id = (n.execute_command("CLUSTER MYID") for n in (src, dst))
         dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
         while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+        if finish:
+            self.finish_move(slot, to_port)
+
+    def finish_move(self, slot: int, to_port: int) -> None:
+        dst_id = _node(to_port).execute_command("CLUSTER MYID")
         for port in self.ports:
             _node(port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
         deadline = time.monotonic() + 30
