@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
 import time
 from typing import Any, cast
 
@@ -275,3 +278,15 @@ def test_a_slot_in_migration_is_an_outage_until_it_ends_and_nothing_runs_twice(
     assert len(result.batch.deliveries) == 2
     stats = fleet.queue_stats(t.client, KEYS)
     assert (stats.acked, stats.in_flight, stats.ready) == (2, 2, 2)
+
+
+def test_the_cli_reads_stats_on_a_cluster(redis_cluster_url: str) -> None:
+    publish(redis_cluster_url, 1)
+    done = subprocess.run(
+        [sys.executable, "-m", "sluiceway", "stats", "-q", "jobs", "--redis-url", redis_cluster_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert re.search(r"ready\s+1\b", done.stdout)
