@@ -290,3 +290,21 @@ def test_the_cli_reads_stats_on_a_cluster(redis_cluster_url: str) -> None:
         check=True,
     )
     assert re.search(r"ready\s+1\b", done.stdout)
+
+
+def test_round_trips_are_counted_on_every_node(redis_cluster_url: str) -> None:
+    client = connection.client(redis_cluster_url)
+    trips = connection.count_round_trips(client)
+    publish(redis_cluster_url, 6)
+    t = RedisTransport(client, KEYS, "w1", lease_seconds=30)
+    # The first exchange opens the node's connection and loads the scripts: counted, as real.
+    assert len(t.begin_exchange(Outcomes(), 3).result().batch.deliveries) == 3
+    assert trips.count >= 1
+    before = trips.count
+    assert len(t.begin_exchange(Outcomes(), 3).result().batch.deliveries) == 3
+    assert trips.count == before + 1  # settle and fetch: one request to the node of the slot
+    cluster: Any = client
+    home = cluster.get_node_from_key(KEYS.ready).name
+    other = next(k for k in (f"k{i}" for i in range(100)) if cluster.get_node_from_key(k).name != home)
+    client.set(other, 1)  # another master's connection counts too
+    assert trips.count >= before + 2
