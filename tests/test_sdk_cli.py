@@ -130,6 +130,18 @@ def test_cli_errors_are_one_line_with_a_documented_exit_code(r: redis.Redis, red
         assert "hunter2" not in out.stderr
 
 
+@pytest.mark.rabbitmq
+def test_cli_publish_to_an_unreachable_broker_is_one_line_naming_no_password(rabbitmq_url: str) -> None:
+    """Not only Redis: a RabbitMQ that is down or refuses the login is exit 5, one line."""
+    closed = f"amqp://guest:hunter2@127.0.0.1:{free_port()}/%2F"
+    refused = rabbitmq_url.replace("guest:guest@", "guest:hunter2@", 1)
+    assert refused != rabbitmq_url
+    for url in (closed, refused):
+        out = _cli("publish", "-q", "jobs", "--redis-url", url, "{}")
+        _one_line_error(out, 5, "cannot reach rabbitmq at amqp://guest:***@127.0.0.1")
+        assert "hunter2" not in out.stderr
+
+
 def test_cli_dlq_replay_counts(r: redis.Redis, redis_url: str) -> None:
     url = ["--redis-url", redis_url]
     for n in range(3):
