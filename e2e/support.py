@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +415,28 @@ class Burst:
         )
 
 
+def ticks(op: Operator) -> int:
+    """Ticks the operator has run, from its own histogram (every TaskQueue's loop counts)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{op.http_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("sluiceway_operator_decision_seconds_count"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def wait_ticks(op: Operator, c: LocalCluster, n: int, timeout: float, what: str) -> None:
+    """Wait until every TaskQueue's loop has ticked about ``n`` more times: a bounded observation for a
+    check that something does *not* happen, measured in the operator's own decisions, not in seconds.
+
+    The tick count is shared by all loops, so this waits for ``n`` ticks per TaskQueue in the
+    cluster: exactly ``n`` each when they share one poll interval (``taskqueue``'s 1 s), and more
+    for the slower loop otherwise.
+    """
+    loops = max(1, len(c.get("/apis/sluiceway.dev/v1alpha1/taskqueues")["items"]))
+    seen = ticks(op)
+    until(op, lambda: ticks(op) >= seen + n * loops, timeout, f"{n} operator ticks ({what})")
+
+
 __all__ = [
     "CRD",
     "OPERATOR_SA",
@@ -438,7 +461,9 @@ __all__ = [
     "start_bound",
     "start_operator",
     "taskqueue",
+    "ticks",
     "until",
+    "wait_ticks",
 ]
 
 

@@ -64,6 +64,7 @@ class Harness:
     def restart(self, sig: int = signal.SIGKILL, down_for: float = 2.0) -> None:
         self.op.proc.send_signal(sig)
         self.op.proc.wait(20)
+        # Not a wait: ``down_for`` is the outage the scenario injects (the fleet runs unmanaged).
         time.sleep(down_for)
         self.op = start_operator(self.kubeconfig, self.namespace, self.log)
 
@@ -216,7 +217,7 @@ def test_redis_restart_mid_burst_workers_and_operator_recover(
     b = Burst(c, harness, ns, "redisrestart", redis_url)
     until(harness.op, lambda: replicas(c, ns, "redisrestart") == CEILING, 30, f"{CEILING} replicas")
     b.wait_done(r, MESSAGES // 5)
-    redis_server.restart(down_for=3)
+    redis_server.restart(down_for=3)  # the scenario: a 3 s Redis outage mid-burst
     # Check the condition while the TaskQueue still exists: finish() deletes it.
     b.wait_done(r, MESSAGES, 180)
     until(
