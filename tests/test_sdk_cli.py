@@ -91,6 +91,9 @@ def test_cli_help_reads_well() -> None:
     # Only brokers that run are offered: each has a transport in the registry.
     assert "{redis,rabbitmq,kafka}" in help_text
     assert _cli("--version").stdout.startswith("sluiceway ")
+    top = " ".join(_cli("--help").stdout.split())
+    assert "Exit codes of worker: 0 stopped cleanly" in top, top
+    assert "Exit codes of publish, stats and dlq: 0 done" in top, top
     assert _cli("stats").returncode == 2
 
 

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sluiceway",
         description="Run Python functions as queue workers with an exact fleet-wide QPS limit.",
-        epilog=_EPILOG + _TOOL_EPILOG,
+        # Both tables, each saying which commands it is for.
+        epilog=_EPILOG.replace("Exit codes:", "Exit codes of worker:")
+        + _TOOL_EPILOG.replace("Exit codes:", "Exit codes of publish, stats and dlq:"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"sluiceway {__version__}")
