@@ -30,6 +30,7 @@ from support import (
     Figures,
     MaxReplicas,
     Operator,
+    burst_taskqueue,
     cond,
     figures,
     get_dep,
@@ -81,23 +82,17 @@ def harness(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 
 
 def burst_queue(name: str, redis_url: str, **over: Any) -> dict[str, Any]:
-    return taskqueue(
+    return burst_taskqueue(
         name,
         redis_url,
-        rateLimit={"qps": QPS},
-        concurrency={"perPod": PER_POD},
-        timeoutSeconds=10,
+        qps=QPS,
+        per_pod=PER_POD,
+        task_seconds=TASK_SECONDS,
+        max_replicas=6,
+        drain_seconds=5,
         # Task failures caused by a fault (Redis down) are retried quickly and often enough.
         retry={"maxAttempts": 10, "backoffSeconds": 0.2, "maxBackoffSeconds": 1},
         liveness={"heartbeatSeconds": 0.5, "leaseSeconds": 5},
-        scaling={
-            "minReplicas": 0,
-            "maxReplicas": 6,
-            "assumedTaskSeconds": TASK_SECONDS,
-            "targetDrainSeconds": 5,
-            "cooldownSeconds": 3,
-            "scaleDownStabilizationSeconds": 2,
-        },
         **over,
     )
 
