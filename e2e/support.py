@@ -15,7 +15,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import redis
 
 from localcluster.cluster import LocalCluster
 from localcluster.procs import free_port
+from sluiceway.publish import Publisher
 from sluiceway.ratelimit import max_in_window
 from sluiceway_operator.manifests import deployment_name, operator_rbac
 
@@ -298,28 +300,170 @@ def figures(
     )
 
 
+def burst_taskqueue(
+    name: str,
+    redis_url: str,
+    *,
+    qps: float,
+    per_pod: int,
+    task_seconds: float,
+    max_replicas: int,
+    drain_seconds: float,
+    scaling: dict[str, Any] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A rate-limited TaskQueue that starts at zero, for a burst of ``task_seconds`` tasks.
+
+    ``assumedTaskSeconds`` is the tasks' real length unless ``scaling`` says otherwise, so the
+    wake-up is sized as the scenario computes it; ``spec`` and ``scaling`` merge as in ``taskqueue``.
+    """
+    return taskqueue(
+        name,
+        redis_url,
+        rateLimit={"qps": qps},
+        concurrency={"perPod": per_pod},
+        timeoutSeconds=10,
+        scaling={
+            "minReplicas": 0,
+            "maxReplicas": max_replicas,
+            "assumedTaskSeconds": task_seconds,
+            "targetDrainSeconds": drain_seconds,
+            **(scaling or {}),
+        },
+        **spec,
+    )
+
+
+def record_payloads(count: int, sleep: float, first: int = 0) -> Iterator[dict[str, Any]]:
+    """Messages for ``tests.tasks:record``, numbered from ``first``, each sleeping ``sleep`` seconds."""
+    return ({"n": i, "sleep": sleep} for i in range(first, first + count))
+
+
+class Burst:
+    """One burst scenario: wait for the fleet at zero, publish, then time the drain and the way back.
+
+    The replica count is sampled from before the publish, so ``seen`` starts with the 0.
+    """
+
+    def __init__(self, c: LocalCluster, op: Operator, ns: str, name: str) -> None:
+        self.c, self.op, self.ns, self.name = c, op, ns, name
+        self.sampler: MaxReplicas | None = None
+        self.t0 = 0.0
+        self.drained = 0.0
+        self.at_zero: float | None = None
+        self.seen: list[int] = []
+
+    def replicas(self) -> int | None:
+        return replicas(self.c, self.ns, self.name)
+
+    def publish(self, url: str, queue: str, payloads: Iterable[dict[str, Any]]) -> None:
+        until(self.op, lambda: self.replicas() == 0, 60, "the worker Deployment at 0")
+        self.sampler = MaxReplicas(self.c, self.ns, self.name)
+        self.t0 = time.monotonic()
+        pub = Publisher(url)
+        try:
+            pub.publish_batch(queue, payloads)
+        finally:
+            pub.close()
+
+    def last_scale(self, timeout: float = 30) -> dict[str, Any]:
+        """``status.lastScale`` once written: the operator scales the Deployment first and writes
+        the status after, so a test that saw the new replica count may still read the old status."""
+        return dict(
+            until(
+                self.op,
+                lambda: get_tq(self.c, self.ns, self.name).get("status", {}).get("lastScale"),
+                timeout,
+                "status.lastScale",
+            )
+        )
+
+    def seen_so_far(self) -> list[int]:
+        assert self.sampler is not None, "publish first"
+        return list(self.sampler.seen)
+
+    def drain(self, r: redis.Redis, messages: int, *, done_within: float, zero_within: float) -> list[int]:
+        """Wait for every message done, then for the fleet back at zero; return the replicas seen."""
+        assert self.sampler is not None, "publish first"
+        until(self.op, lambda: r.hlen("test:done") >= messages, done_within, "every message done")
+        self.drained = time.monotonic() - self.t0
+        until(self.op, lambda: self.replicas() == 0, zero_within, "the fleet back at zero")
+        self.at_zero = time.monotonic() - self.t0
+        self.seen = self.sampler.stop()
+        return self.seen
+
+    def figures(
+        self,
+        scenario: str,
+        r: redis.Redis,
+        messages: int,
+        *,
+        ceiling: int | None,
+        limit: float | None,
+        dead: int = 0,
+    ) -> Figures:
+        return figures(
+            scenario,
+            r,
+            messages,
+            seen_replicas=self.seen,
+            ceiling=ceiling,
+            limit=limit,
+            drain_seconds=self.drained,
+            zero_seconds=self.at_zero,
+            dead=dead,
+        )
+
+
+def ticks(op: Operator) -> int:
+    """Ticks the operator has run, from its own histogram (every TaskQueue's loop counts)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{op.http_port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("sluiceway_operator_decision_seconds_count"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def wait_ticks(op: Operator, c: LocalCluster, n: int, timeout: float, what: str) -> None:
+    """Wait until every TaskQueue's loop has ticked about ``n`` more times: a bounded observation for a
+    check that something does *not* happen, measured in the operator's own decisions, not in seconds.
+
+    The tick count is shared by all loops, so this waits for ``n`` ticks per TaskQueue in the
+    cluster: exactly ``n`` each when they share one poll interval (``taskqueue``'s 1 s), and more
+    for the slower loop otherwise.
+    """
+    loops = max(1, len(c.get("/apis/sluiceway.dev/v1alpha1/taskqueues")["items"]))
+    seen = ticks(op)
+    until(op, lambda: ticks(op) >= seen + n * loops, timeout, f"{n} operator ticks ({what})")
+
+
 __all__ = [
     "CRD",
     "OPERATOR_SA",
     "ROOT",
     "TQ_PATH",
+    "Burst",
     "Figures",
     "MaxReplicas",
     "Operator",
     "WaitTimeoutError",
+    "burst_taskqueue",
     "cond",
     "figures",
     "get_dep",
     "get_tq",
     "install_crd",
     "install_operator_rbac",
+    "record_payloads",
     "recorded",
     "redis_secret",
     "replicas",
     "start_bound",
     "start_operator",
     "taskqueue",
+    "ticks",
     "until",
+    "wait_ticks",
 ]
 
 

@@ -10,7 +10,6 @@ pods/status, the controllers PUT), so those counters are the operator's calls.
 from __future__ import annotations
 
 import re
-import urllib.request
 
 import pytest
 import redis
@@ -19,7 +18,7 @@ from localcluster.cluster import LocalCluster
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
-from support import Operator, cond, get_tq, taskqueue, until
+from support import Operator, cond, get_tq, taskqueue, ticks, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -42,15 +41,6 @@ def api_requests(c: LocalCluster, verb: str, resource: str, subresource: str = "
         ):
             total += float(m.group("value"))
     return int(total)
-
-
-def ticks(op: Operator) -> int:
-    """Ticks the operator has run, from its own histogram (every TaskQueue's loop counts)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{op.http_port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("sluiceway_operator_decision_seconds_count"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    return 0
 
 
 def test_a_steady_tick_writes_nothing(

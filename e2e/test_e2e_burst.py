@@ -8,21 +8,18 @@ them.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
 from localcluster.cluster import LocalCluster
 from sluiceway import fleet
 from sluiceway.contract import Keys
-from sluiceway.publish import Publisher
 from sluiceway_operator.scaling import qps_ceiling
 from support import (
-    MaxReplicas,
+    Burst,
     Operator,
-    figures,
-    get_tq,
+    burst_taskqueue,
+    record_payloads,
     recorded,
     replicas,
     start_bound,
@@ -49,51 +46,28 @@ def test_burst_under_qps_limit_scales_once_to_the_ceiling_and_back_to_zero(
     ceiling = qps_ceiling(QPS, latency=TASK_SECONDS, per_pod=PER_POD, headroom=HEADROOM)
     assert ceiling == 3
     c.apply(
-        taskqueue(
+        burst_taskqueue(
             "burst",
             redis_url,
-            rateLimit={"qps": QPS},
-            concurrency={"perPod": PER_POD},
-            timeoutSeconds=10,
-            scaling={
-                "minReplicas": 0,
-                "maxReplicas": 10,
-                "qpsHeadroom": HEADROOM,
-                "assumedTaskSeconds": TASK_SECONDS,
-                "targetDrainSeconds": 10,
-                "cooldownSeconds": 3,
-                "scaleDownStabilizationSeconds": 2,
-                "pollIntervalSeconds": 1,
-            },
+            qps=QPS,
+            per_pod=PER_POD,
+            task_seconds=TASK_SECONDS,
+            max_replicas=10,
+            drain_seconds=10,
+            scaling={"qpsHeadroom": HEADROOM},
         ),
         ns,
     )
-    until(operator, lambda: replicas(c, ns, "burst") == 0, 30, "the worker Deployment at 0")
-    sampler = MaxReplicas(c, ns, "burst")
-    t0 = time.monotonic()
-    Publisher(redis_url).publish_batch(
-        f"{ns}/burst", ({"n": i, "sleep": TASK_SECONDS} for i in range(messages))
-    )
-    until(operator, lambda: replicas(c, ns, "burst") == ceiling, 30, f"{ceiling} replicas")
-    tq = get_tq(c, ns, "burst")
-    assert tq["status"]["lastScale"]["from"] == 0
-    assert tq["status"]["lastScale"]["reason"] == "WakeFromZero"
-    assert tq["status"]["lastScale"]["inputs"]["qpsCeiling"] == ceiling
-    until(operator, lambda: r.hlen("test:done") >= messages, 180, "every message done")
-    drained = time.monotonic() - t0
-    until(operator, lambda: replicas(c, ns, "burst") == 0, 90, "the fleet back at zero")
-    at_zero = time.monotonic() - t0
-    seen = sampler.stop()
-    f = figures(
-        "burst 5000 @ 200 qps",
-        r,
-        messages,
-        seen_replicas=seen,
-        ceiling=ceiling,
-        limit=start_bound(QPS),
-        drain_seconds=drained,
-        zero_seconds=at_zero,
-    )
+    burst = Burst(c, operator, ns, "burst")
+    burst.publish(redis_url, f"{ns}/burst", record_payloads(messages, TASK_SECONDS))
+    until(operator, lambda: burst.replicas() == ceiling, 30, f"{ceiling} replicas")
+    woke = burst.last_scale()
+    assert woke["from"] == 0
+    assert woke["reason"] == "WakeFromZero"
+    assert woke["inputs"]["qpsCeiling"] == ceiling
+    seen = burst.drain(r, messages, done_within=180, zero_within=90)
+    drained = burst.drained
+    f = burst.figures("burst 5000 @ 200 qps", r, messages, ceiling=ceiling, limit=start_bound(QPS))
     print(f"\n{f.line()}\nreplicas over time: {seen}")
     assert seen[:2] == [0, ceiling], f"not one step from 0 to the ceiling: {seen}"
     assert f.peak_replicas <= ceiling, seen
@@ -131,13 +105,11 @@ def test_scale_in_during_work_interrupts_no_running_task(
         ),
         ns,
     )
-    until(operator, lambda: replicas(c, ns, "scalein") == 0, 30, "the worker Deployment at 0")
-    sampler = MaxReplicas(c, ns, "scalein")
-    t0 = time.monotonic()
-    pub = Publisher(redis_url)
-    pub.publish_batch(f"{ns}/scalein", ({"n": i, "sleep": 12} for i in range(long_tasks)))
-    pub.publish_batch(
-        f"{ns}/scalein", ({"n": i, "sleep": 0.3} for i in range(long_tasks, long_tasks + short_tasks))
+    burst = Burst(c, operator, ns, "scalein")
+    burst.publish(
+        redis_url,
+        f"{ns}/scalein",
+        [*record_payloads(long_tasks, 12), *record_payloads(short_tasks, 0.3, first=long_tasks)],
     )
     until(operator, lambda: replicas(c, ns, "scalein") == 4, 30, "4 replicas")
     # The fleet shrinks while the long tasks still run.
@@ -148,21 +120,8 @@ def test_scale_in_during_work_interrupts_no_running_task(
         "a scale-in while long tasks run",
     )
     long_done_at_scale_in = sum(1 for i in range(long_tasks) if r.hget("test:done", str(i)))
-    until(operator, lambda: r.hlen("test:done") >= long_tasks + short_tasks, 90, "every message done")
-    drained = time.monotonic() - t0
-    until(operator, lambda: replicas(c, ns, "scalein") == 0, 60, "zero replicas")
-    at_zero = time.monotonic() - t0
-    seen = sampler.stop()
-    f = figures(
-        "scale-in during work",
-        r,
-        long_tasks + short_tasks,
-        seen_replicas=seen,
-        ceiling=None,
-        limit=None,
-        drain_seconds=drained,
-        zero_seconds=at_zero,
-    )
+    seen = burst.drain(r, long_tasks + short_tasks, done_within=90, zero_within=60)
+    f = burst.figures("scale-in during work", r, long_tasks + short_tasks, ceiling=None, limit=None)
     _, started, done = recorded(r, long_tasks + short_tasks)
     exits = c.require_kubelet().exits(ns)
     print(f"\n{f.line()}\nreplicas over time: {seen}; long tasks done at the first scale-in: "

@@ -30,6 +30,7 @@ from support import (
     Figures,
     MaxReplicas,
     Operator,
+    burst_taskqueue,
     cond,
     figures,
     get_dep,
@@ -64,6 +65,7 @@ class Harness:
     def restart(self, sig: int = signal.SIGKILL, down_for: float = 2.0) -> None:
         self.op.proc.send_signal(sig)
         self.op.proc.wait(20)
+        # Not a wait: ``down_for`` is the outage the scenario injects (the fleet runs unmanaged).
         time.sleep(down_for)
         self.op = start_operator(self.kubeconfig, self.namespace, self.log)
 
@@ -80,23 +82,17 @@ def harness(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 
 
 def burst_queue(name: str, redis_url: str, **over: Any) -> dict[str, Any]:
-    return taskqueue(
+    return burst_taskqueue(
         name,
         redis_url,
-        rateLimit={"qps": QPS},
-        concurrency={"perPod": PER_POD},
-        timeoutSeconds=10,
+        qps=QPS,
+        per_pod=PER_POD,
+        task_seconds=TASK_SECONDS,
+        max_replicas=6,
+        drain_seconds=5,
         # Task failures caused by a fault (Redis down) are retried quickly and often enough.
         retry={"maxAttempts": 10, "backoffSeconds": 0.2, "maxBackoffSeconds": 1},
         liveness={"heartbeatSeconds": 0.5, "leaseSeconds": 5},
-        scaling={
-            "minReplicas": 0,
-            "maxReplicas": 6,
-            "assumedTaskSeconds": TASK_SECONDS,
-            "targetDrainSeconds": 5,
-            "cooldownSeconds": 3,
-            "scaleDownStabilizationSeconds": 2,
-        },
         **over,
     )
 
@@ -216,7 +212,7 @@ def test_redis_restart_mid_burst_workers_and_operator_recover(
     b = Burst(c, harness, ns, "redisrestart", redis_url)
     until(harness.op, lambda: replicas(c, ns, "redisrestart") == CEILING, 30, f"{CEILING} replicas")
     b.wait_done(r, MESSAGES // 5)
-    redis_server.restart(down_for=3)
+    redis_server.restart(down_for=3)  # the scenario: a 3 s Redis outage mid-burst
     # Check the condition while the TaskQueue still exists: finish() deletes it.
     b.wait_done(r, MESSAGES, 180)
     until(

@@ -9,17 +9,23 @@ the operator as its own process, real Redis for coordination, and a real Kafka b
 from __future__ import annotations
 
 import base64
-import time
 
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
 from localcluster.cluster import LocalCluster
-from sluiceway.publish import Publisher
 from sluiceway.transports import kafka_common as kc
 from sluiceway_operator.scaling import qps_ceiling
-from support import MaxReplicas, Operator, figures, get_tq, replicas, start_bound, taskqueue, until
+from support import (
+    Burst,
+    Operator,
+    burst_taskqueue,
+    record_payloads,
+    replicas,
+    start_bound,
+    until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,26 +53,19 @@ def test_kafka_burst_wakes_from_zero_caps_at_partitions_and_returns_to_zero(
         }
     )
     c.apply(
-        taskqueue(
+        burst_taskqueue(
             "kq",
             redis_url,
+            qps=QPS,
+            per_pod=PER_POD,
+            task_seconds=TASK_SECONDS,
+            max_replicas=10,
+            drain_seconds=5,
+            scaling={"qpsHeadroom": HEADROOM},
             broker={
                 "type": "kafka",
                 "urlSecretRef": {"name": "kafka", "key": "url"},
                 "kafka": {"partitions": PARTITIONS},
-            },
-            rateLimit={"qps": QPS},
-            concurrency={"perPod": PER_POD},
-            timeoutSeconds=10,
-            scaling={
-                "minReplicas": 0,
-                "maxReplicas": 10,
-                "qpsHeadroom": HEADROOM,
-                "assumedTaskSeconds": TASK_SECONDS,
-                "targetDrainSeconds": 5,
-                "cooldownSeconds": 3,
-                "scaleDownStabilizationSeconds": 2,
-                "pollIntervalSeconds": 1,
             },
         ),
         ns,
@@ -82,29 +81,19 @@ def test_kafka_burst_wakes_from_zero_caps_at_partitions_and_returns_to_zero(
     until(
         operator, lambda: partitions() == PARTITIONS, 60, f"the operator to create {topic} with 6 partitions"
     )
-    sampler = MaxReplicas(c, ns, "kq")
-    t0 = time.monotonic()
-    pub = Publisher(kafka_url)
-    pub.publish_batch(f"{ns}/kq", ({"n": i, "sleep": TASK_SECONDS} for i in range(messages)))
-    pub.close()
-    until(operator, lambda: (replicas(c, ns, "kq") or 0) > 0, 60, "the wake from zero on lag")
-    tq = get_tq(c, ns, "kq")
-    assert tq["status"]["lastScale"]["from"] == 0
-    assert tq["status"]["lastScale"]["reason"] == "WakeFromZero"
-    until(operator, lambda: r.hlen("test:done") >= messages, 300, "every message done")
-    drained = time.monotonic() - t0
-    until(operator, lambda: replicas(c, ns, "kq") == 0, 120, "the fleet back at zero")
-    at_zero = time.monotonic() - t0
-    seen = sampler.stop()
-    f = figures(
+    burst = Burst(c, operator, ns, "kq")
+    burst.publish(kafka_url, f"{ns}/kq", record_payloads(messages, TASK_SECONDS))
+    until(operator, lambda: (burst.replicas() or 0) > 0, 60, "the wake from zero on lag")
+    woke = burst.last_scale()
+    assert woke["from"] == 0
+    assert woke["reason"] == "WakeFromZero"
+    seen = burst.drain(r, messages, done_within=300, zero_within=120)
+    f = burst.figures(
         f"kafka burst {messages} @ {QPS} qps, {PARTITIONS} partitions",
         r,
         messages,
-        seen_replicas=seen,
         ceiling=min(ceiling, PARTITIONS),
         limit=start_bound(QPS),
-        drain_seconds=drained,
-        zero_seconds=at_zero,
     )
     print(f"\n{f.line()}\nreplicas over time: {seen}; caps: partitions {PARTITIONS}, QPS ceiling {ceiling}")
     assert f.peak_replicas <= PARTITIONS, seen

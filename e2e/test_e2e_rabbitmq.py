@@ -12,16 +12,21 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import time
 
 import pika
 import pytest
 import redis
 
 from localcluster.cluster import LocalCluster
-from sluiceway.publish import Publisher
 from sluiceway_operator.scaling import qps_ceiling
-from support import MaxReplicas, Operator, figures, get_tq, replicas, start_bound, taskqueue, until
+from support import (
+    Burst,
+    Operator,
+    burst_taskqueue,
+    record_payloads,
+    start_bound,
+    until,
+)
 
 pytestmark = [
     pytest.mark.cluster,
@@ -60,39 +65,29 @@ def test_rabbitmq_burst_wakes_from_zero_drains_under_qps_survives_a_kill_and_ret
     )
     ceiling = qps_ceiling(QPS, latency=TASK_SECONDS, per_pod=PER_POD, headroom=HEADROOM)
     c.apply(
-        taskqueue(
+        burst_taskqueue(
             "rburst",
             redis_url,
+            qps=QPS,
+            per_pod=PER_POD,
+            task_seconds=TASK_SECONDS,
+            max_replicas=6,
+            drain_seconds=10,
+            scaling={"qpsHeadroom": HEADROOM},
             broker={"type": "rabbitmq", "urlSecretRef": {"name": "rabbit", "key": "url"}, "queue": "rburst"},
-            rateLimit={"qps": QPS},
-            concurrency={"perPod": PER_POD},
             deletionPolicy="Purge",  # the default, Retain, keeps the queue; this test checks the purge
-            timeoutSeconds=10,
-            scaling={
-                "minReplicas": 0,
-                "maxReplicas": 6,
-                "qpsHeadroom": HEADROOM,
-                "assumedTaskSeconds": TASK_SECONDS,
-                "targetDrainSeconds": 10,
-                "cooldownSeconds": 3,
-                "scaleDownStabilizationSeconds": 2,
-                "pollIntervalSeconds": 1,
-            },
         ),
         ns,
     )
-    until(operator, lambda: replicas(c, ns, "rburst") == 0, 30, "the worker Deployment at 0")
+    burst = Burst(c, operator, ns, "rburst")
+    until(operator, lambda: burst.replicas() == 0, 30, "the worker Deployment at 0")
     # The operator declares the queue when it first reads the backlog: it exists before any worker.
     until(operator, lambda: _ready(rabbitmq_url, "rburst") == 0, 30, "the queue declared by the operator")
-    sampler = MaxReplicas(c, ns, "rburst")
-    t0 = time.monotonic()
-    pub = Publisher(rabbitmq_url)
-    pub.publish_batch("rburst", ({"n": i, "sleep": TASK_SECONDS} for i in range(MESSAGES)))
-    pub.close()
-    until(operator, lambda: (replicas(c, ns, "rburst") or 0) > 0, 60, "a wake from zero")
-    tq = get_tq(c, ns, "rburst")
-    assert tq["status"]["lastScale"]["from"] == 0
-    assert tq["status"]["lastScale"]["reason"] == "WakeFromZero"
+    burst.publish(rabbitmq_url, "rburst", record_payloads(MESSAGES, TASK_SECONDS))
+    until(operator, lambda: (burst.replicas() or 0) > 0, 60, "a wake from zero")
+    woke = burst.last_scale()
+    assert woke["from"] == 0
+    assert woke["reason"] == "WakeFromZero"
     # Kill one worker process mid-burst: its unacked deliveries go back when its connection drops.
     until(operator, lambda: r.hlen("test:done") >= MESSAGES // 5, 120, "progress before the kill")
     victim, pids = until(
@@ -103,21 +98,15 @@ def test_rabbitmq_burst_wakes_from_zero_drains_under_qps_survives_a_kill_and_ret
     )
     os.kill(pids[0], signal.SIGKILL)
     killed_after = r.hlen("test:done")
-    until(operator, lambda: r.hlen("test:done") >= MESSAGES, 240, "every message done")
-    drained = time.monotonic() - t0
-    until(operator, lambda: replicas(c, ns, "rburst") == 0, 90, "the fleet back at zero")
-    at_zero = time.monotonic() - t0
-    seen = sampler.stop()
+    seen = burst.drain(r, MESSAGES, done_within=240, zero_within=90)
+    drained = burst.drained
     dead = _ready(rabbitmq_url, "rburst.dead")
-    f = figures(
+    f = burst.figures(
         "rabbitmq burst 1500 @ 100 qps, one pod kill -9",
         r,
         MESSAGES,
-        seen_replicas=seen,
         ceiling=ceiling,
         limit=start_bound(QPS),
-        drain_seconds=drained,
-        zero_seconds=at_zero,
         dead=dead,
     )
     print(f"\n{f.line()}\nkilled {victim} after {killed_after} done; replicas over time: {seen}")

@@ -26,10 +26,12 @@ from localcluster.cluster import LocalCluster
 from localcluster.procs import free_port
 from sluiceway.publish import Publisher
 from support import (
-    MaxReplicas,
+    Burst,
     Operator,
+    burst_taskqueue,
     cond,
     get_tq,
+    record_payloads,
     recorded,
     redis_secret,
     replicas,
@@ -58,28 +60,20 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
     # loaded machine, where 0.5 s tasks measure up to 1 s). The need (draining within 10 s) stays
     # above both until the very end of the drain.
     c.apply(
-        taskqueue(
+        burst_taskqueue(
             "floor",
             redis_url,
-            rateLimit={"qps": QPS},
-            concurrency={"perPod": PER_POD},
-            timeoutSeconds=10,
-            scaling={
-                "maxReplicas": 10,
-                "assumedTaskSeconds": 2,
-                "targetDrainSeconds": 10,
-                "scaleDownStabilizationSeconds": STABILIZATION,
-                "cooldownSeconds": 3,
-                "pollIntervalSeconds": 1,
-            },
+            qps=QPS,
+            per_pod=PER_POD,
+            task_seconds=TASK_SECONDS,
+            max_replicas=10,
+            drain_seconds=10,
+            scaling={"assumedTaskSeconds": 2, "scaleDownStabilizationSeconds": STABILIZATION},
         ),
         ns,
     )
-    until(operator, lambda: replicas(c, ns, "floor") == 0, 30, "the worker Deployment at 0")
-    sampler = MaxReplicas(c, ns, "floor")
-    Publisher(redis_url).publish_batch(
-        f"{ns}/floor", ({"n": i, "sleep": TASK_SECONDS} for i in range(messages))
-    )
+    burst = Burst(c, operator, ns, "floor")
+    burst.publish(redis_url, f"{ns}/floor", record_payloads(messages, TASK_SECONDS))
     until(operator, lambda: replicas(c, ns, "floor") == 6, 30, "the wake-up to 6 on the assumed latency")
 
     # The first measured latency: the ceiling falls to 3 and the fleet follows within one window.
@@ -118,7 +112,7 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
 
     # Issue 10 item 5: 10 -> 20 QPS mid-run rolls the pods. The new pods have measured nothing; sized
     # on the assumed 2 s they would go to ceil(20 x 2 / 4 x 1.1) = 11 -> maxReplicas 10.
-    before = len(sampler.seen)
+    before = len(burst.seen_so_far())
     log_offset = operator.log.stat().st_size
     c.kubectl(
         "patch", "taskqueue", "floor", "-n", ns, "--type=merge", "-p", '{"spec":{"rateLimit":{"qps":20}}}',
@@ -132,9 +126,7 @@ def test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_o
         30,
         "the new ceiling",
     )
-    until(operator, lambda: r.hlen("test:done") >= messages, 180, "every message done")
-    until(operator, lambda: replicas(c, ns, "floor") == 0, 90, "the fleet back at zero")
-    seen = sampler.stop()
+    seen = burst.drain(r, messages, done_within=180, zero_within=90)
     after = seen[before:]
     with operator.log.open("rb") as f:
         f.seek(log_offset)

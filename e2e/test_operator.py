@@ -25,7 +25,7 @@ from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
 from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION, deployment_name, operator_rbac
-from support import CRD, MaxReplicas, Operator, cond, get_dep, get_tq, taskqueue, until
+from support import CRD, MaxReplicas, Operator, cond, get_dep, get_tq, taskqueue, until, wait_ticks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
 
@@ -241,7 +241,7 @@ def test_qps_ceiling_holds_and_kubectl_scale_pins(
         30,
         "2 replicas",
     )
-    time.sleep(4)  # several ticks with live, measured workers
+    wait_ticks(operator, c, 4, 30, "with live, measured workers")
     assert max(sampler.stop()) <= 2 + 1
 
     # kubectl scale on the TaskQueue pins the fleet; removing the pin hands it back to the loop.
@@ -258,7 +258,7 @@ def test_qps_ceiling_holds_and_kubectl_scale_pins(
         30,
         "Pinned condition",
     )
-    time.sleep(3)
+    wait_ticks(operator, c, 3, 30, "while pinned")
     assert get_dep(c, ns, "capped")["spec"]["replicas"] == 4  # type: ignore[index]
     c.kubectl(
         "patch",

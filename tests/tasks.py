@@ -31,25 +31,42 @@ def _r() -> redis.Redis:
         return _client
 
 
+def record_start(prefix: str, n: int, *, pid: bool = False) -> None:
+    """Record a start: its time in ``{prefix}:starts``, a count in ``{prefix}:seen`` and, with
+    ``pid``, the worker process in ``{prefix}:by``. One round trip, before the work."""
+    pipe = _r().pipeline(transaction=False)
+    pipe.rpush(f"{prefix}:starts", f"{time.time():.6f}")
+    pipe.hincrby(f"{prefix}:seen", str(n), 1)
+    if pid:
+        pipe.hset(f"{prefix}:by", str(n), os.getpid())
+    pipe.execute()
+
+
+def record_done(prefix: str, n: int) -> None:
+    _r().hincrby(f"{prefix}:done", str(n), 1)
+
+
+def spin(seconds: float) -> None:
+    """Work for ``seconds`` in short Python-level steps: the worker's injected timeout can interrupt
+    these, while nothing can interrupt one long C-level sleep."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def record(n: int, sleep: float = 0.0) -> None:
     """Record the message number and the start time, then work for ``sleep`` seconds."""
-    started = time.time()
-    pipe = _r().pipeline(transaction=False)
-    pipe.rpush("test:starts", f"{started:.6f}")
-    pipe.hincrby("test:seen", str(n), 1)
-    pipe.execute()
+    record_start("test", n)
     if sleep:
         time.sleep(sleep)
-    _r().hincrby("test:done", str(n), 1)
+    record_done("test", n)
 
 
 async def record_async(n: int, sleep: float = 0.0) -> None:
-    started = time.time()
-    _r().rpush("test:starts", f"{started:.6f}")
-    _r().hincrby("test:seen", str(n), 1)
+    record_start("test", n)
     if sleep:
         await asyncio.sleep(sleep)
-    _r().hincrby("test:done", str(n), 1)
+    record_done("test", n)
 
 
 def flaky(n: int, fail_times: int = 1) -> None:
@@ -70,12 +87,9 @@ def rejects(n: int) -> None:
 
 
 def hangs(n: int, seconds: float = 3600) -> None:
-    """Run far past any timeout, in short Python-level steps (the worker's injected timeout can
-    interrupt these; nothing can interrupt one long C-level sleep)."""
+    """Run far past any timeout, interruptibly (see ``spin``)."""
     _r().hincrby("test:attempts", str(n), 1)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
+    spin(seconds)
 
 
 def noop(n: int = 0) -> None:
@@ -94,9 +108,7 @@ def misbehave(n: int, mode: str = "ok") -> None:
     if mode == "raise":
         raise ValueError(f"message {n} always fails")
     if mode == "hang":
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        spin(60)
     if mode == "reject":
         raise sluiceway.Reject(f"message {n} is poison")
     if mode == "flaky" and attempts == 1:

@@ -91,6 +91,9 @@ def test_cli_help_reads_well() -> None:
     # Only brokers that run are offered: each has a transport in the registry.
     assert "{redis,rabbitmq,kafka}" in help_text
     assert _cli("--version").stdout.startswith("sluiceway ")
+    top = " ".join(_cli("--help").stdout.split())
+    assert "Exit codes of worker: 0 stopped cleanly" in top, top
+    assert "Exit codes of publish, stats and dlq: 0 done" in top, top
     assert _cli("stats").returncode == 2
 
 
@@ -127,6 +130,18 @@ def test_cli_errors_are_one_line_with_a_documented_exit_code(r: redis.Redis, red
     for args in (("stats", "-q", "jobs"), ("publish", "-q", "jobs", "{}"), ("dlq", "-q", "jobs")):
         out = _cli(*args, "--redis-url", down)
         _one_line_error(out, 5, "cannot reach Redis at redis://:***@127.0.0.1")
+        assert "hunter2" not in out.stderr
+
+
+@pytest.mark.rabbitmq
+def test_cli_publish_to_an_unreachable_broker_is_one_line_naming_no_password(rabbitmq_url: str) -> None:
+    """Not only Redis: a RabbitMQ that is down or refuses the login is exit 5, one line."""
+    closed = f"amqp://guest:hunter2@127.0.0.1:{free_port()}/%2F"
+    refused = rabbitmq_url.replace("guest:guest@", "guest:hunter2@", 1)
+    assert refused != rabbitmq_url
+    for url in (closed, refused):
+        out = _cli("publish", "-q", "jobs", "--redis-url", url, "{}")
+        _one_line_error(out, 5, "cannot reach rabbitmq at amqp://guest:***@127.0.0.1")
         assert "hunter2" not in out.stderr
 
 

@@ -12,7 +12,7 @@ import sluiceway
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.ratelimit import max_in_window
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.starts import worst_window
 from tests.support.workers import SpawnWorker, wait_for
 
@@ -249,6 +249,16 @@ def test_redis_restart_mid_run_loses_nothing(
         w.terminate()
         assert w.wait(15) == 0
     assert "retrying" in workers[0].output() + workers[1].output()
+
+
+def test_sigterm_stops_a_worker_that_never_reached_redis(spawn_worker: SpawnWorker) -> None:
+    """Started while Redis is down, the worker retries its start-up; SIGTERM still ends it with 0
+    (it holds nothing yet) instead of retrying for ever."""
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    w = spawn_worker("-f", "tests.tasks:noop", "-q", "jobs", *FAST, SLUICEWAY_REDIS_URL=down)
+    wait_for(lambda: "failed; retrying" in w.output(), 30, what="a failed start-up attempt")
+    w.terminate()
+    assert w.wait(15) == 0, w.output()
 
 
 def test_long_task_keeps_its_lease(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .conditions import Condition, ConditionReason, ConditionType, condition, merge_conditions
 from .scaling import Decision, Reason
@@ -20,6 +20,24 @@ class Fault:
 
     reason: str  # CamelCase: InvalidSpec, SecretMissing, RedisUnreachable, ReconcileFailed, ...
     message: str
+
+
+# The bounds that clamp a decision, each with its ScalingLimited reason (owned by ConditionReason) and
+# message. A message names only spec values and the clamped size, never a live counter.
+_LIMITED: Final[Mapping[Reason, tuple[ConditionReason, str]]] = {
+    Reason.MAX_REPLICAS: (
+        ConditionReason.MAX_REPLICAS,
+        "The fleet would grow past maxReplicas {max_replicas}.",
+    ),
+    Reason.MAX_USEFUL: (
+        ConditionReason.MAX_USEFUL_REPLICAS,
+        "The broker can keep at most {desired} pods busy (on Kafka, the topic's partitions).",
+    ),
+    Reason.MIN_REPLICAS: (
+        ConditionReason.MIN_REPLICAS,
+        "The fleet would shrink below minReplicas {min_replicas}.",
+    ),
+}
 
 
 def conditions_for(
@@ -102,34 +120,18 @@ def conditions_for(
             f"The {qps:g} QPS limit holds nothing back: no work waits, or the fleet runs below it.",
         )
 
-    if decision.limited is Reason.MAX_REPLICAS:
-        limited = c(
-            ConditionType.SCALING_LIMITED,
-            True,
-            ConditionReason.MAX_REPLICAS,
-            f"The fleet would grow past maxReplicas {max_replicas}.",
-        )
-    elif decision.limited is Reason.MAX_USEFUL:
-        limited = c(
-            ConditionType.SCALING_LIMITED,
-            True,
-            ConditionReason.MAX_USEFUL_REPLICAS,
-            f"The broker can keep at most {decision.desired} pods busy (on Kafka, the topic's partitions).",
-        )
-    elif decision.limited is Reason.MIN_REPLICAS:
-        limited = c(
-            ConditionType.SCALING_LIMITED,
-            True,
-            ConditionReason.MIN_REPLICAS,
-            f"The fleet would shrink below minReplicas {min_replicas}.",
-        )
-    else:
+    clamp = _LIMITED.get(decision.limited) if decision.limited is not None else None
+    if clamp is None:
         limited = c(
             ConditionType.SCALING_LIMITED,
             False,
             ConditionReason.WITHIN_RANGE,
             "The recommended size is within minReplicas and maxReplicas.",
         )
+    else:
+        reason, template = clamp
+        message = template.format(max_replicas=max_replicas, min_replicas=min_replicas, desired=desired)
+        limited = c(ConditionType.SCALING_LIMITED, True, reason, message)
 
     if silent:
         degraded = c(

@@ -88,6 +88,15 @@ def test_the_pod_cap_is_its_own_condition() -> None:
     assert (c["ScalingLimited"]["status"], c["ScalingLimited"]["reason"]) == ("False", "WithinRange")
 
 
+def test_the_broker_bound_names_the_size_it_allows() -> None:
+    policy = Policy(max_replicas=10, per_pod=1)
+    d = decision(policy, backlog=10_000, workers=live(3, busy=1, latency=1.0, per_pod=1), current=3)
+    c = conds(replace(d, desired=3, limited=Reason.MAX_USEFUL), policy)
+    limited = c[ConditionType.SCALING_LIMITED]
+    assert (limited["status"], limited["reason"]) == ("True", ConditionReason.MAX_USEFUL_REPLICAS)
+    assert "at most 3 pods" in limited["message"]
+
+
 def test_every_fault_makes_ready_false_never_blank() -> None:
     for reason in ("SecretMissing", "RedisUnreachable", "InvalidSpec", "ReconcileFailed", "InternalError"):
         status = fault_status({}, Fault(reason, "broken"), generation=3, now=0)

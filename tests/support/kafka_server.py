@@ -352,7 +352,8 @@ class KafkaServer:
         self.proc = None
 
     def restart(self, down_for: float = 0.0) -> None:
-        """Stop and start again on the same ports and storage: acknowledged records survive."""
+        """Stop, stay down ``down_for`` seconds (the outage a fault test injects), and start again on
+        the same ports and storage: acknowledged records survive."""
         self.stop()
         time.sleep(down_for)
         self.start()

@@ -86,6 +86,7 @@ class RedisServer:
         self.proc = None
 
     def restart(self, down_for: float = 0.0) -> None:
+        """Stop, stay down ``down_for`` seconds (the outage a fault test injects), start again."""
         self.stop()
         time.sleep(down_for)
         self.start()

@@ -35,7 +35,7 @@ class ToolExit(IntEnum):
     OK = 0
     FAILURE = 1  # unexpected error
     USAGE = 2  # bad arguments or a bad message: nothing was published or changed
-    UNREACHABLE = 5  # Redis could not be reached (down, wrong URL, refused credentials)
+    UNREACHABLE = 5  # Redis or the broker could not be reached (down, wrong URL, refused credentials)
 
 
 # Brokers this runtime can run: the ones the transport registry has.
@@ -50,7 +50,7 @@ Exit codes: 0 stopped cleanly, 1 unexpected error, 2 bad settings, 3 function no
 
 _TOOL_EPILOG = """\
 Exit codes: 0 done, 1 unexpected error, 2 bad arguments or message (nothing was published or
-changed), 5 Redis unreachable.
+changed), 5 Redis or the broker unreachable.
 """
 
 
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sluiceway",
         description="Run Python functions as queue workers with an exact fleet-wide QPS limit.",
-        epilog=_EPILOG + _TOOL_EPILOG,
+        # Both tables, each saying which commands it is for.
+        epilog=_EPILOG.replace("Exit codes:", "Exit codes of worker:")
+        + _TOOL_EPILOG.replace("Exit codes:", "Exit codes of publish, stats and dlq:"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"sluiceway {__version__}")
@@ -398,6 +400,7 @@ def _read_messages(raws: Sequence[str]) -> list[dict[str, Any]]:
 
 def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
     from sluiceway.publish import Publisher
+    from sluiceway.transports import registry
 
     messages = _read_messages(args.messages)
     try:
@@ -406,11 +409,19 @@ def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
     except ValueError as exc:
         raise _CommandError(ToolExit.USAGE, f"--redis-url {_redacted(url)!r}: {exc}") from None
     qname = f"{keys.namespace}/{keys.queue}"
+    # Redis errors go on to _tool, which tells a refused connection from an error reply.
+    outages = () if pub.broker == "redis" else registry.module(pub.broker).outage_errors
     try:
         if args.delay > 0:
             ids = [pub.publish(qname, m, delay=args.delay) for m in messages for _ in range(args.repeat)]
         else:
             ids = pub.publish_batch(qname, [m for m in messages for _ in range(args.repeat)])
+    except outages as exc:
+        # pika's texts may be empty or span lines.
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(":")
+        raise _CommandError(
+            ToolExit.UNREACHABLE, f"cannot reach {pub.broker} at {_redacted(pub.url)}: {detail}"
+        ) from None
     finally:
         pub.close()
     print(f"published {len(ids)} message(s) to {qname}")

@@ -218,6 +218,8 @@ class Worker:
             lease_seconds=self.s.lease_seconds,
         )
         self._call_with_backoff("adopt orphaned leases", self._adopt_orphans)
+        if self.stopping.is_set():  # stopped while the broker was down: nothing is held yet
+            return ExitCode.OK
         self._start_threads()
         try:
             while not self.stopping.wait(0.2):
@@ -1029,6 +1031,9 @@ class Worker:
             try:
                 result = fn()
             except self.outages as exc:
+                if deadline is None and self.stopping.is_set():
+                    self.log.warning(f"{what} failed; stopping without it", error=str(exc))
+                    return None
                 failures += 1
                 delay = outage_backoff(failures, draw=1.0)
                 if deadline is not None and time.monotonic() + delay > deadline:
