@@ -134,6 +134,10 @@ def test_sigterm_drains_every_child_within_the_grace_period(
         60,
         what="4 running, 6 prefetched",
     )
+    # Signals are the pod's: a Ctrl-C or SIGTERM reaching a child directly cuts no task short.
+    for child in children(w.pid):
+        os.kill(child, signal.SIGINT)
+        os.kill(child, signal.SIGTERM)
     w.terminate()
     signalled = time.monotonic()
     wait_for(lambda: r.zcard(KEYS.inflight("pm")) <= 4, 2, interval=0.01, what="prefetched returned")
@@ -261,6 +265,26 @@ def test_unimportable_function_in_process_mode_exits_with_the_import_code(
 ) -> None:
     w = spawn_worker("-f", "tests.support.proc_tasks:missing", "-q", "jobs", *PROCESS)
     assert w.wait(60) == 3
+
+
+def test_a_function_that_imports_in_the_pod_but_not_in_a_child_exits_3(
+    redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    w = spawn_worker("-f", "tests.support.pod_only:task", "-q", "jobs", "-c", "2", *PROCESS)
+    assert w.wait(60) == 3
+    assert "only in the pod" in w.output()
+
+
+def test_a_pod_killed_with_kill_9_takes_its_children_with_it(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    publish(redis_url, 2)
+    w = spawn_worker("-f", "tests.support.proc_tasks:spin", "-q", "jobs", "-c", "2", *PROCESS, *FAST)
+    wait_for(lambda: r.hlen("test:pid") == 2, 60, what="both children spinning")
+    spinning = [int(p) for p in r.hvals("test:pid")]
+    w.kill()
+    w.wait()
+    wait_for(lambda: not any(alive(p) for p in spinning), 10, what="the orphaned children to exit")
 
 
 def test_an_async_function_is_refused_in_process_mode(redis_url: str, spawn_worker: SpawnWorker) -> None:
