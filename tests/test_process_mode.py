@@ -105,6 +105,20 @@ def test_kill_9_of_children_mid_burst_loses_nothing(
     stop(w)
 
 
+def test_a_child_that_died_idle_is_replaced_without_blaming_the_next_message(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    w = spawn_worker("-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "1", *PROCESS, *FAST)
+    wait_for(lambda: "child processes started" in w.output(), 60, what="the child started")
+    (idle,) = children(w.pid)
+    os.kill(idle, signal.SIGKILL)
+    wait_for(lambda: not alive(idle), 5, what="the child to die")
+    publish(redis_url, 1)
+    wait_for(lambda: r.hlen("test:done") == 1, 60, what="the message done")
+    assert counts(r, "test:seen") == {0: 1} and r.llen(KEYS.redelivered) == 0
+    stop(w)
+
+
 def test_a_message_that_keeps_killing_its_child_is_dead_lettered(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:

@@ -120,6 +120,9 @@ class Child:
             _, error = procwire.parse_reply(first)
             raise ChildStartError(str(error) or "child process could not import the function")
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None

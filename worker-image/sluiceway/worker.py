@@ -718,6 +718,8 @@ class Worker:
 
         The timeout is enforced here, not by the supervisor: killing the child really stops a
         CPU-bound function, and this thread is free again at once."""
+        if not child.alive():  # died while idle: replace it first, so the message is not blamed
+            self._replace_child(child)
         try:
             try:
                 raw = child.run(task.delivery.payload, self.s.timeout_seconds)
