@@ -87,6 +87,7 @@ class Child:
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None
         self.closed = False
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the process; :meth:`wait_ready` waits for it to import the function."""
@@ -100,7 +101,8 @@ class Child:
         )
         proc.start()
         theirs.close()  # ours alone now: a dead child reads as EOF
-        self.process, self.conn = proc, ours
+        with self._lock:
+            self.process, self.conn = proc, ours
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         conn, proc = self.conn, self.process  # the pod may close this child meanwhile
@@ -121,17 +123,19 @@ class Child:
             raise ChildStartError(str(error) or "child process could not import the function")
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        proc = self.process  # read once: the drain may clear it meanwhile
+        return proc is not None and proc.is_alive()
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        proc = self.process
+        return proc.pid if proc is not None else None
 
     def run(self, payload: bytes, timeout: float) -> bytes:
         """Send one payload and wait for the reply; raises :class:`ChildGone` or
         :class:`ChildTimedOut` (after killing the child)."""
-        conn = self.conn
-        if conn is None:
+        conn, proc = self.conn, self.process
+        if conn is None or proc is None:
             raise ChildGone("no child process")
         try:
             conn.send_bytes(payload)
@@ -140,20 +144,23 @@ class Child:
                 raise ChildTimedOut(f"no answer within {timeout} s")
             return conn.recv_bytes()
         except (EOFError, OSError) as exc:
-            code = self.process.exitcode if self.process is not None else None
-            raise ChildGone(f"child process {self.pid} died (exit code {code})") from exc
+            raise ChildGone(f"child process {proc.pid} died (exit code {proc.exitcode})") from exc
 
     def kill(self) -> None:
-        proc, conn = self.process, self.conn
-        if proc is not None and proc.is_alive():
-            with contextlib.suppress(OSError):  # it died meanwhile
-                proc.kill()
-        if proc is not None:
-            proc.join(5)
+        """End the process and close the pipe. Only the executor thread that owns this child
+        calls it: closing a pipe another thread reads could hand that thread a reused fd."""
+        self._end_process()
+        conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-        self.conn = None
-        self.process = None
+
+    def _end_process(self) -> None:
+        with self._lock:  # the drain may end it while its executor replaces it
+            proc, self.process = self.process, None
+        if proc is not None:
+            with contextlib.suppress(OSError):  # it died meanwhile
+                proc.kill()
+            proc.join(5)
 
     def restart(self) -> None:
         """Kill what is left of this child and start a fresh one in its place."""
@@ -167,11 +174,11 @@ class Child:
         self.wait_ready()
 
     def close(self) -> None:
-        """End the child for good. Killed, not asked: the pod closes its children only once
-        nothing runs there that it still waits for, and an executor thread may be reading the
-        pipe, which must see the child's end close (EOF) rather than its own fd vanish."""
+        """End the child for good, from any thread. Killed, not asked: the pod closes its
+        children only once nothing runs there that it still waits for. The pipe stays open for
+        the executor that may be reading it, which then sees the child's end close (EOF)."""
         self.closed = True
-        self.kill()
+        self._end_process()
 
 
 class ChildPool:
