@@ -1,5 +1,9 @@
 """CPU-bound function, one pod, perPod 2: process mode against thread mode in the same run.
 
+The reference is the same work with no Sluiceway at all, in the same rounds: two bare threads
+against two bare spawned processes. Its ratio is what the machine allowed at the time (on a
+shared machine other work takes the second core), so the workers' ratio is read against it.
+
 The function is about 20 ms of pure Python (its loop is sized once, here, on this machine). Each
 round fills the queue, starts one CLI worker as a TaskQueue's pod runs it (its defaults, with
 ``-c 2``) and times the drain from the first message taken to an empty queue; the modes
@@ -12,19 +16,22 @@ start to its first task (process mode spawns its children first) and each child'
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from tests.support.redis_server import RedisServer
 from tests.support.workers import worker_env
 
 import sluiceway
-from bench.cpu_tasks import burn
+from bench.cpu_tasks import burn, burn_share, gated_share
 from sluiceway import fleet
 from sluiceway.contract import Keys
 
@@ -43,6 +50,30 @@ def _timed(iterations: int) -> float:
     t0 = time.perf_counter()
     burn(0, iterations)
     return time.perf_counter() - t0
+
+
+def bare_round(kind: str, n: int, iterations: int) -> float:
+    """The machine's own answer, no Sluiceway: ``n`` tasks on 2 threads or 2 spawned processes
+    (their start not timed), in tasks/s. Its ratio is the ceiling for the workers' ratio."""
+    share = n // 2
+    if kind == "thread":
+        runners: list[Any] = [threading.Thread(target=burn_share, args=(share, iterations)) for _ in range(2)]
+        t0 = time.monotonic()
+        for t in runners:
+            t.start()
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        ready, go = ctx.Queue(), ctx.Event()
+        runners = [ctx.Process(target=gated_share, args=(ready, go, share, iterations)) for _ in range(2)]
+        for p in runners:
+            p.start()
+        for _ in runners:
+            ready.get()  # both imported: only the work is timed
+        t0 = time.monotonic()
+        go.set()
+    for r in runners:
+        r.join()
+    return share * 2 / (time.monotonic() - t0)
 
 
 def _children(pid: int) -> list[int]:
@@ -129,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     server = RedisServer()
     server.start()
     rates: dict[str, list[float]] = {"thread": [], "process": []}
+    bare: dict[str, list[float]] = {"thread": [], "process": []}
     ready: dict[str, list[float]] = {"thread": [], "process": []}
     cores: dict[str, list[float]] = {"thread": [], "process": []}
     rss: list[float] = []
@@ -140,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                 cores[mode].append(used)
                 ready[mode].append(to_first)
                 rss += mem
+                bare[mode].append(bare_round(mode, args.messages, iterations))
     finally:
         server.close()
     thread, process = statistics.median(rates["thread"]), statistics.median(rates["process"])
@@ -154,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
             f" cores used {statistics.median(cores[mode]):.2f}"
         )
     print(f"  process / thread: {process / thread:.2f}x (target >= 1.8x on 2 cores)")
+    b_thread, b_process = statistics.median(bare["thread"]), statistics.median(bare["process"])
+    print(
+        f"  reference, no Sluiceway, same rounds: 2 processes {b_process:.1f} vs 2 threads {b_thread:.1f}"
+        f" tasks/s = {b_process / b_thread:.2f}x (what this machine allows now)"
+    )
     if rss:
         print(f"  memory per child: {statistics.median(rss):.0f} MiB RSS (median of {len(rss)})")
 
