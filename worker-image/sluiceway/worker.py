@@ -294,6 +294,10 @@ class Worker:
             leftovers = [t for t in self.held.values() if not t.finished]
             for t in leftovers:
                 t.finished = True
+        if self.pool is not None:
+            # Stopped before they go back: another worker must not start a message while a
+            # child here still runs it. Every other child is idle by now.
+            self.pool.close()
         if leftovers:
             # Counted as a redelivery: a message that keeps its worker from stopping in time
             # is dead-lettered in the end instead of stopping every worker in turn.
@@ -315,8 +319,6 @@ class Worker:
             self.ready.put(_STOP)
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-        if self.pool is not None:
-            self.pool.close()  # nothing runs there any more that is not handed back
         self.stopped.set()
         try:
             self.coordinator.deregister()
