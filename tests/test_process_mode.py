@@ -313,7 +313,7 @@ def test_the_fleet_qps_limit_holds_in_process_mode(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     qps, duration = 20, 12
-    publish(redis_url, qps * (duration + 10))
+    publish(redis_url, qps * (duration + 120))  # never runs dry while the children start
     args = ["-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "3", "--qps", str(qps)]
     fleet_ = [spawn_worker(*args, *PROCESS, *FAST) for _ in range(2)]
     wait_for(lambda: r.llen("test:starts") > 0, 60, what="first start")
@@ -321,6 +321,7 @@ def test_the_fleet_qps_limit_holds_in_process_mode(
     t0 = time.time()  # the window opens once both pods run all their children
     while time.time() - t0 < duration + 1:
         time.sleep(0.2)
+    assert r.llen(KEYS.ready) > 0, "the queue ran dry: the window measured no limit"
     starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
     window = [s for s in starts if t0 <= s < t0 + duration]
     worst = worst_window(window)
