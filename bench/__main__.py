@@ -16,6 +16,8 @@ def main() -> int:
     importlib.import_module("bench.kafka_bench").main([])
     print("\n== calls (bench/results_bench.py) ==", flush=True)
     importlib.import_module("bench.results_bench").main([])
+    print("\n== CPU-bound, process vs thread mode (bench/cpu_bench.py) ==", flush=True)
+    importlib.import_module("bench.cpu_bench").main([])
     try:
         operator_bench = importlib.import_module("bench.operator_bench")
     except ModuleNotFoundError:

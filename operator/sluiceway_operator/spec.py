@@ -49,6 +49,7 @@ class DeletionPolicy(StrEnum):
 class ConcurrencyMode(StrEnum):
     THREAD = "thread"
     ASYNCIO = "asyncio"
+    PROCESS = "process"  # perPod child processes, each running the function outside the others' GIL
 
 
 # Nested like the spec itself; only leaves that have a default appear. Absent optional fields

@@ -320,3 +320,13 @@ def test_rbac_is_least_privilege() -> None:
     every_verb = set().union(*r.values())
     assert not every_verb & {"*", "update", "deletecollection", "escalate", "bind", "impersonate"}
     assert not any(g == "*" or res == "*" for g, res in r)
+
+
+def test_process_mode_reaches_the_worker_as_its_setting() -> None:
+    from sluiceway import settings as worker_settings
+
+    e = env(deployment(spec(concurrency={"mode": "process", "perPod": 2})))
+    assert e[contract.ENV_CONCURRENCY_MODE]["value"] == "process"
+    values = worker_settings.env_values({k: v["value"] for k, v in e.items() if "value" in v})
+    s = worker_settings.from_env({}, **values)
+    assert (s.concurrency_mode, s.concurrency) == ("process", 2)

@@ -136,7 +136,7 @@ def test_full_spec() -> None:
         ({"rateLimit": {"qps": 0}}, "spec.rateLimit.qps"),
         ({"rateLimit": {}}, "spec.rateLimit.qps"),
         ({"concurrency": {"perPod": 0}}, "spec.concurrency.perPod"),
-        ({"concurrency": {"mode": "process"}}, "spec.concurrency.mode"),
+        ({"concurrency": {"mode": "fork"}}, "spec.concurrency.mode"),
         ({"retry": {"backoffSeconds": 10, "maxBackoffSeconds": 5}}, "spec.retry.maxBackoffSeconds"),
         ({"liveness": {"heartbeatSeconds": 10}}, "spec.liveness.leaseSeconds"),
         ({"scaling": {"minReplicas": 5, "maxReplicas": 4}}, "spec.scaling.minReplicas"),

@@ -8,6 +8,7 @@ examples through the real API server's admission.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -180,3 +181,12 @@ def test_cron_examples(expr: str, admitted: bool) -> None:
 def test_no_second_cron_or_zone_parser_in_the_spec_reader() -> None:
     # One owner: the spec reader hands cron and zone to cron.parse untouched.
     assert not hasattr(spec, "cron_problem") and not hasattr(spec, "TIME_ZONE_RE")
+
+
+def test_the_concurrency_modes_agree() -> None:
+    mode = crd_spec()["properties"]["concurrency"]["properties"]["mode"]
+    assert tuple(mode["enum"]) == contract.CONCURRENCY_MODES == tuple(spec.ConcurrencyMode)
+    (worker_default,) = [
+        f.default for f in dataclasses.fields(worker_settings.WorkerSettings) if f.name == "concurrency_mode"
+    ]
+    assert mode["default"] == spec.DEFAULTS["concurrency"]["mode"] == worker_default

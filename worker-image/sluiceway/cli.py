@@ -136,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--concurrency-mode",
-        choices=["thread", "asyncio"],
-        help=_h("how tasks run", c.ENV_CONCURRENCY_MODE, "concurrency_mode"),
+        choices=list(c.CONCURRENCY_MODES),
+        help=_h(
+            "how tasks run: threads, one event loop, or one child process each",
+            c.ENV_CONCURRENCY_MODE,
+            "concurrency_mode",
+        ),
     )
     w.add_argument(
         "--prefetch",

@@ -24,7 +24,10 @@ ENV_REDIS_URL: Final = "SLUICEWAY_REDIS_URL"  # coordination: rate limit, heartb
 ENV_QPS: Final = "SLUICEWAY_QPS"  # fleet-wide; unset or 0 = unlimited
 ENV_QPS_BURST: Final = "SLUICEWAY_QPS_BURST"
 ENV_CONCURRENCY: Final = "SLUICEWAY_CONCURRENCY"  # tasks at once per worker process
-ENV_CONCURRENCY_MODE: Final = "SLUICEWAY_CONCURRENCY_MODE"  # thread | asyncio
+ENV_CONCURRENCY_MODE: Final = "SLUICEWAY_CONCURRENCY_MODE"  # one of CONCURRENCY_MODES
+# How a worker runs tasks: threads, one event loop, or child processes (one per task at once).
+# The CRD enum, the operator's spec reader and the worker's settings all say these.
+CONCURRENCY_MODES: Final = ("thread", "asyncio", "process")
 ENV_PREFETCH: Final = "SLUICEWAY_PREFETCH"
 ENV_MAX_ATTEMPTS: Final = "SLUICEWAY_MAX_ATTEMPTS"
 ENV_BACKOFF_SECONDS: Final = "SLUICEWAY_BACKOFF_SECONDS"

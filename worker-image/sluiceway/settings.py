@@ -163,8 +163,11 @@ def _problems(s: WorkerSettings) -> list[str]:
         out.append("qps horizon must be between 0.001 and 10 seconds")
     if s.concurrency < 1:
         out.append("concurrency must be >= 1")
-    if s.concurrency_mode not in ("thread", "asyncio"):
-        out.append(f"concurrency mode {s.concurrency_mode!r} must be thread or asyncio")
+    if s.concurrency_mode not in c.CONCURRENCY_MODES:
+        out.append(
+            f"concurrency mode {s.concurrency_mode!r} ({c.ENV_CONCURRENCY_MODE}) must be one of "
+            + ", ".join(c.CONCURRENCY_MODES)
+        )
     if s.max_attempts < 1:
         out.append("max attempts must be >= 1")
     if s.backoff_seconds < 0 or s.max_backoff_seconds < s.backoff_seconds:

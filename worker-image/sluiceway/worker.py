@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from sluiceway import __version__, codec, deadletter, result_record
+from sluiceway import __version__, codec, deadletter, procpool, procwire, result_record
 from sluiceway.backoff import retry_delay
 from sluiceway.contract import Heartbeat
 from sluiceway.errors import Reject, RetryLater
+from sluiceway.loading import load_function
 from sluiceway.log import get_logger
 from sluiceway.metrics import WorkerMetrics
 from sluiceway.settings import WorkerSettings
@@ -112,26 +113,6 @@ class _InTransit:
     sent_at: float
 
 
-def load_function(ref: str) -> Callable[..., Any]:
-    """Import ``module:callable``; raises ``ImportError`` with a readable message."""
-    import importlib
-
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ImportError(f"cannot import module {module_name!r}: {exc.__class__.__name__}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not callable(target):
-        raise ImportError(f"{ref} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
 class Worker:
     def __init__(
         self,
@@ -147,6 +128,14 @@ class Worker:
         self.is_async = inspect.iscoroutinefunction(function)
         if settings.concurrency_mode == "asyncio" and not self.is_async:
             raise ValueError("concurrency mode asyncio needs an async def function")
+        if settings.concurrency_mode == "process" and self.is_async:
+            raise ValueError("concurrency mode process runs plain def functions; async def runs on asyncio")
+        # Process mode: one child per task at once; this process keeps all broker I/O.
+        self.pool = (
+            procpool.ChildPool(settings.function, settings.concurrency)
+            if settings.concurrency_mode == "process"
+            else None
+        )
         self.signature = _signature_or_none(function)
         self.arg_names, self.required_args = _argument_sets(self.signature)
         self.worker_id = settings.effective_worker_id
@@ -214,12 +203,19 @@ class Worker:
             function=self.s.function,
             qps=self.s.qps or "unlimited",
             concurrency=self.s.concurrency,
-            mode="asyncio" if self.is_async else "thread",
+            mode="asyncio" if self.is_async else "process" if self.pool else "thread",
             lease_seconds=self.s.lease_seconds,
         )
         self._call_with_backoff("adopt orphaned leases", self._adopt_orphans)
         if self.stopping.is_set():  # stopped while the broker was down: nothing is held yet
             return ExitCode.OK
+        if self.pool is not None:
+            try:
+                self.pool.start()
+            except procpool.ChildStartError as exc:
+                self.log.error("cannot start the child processes", error=str(exc))
+                return ExitCode.IMPORT
+            self.log.info("child processes started", pids=self.pool.pids())
         self._start_threads()
         try:
             while not self.stopping.wait(0.2):
@@ -300,6 +296,10 @@ class Worker:
             leftovers = [t for t in self.held.values() if not t.finished]
             for t in leftovers:
                 t.finished = True
+        if self.pool is not None:
+            # Stopped before they go back: another worker must not start a message while a
+            # child here still runs it. Every other child is idle by now.
+            self.pool.close()
         if leftovers:
             # Counted as a redelivery: a message that keeps its worker from stopping in time
             # is dead-lettered in the end instead of stopping every worker in turn.
@@ -634,6 +634,7 @@ class Worker:
 
     def _executor_loop(self) -> None:
         me = threading.get_ident()
+        child = self.pool.claim() if self.pool is not None else None
         while me not in self.retired:
             try:
                 item = self._next_task()
@@ -649,7 +650,7 @@ class Worker:
                     # message is always here, never in `ready`).
                     self._give_back([task], "not started before shutdown", return_slots=True)
                     continue
-                self._run_sync(task, me)
+                self._run_sync(task, me, child)
             except TaskTimeout:
                 # The supervisor already settled the timed-out task and started our replacement;
                 # the injected exception surfaced outside the function, so just leave.
@@ -688,7 +689,7 @@ class Worker:
                     return self._dead(task, "bad_arguments", str(exc))
         return None
 
-    def _run_sync(self, task: Task, thread_id: int) -> None:
+    def _run_sync(self, task: Task, thread_id: int, child: procpool.Child | None = None) -> None:
         try:
             verdict = self._prepare(task)
         except Exception as exc:
@@ -703,6 +704,9 @@ class Worker:
             self.metrics.start_lag.observe(task.started - task.due)
         with self.lock:
             self.running[thread_id] = task
+        if child is not None:
+            self._run_in_child(task, thread_id, child)
+            return
         try:
             task.value = self.fn(**task.message.kwargs)
             error: BaseException | None = None
@@ -712,6 +716,66 @@ class Worker:
             with self.lock:
                 self.running.pop(thread_id, None)
         self._settle_outcome(task, error)
+
+    def _run_in_child(self, task: Task, thread_id: int, child: procpool.Child) -> None:
+        """Run a task in this executor's child; a child that times out or dies is replaced.
+
+        The timeout is enforced here, not by the supervisor: killing the child really stops a
+        CPU-bound function, and this thread is free again at once."""
+        if not child.alive():  # died while idle: replace it first, so the message is not blamed
+            self._replace_child(child)
+        try:
+            try:
+                raw = child.run(task.delivery.payload, self.s.timeout_seconds)
+            finally:
+                with self.lock:
+                    self.running.pop(thread_id, None)
+        except procpool.ChildTimedOut:
+            self.log.warning(
+                "task timed out; its child process was killed",
+                message_id=task.message.meta.id if task.message else None,
+            )
+            self._settle_outcome(
+                task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
+            )
+            self._replace_child(child)
+            return
+        except procpool.ChildGone as exc:
+            self._child_lost(task, str(exc))
+            self._replace_child(child)
+            return
+        try:
+            task.value, error = procwire.parse_reply(raw)
+        except ValueError as exc:
+            self._internal_error(task, "reading the child process's reply", exc)
+            return
+        self._settle_outcome(task, error)
+
+    def _child_lost(self, task: Task, why: str) -> None:
+        """The child died under a task: its message goes back now, counted as a redelivery, so
+        a message that keeps killing children is dead-lettered (``redelivered``) in the end."""
+        with self.lock:
+            if task.finished:
+                return  # the drain handed it back already, then ended the children
+            task.finished = True
+        self.log.warning(
+            "child process died running a task; its message returns to the queue",
+            message_id=task.message.meta.id if task.message else None,
+            error=why,
+        )
+        self._give_back([task], "its child process died", return_slots=False, redelivered=True)
+
+    def _replace_child(self, child: procpool.Child) -> None:
+        if self.stopping.is_set():
+            child.kill()  # a draining pod starts no task, so it needs no new child
+            return
+        try:
+            child.restart()
+        except procpool.ChildStartError as exc:
+            if self.stopping.is_set():
+                return  # the drain closed it while it started
+            self.fatal = (ExitCode.IMPORT, f"cannot replace a child process: {exc}")
+            self.request_stop("a child process could not be replaced")
 
     def _settle_outcome(self, task: Task, error: BaseException | None) -> None:
         task.error = error
@@ -993,8 +1057,8 @@ class Worker:
         )
 
     def _enforce_timeouts(self) -> None:
-        if self.is_async:
-            return  # asyncio.wait_for cancels the coroutine itself
+        if self.is_async or self.pool is not None:
+            return  # asyncio.wait_for cancels the coroutine itself; a child is killed by its thread
         now = time.monotonic()
         with self.lock:
             late = [
@@ -1090,6 +1154,9 @@ def _quantile(ordered: list[float], q: float) -> float:
 
 
 def _short_traceback(exc: BaseException) -> str:
+    child_tb = getattr(exc, procwire.CHILD_TRACEBACK, None)
+    if isinstance(child_tb, str):
+        return child_tb  # the child's, not this thread's
     try:
         return "".join(traceback.format_exception(exc)[-8:])[-4000:]
     except Exception:  # a __str__ that raises: keep what can be said
