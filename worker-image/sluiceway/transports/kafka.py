@@ -25,6 +25,7 @@ A retried record leaves that order: it runs again from the retry topic after its
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import os
@@ -32,8 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -54,19 +54,20 @@ TP = tuple[str, int]
 POLL_TIMEOUT = 0.1  # the longest a rebalance callback or a pause waits for the poll thread
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
+CONSUME_MAX = 500  # records per consume() call, at most
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
 
-@dataclass(frozen=True, slots=True)
-class KafkaToken:
+# Tuples, not dataclasses: one of each is made per record on the hot path, where a frozen
+# dataclass costs over twice as much to build and to hash.
+class KafkaToken(NamedTuple):
     topic: str
     partition: int
     offset: int
     generation: int  # of this partition's assignment; a settle from an older one is gone
 
 
-@dataclass(slots=True)
-class _Held:
+class _Held(NamedTuple):
     delivery: Delivery
     tp: TP
     offset: int
@@ -142,8 +143,14 @@ class KafkaTransport:
             if self.by_key:
                 self._take_by_key(max_count, out)
             else:
-                while self.buffer and len(out) < max_count:
-                    self._hand_out(self.buffer.popleft(), out)
+                buffer, out_of, append = self.buffer, self.out, out.append
+                for _ in range(min(max_count, len(buffer))):
+                    held = buffer.popleft()
+                    by_offset = out_of.get(held.tp)
+                    if by_offset is None:
+                        by_offset = out_of[held.tp] = {}
+                    by_offset[held.offset] = held.delivery
+                    append(held.delivery)
             self.cond.notify_all()  # room in the buffer for the poll thread
             return out
 
@@ -207,14 +214,26 @@ class KafkaTransport:
         if failures:
             return Settled(error=f"kafka produce failed: {failures[0]}")
         gone = 0
+        touched: set[TP] = set()
         with self.cond:
             for token in (
                 *outcomes.acks,
                 *(r.token for r in outcomes.retries),
                 *(d.token for d in outcomes.deads),
             ):
-                if self._finish(self._token(token)) is None:
+                t = self._token(token)
+                if self._settled(t) is None:
                     gone += 1
+                    continue
+                tp = (t.topic, t.partition)
+                self.tracks[tp].finish(t.offset)
+                touched.add(tp)
+            # The commit point once per partition and settle, not once per record.
+            for tp in touched:
+                track = self.tracks[tp]
+                point = track.committable()
+                if point > track.committed:
+                    self.to_commit[tp] = point
             self.cond.notify_all()
         return Settled(gone=gone)
 
@@ -234,21 +253,10 @@ class KafkaTransport:
         tp = (t.topic, t.partition)
         if self.generation.get(tp) != t.generation:
             return None
-        d = self.out.get(tp, {}).pop(t.offset, None)
-        if d is not None:
+        by_offset = self.out.get(tp)
+        d = by_offset.pop(t.offset, None) if by_offset is not None else None
+        if d is not None and self.by_key:
             self._release_key(d.key)
-        return d
-
-    def _finish(self, t: KafkaToken) -> Delivery | None:
-        d = self._settled(t)
-        if d is None:
-            return None
-        tp = (t.topic, t.partition)
-        track = self.tracks[tp]
-        track.finish(t.offset)
-        point = track.committable()
-        if point > track.committed:
-            self.to_commit[tp] = point
         return d
 
     def _release_key(self, key: bytes | None) -> None:
@@ -309,6 +317,11 @@ class KafkaTransport:
     # --- the poll thread -------------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
+        # consume(num_messages=N, timeout=T) returns only once it has N records or T passed, so a
+        # blocking batch call would sit out the whole timeout whenever fewer than N are queued
+        # while the worker runs dry. Instead the thread takes whatever is queued without waiting,
+        # and only when that was nothing blocks for the first record to arrive.
+        had_records = False
         while True:
             with self.cond:
                 if self.closing:
@@ -327,7 +340,11 @@ class KafkaTransport:
                 if commits:
                     self.consumer.commit(offsets=commits, asynchronous=True)
                 self._set_paused(want_pause)
-                msgs = self.consumer.consume(num_messages=max(1, min(room, 500)), timeout=POLL_TIMEOUT)
+                if had_records and not want_pause:
+                    msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
+                else:
+                    msgs = self.consumer.consume(num_messages=1, timeout=POLL_TIMEOUT)
+                had_records = bool(msgs)
             except KafkaException as exc:
                 self.errors.append(str(exc))
                 time.sleep(POLL_TIMEOUT)
@@ -339,7 +356,15 @@ class KafkaTransport:
 
     def _take(self, msgs: list[Message]) -> None:
         now_ms = int(time.time() * 1000)
+        # The per-record path of every message: names bound locally, no call that can be spared.
+        assigned, tracks, generation, retry_topic = (
+            self.assigned,
+            self.tracks,
+            self.generation,
+            self.retry_topic,
+        )
         with self.cond:
+            append = self.buffer.append  # under the lock: a revoke replaces the buffer
             for m in msgs:
                 err = m.error()
                 if err is not None:
@@ -350,24 +375,26 @@ class KafkaTransport:
                 if topic is None or partition is None or offset is None:
                     continue
                 tp = (topic, partition)
-                if tp not in self.assigned:
+                if tp not in assigned:
                     continue  # revoked while in flight to us
-                track = self.tracks.get(tp)
+                track = tracks.get(tp)
                 if track is None:
-                    track = self.tracks[tp] = PartitionTrack(committed=offset)
+                    track = tracks[tp] = PartitionTrack(committed=offset)
                 if track.holds(offset):
                     continue
                 track.start(offset)
-                token = KafkaToken(tp[0], tp[1], offset, self.generation[tp])
+                token = KafkaToken(topic, partition, offset, generation[tp])
                 held = _Held(Delivery(m.value() or b"", token, key=m.key()), tp, offset)
-                if tp[0] == self.retry_topic:
-                    due = kc.header(m.headers(), kc.HEADER_DUE_MS)
-                    due_ms = int(due) if due and due.isdigit() else 0
-                    if due_ms > now_ms:
-                        self.delayed_seq += 1
-                        heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
-                        continue
-                self.buffer.append(held)
+                if topic != retry_topic:
+                    append(held)
+                    continue
+                due = kc.header(m.headers(), kc.HEADER_DUE_MS)
+                due_ms = int(due) if due and due.isdigit() else 0
+                if due_ms > now_ms:
+                    self.delayed_seq += 1
+                    heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
+                    continue
+                append(held)
             self.cond.notify_all()
 
     def _release_due(self) -> None:
@@ -492,7 +519,11 @@ def transport(settings: Any, worker_id: str) -> KafkaTransport:
 
 class KafkaSink:
     """Publishes with acks=all and idempotence; ``send`` returns once Kafka acknowledged every
-    record, or raises :class:`KafkaOutageError` naming how many it did not."""
+    record, or raises :class:`KafkaOutageError` naming how many it did not. ``keys`` are the
+    records' keys: Kafka's default partitioner puts one key's records on one partition, in order,
+    which ``ordering: key`` relies on."""
+
+    takes_keys = True  # sluiceway.publish passes key= only to sinks that say this
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -558,6 +589,36 @@ class KafkaSink:
 
 def sink(url: str) -> KafkaSink:
     return KafkaSink(url)
+
+
+class KafkaAsyncSink:
+    """:class:`KafkaSink` from asyncio: a send (which blocks until Kafka acknowledged) runs in a
+    thread, one at a time, keys included."""
+
+    takes_keys = True
+
+    def __init__(self, url: str) -> None:
+        self.inner = KafkaSink(url)
+        self.lock = asyncio.Lock()
+
+    async def send(
+        self,
+        namespace: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        *,
+        delay: float = 0.0,
+        keys: Sequence[bytes | str | None] | None = None,
+    ) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self.inner.send, namespace, queue, payloads, delay=delay, keys=keys)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.inner.close)
+
+
+def async_sink(url: str) -> KafkaAsyncSink:
+    return KafkaAsyncSink(url)
 
 
 def _is_a_transport(t: KafkaTransport) -> Transport:
