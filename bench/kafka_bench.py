@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from tests.support.kafka_server import KafkaServer  # noqa: E402
 
+from bench.report import qps_table, window_figures  # noqa: E402
 from sluiceway.transports import kafka_common as kc  # noqa: E402
 from sluiceway.transports.base import Outcomes  # noqa: E402
 from sluiceway.transports.kafka import KafkaTransport  # noqa: E402
@@ -249,10 +250,10 @@ def worker_throughput(url: str, redis_url: str, n: int, concurrency: int) -> flo
         proc.wait(60)
 
 
-def qps_precision(url: str, redis_url: str, qps: int, workers: int, seconds: float = 10.0) -> None:
+def qps_precision(
+    url: str, redis_url: str, qps: int, workers: int, seconds: float = 10.0
+) -> tuple[float, int]:
     import redis
-
-    from sluiceway.ratelimit import max_in_window
 
     client = redis.Redis.from_url(redis_url)
     client.delete("bench:starts")
@@ -275,16 +276,7 @@ def qps_precision(url: str, redis_url: str, qps: int, workers: int, seconds: flo
         p.terminate()
     for p in procs:
         p.wait(60)
-    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
-    # Skip the first second: workers are still joining the group and the bucket fills from empty.
-    t0 = starts[0] + 1.0
-    window = [x for x in starts if t0 <= x < t0 + seconds]
-    worst = max_in_window(window, 1.0)
-    print(
-        f"  qps {qps:4d} x {workers} workers: achieved {len(window) / seconds / qps:.4f}, "
-        f"worst window {worst} ({worst / qps:.3f})",
-        flush=True,
-    )
+    return window_figures([float(x) for x in client.lrange("bench:starts", 0, -1)], qps, seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,10 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         throughput(server.url, redis_server.url, args.messages, args.rounds)
         rebalance_cost(server.url, min(args.messages, 20_000))
         if not args.skip_qps:
-            print("QPS precision over 10 s (achieved/target, worst 1-s window vs target):", flush=True)
-            for qps in (10, 100, 1000):
-                for workers in (1, 4):
-                    qps_precision(server.url, redis_server.url, qps, workers)
+            qps_table(lambda q, w: qps_precision(server.url, redis_server.url, q, w), (1, 4), 10.0)
     finally:
         server.close()
         redis_server.close()
