@@ -4,8 +4,9 @@ partition, drain on revoke, retries through a retry topic, dead letters with the
 One thread owns the consumer and polls every ~100 ms whatever the worker does, so the group
 membership and rebalance callbacks never wait for a busy worker. It fills a bounded buffer of
 fetched records; when the buffer is full (the worker is full, or the rate limit grants nothing so
-the worker fetches nothing) it pauses every assigned partition and keeps polling, which serves
-heartbeats and rebalances without taking records. ``fetch`` hands records out of that buffer.
+the worker fetches nothing) it pauses every assigned partition, until the worker has taken half
+of it, and keeps polling, which serves rebalances without taking records. ``fetch`` hands records
+out of that buffer.
 
 Offsets (kafka_offsets.PartitionTrack): a record counts as open from the moment it is buffered,
 and a partition's commit never passes its lowest open record, so records finish in any order and
@@ -55,6 +56,7 @@ POLL_TIMEOUT = 0.1  # the longest a rebalance callback or a pause waits for the 
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
 CONSUME_MAX = 500  # records per consume() call, at most
+COMMIT_RETRY_SECONDS = 5.0  # a revoke's or close's commit, tried again on retriable errors
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
 
@@ -100,7 +102,9 @@ class KafkaTransport:
             admin = AdminClient({"bootstrap.servers": kc.bootstrap(url), "log_level": 3})
             kc.ensure_topics(admin, {self.topic: -1, self.retry_topic: -1, self.dead_topic: -1})
         self.producer = Producer(kc.producer_config(url, worker_id))
-        self.consumer = Consumer(kc.consumer_config(url, kc.group(namespace, queue), worker_id))
+        self.consumer = Consumer(
+            {**kc.consumer_config(url, kc.group(namespace, queue), worker_id), "on_commit": self._on_commit}
+        )
 
         self.cond = threading.Condition()  # guards everything below; settle notifies it
         self.tracks: dict[TP, PartitionTrack] = {}
@@ -113,11 +117,13 @@ class KafkaTransport:
         self.keys_busy: dict[bytes, int] = {}  # ordering=key: running records per key
         self.to_commit: dict[TP, int] = {}
         self.paused: set[TP] = set()
+        self.pause_unknown: set[TP] = set()  # assigned since the last pause/resume call
         self.closing = False
         # Figures for tests and benchmarks.
         self.redone_on_revoke = 0  # running records a revoke could not wait for
         self.revokes = 0
         self.lost = 0
+        self.commit_failures = 0  # asynchronous commits the broker refused (each sent again)
         self.errors: deque[str] = deque(maxlen=50)
 
         self.consumer.subscribe(
@@ -306,10 +312,7 @@ class KafkaTransport:
             self.buffer.clear()
             offsets = self._committable(self.tracks.keys())
         if offsets:
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self.log.warning("kafka_final_commit_failed", error=str(exc))
+            self._commit_now(self.consumer, offsets, "kafka_final_commit_failed")
         with contextlib.suppress(KafkaException, RuntimeError):
             self.consumer.close()  # leaves the group now: no session timeout to wait for
         self.producer.flush(PRODUCE_TIMEOUT)
@@ -322,25 +325,32 @@ class KafkaTransport:
         # while the worker runs dry. Instead the thread takes whatever is queued without waiting,
         # and only when that was nothing blocks for the first record to arrive.
         had_records = False
+        # A full buffer pauses every partition until the worker has taken half of it. Pausing at
+        # full and resuming at the first free place would pause and resume on every fetch of a
+        # few records, and each pause drops what librdkafka prefetched, which the resume fetches
+        # again: a broker round trip per fetch, with the buffer running dry meanwhile.
+        holding = False
+        low = self.buffer_limit // 2
         while True:
             with self.cond:
                 if self.closing:
                     return
                 self._release_due()
-                room = self.buffer_limit - len(self.buffer)
                 commits = self._take_commits()
-                want_pause = room <= 0
-                if want_pause:
-                    # Nothing to take: poll with every partition paused, which serves heartbeats
-                    # and rebalances but fetches nothing, until the worker frees room.
+                n = len(self.buffer)
+                holding = n > low if holding else n >= self.buffer_limit
+                if holding:
+                    # Wait for the worker's fetches (they notify) instead of polling for nothing;
+                    # the consume below still runs every POLL_TIMEOUT, for rebalance callbacks.
                     self.cond.wait(POLL_TIMEOUT)
-                    room = self.buffer_limit - len(self.buffer)
-                    want_pause = room <= 0
+                    n = len(self.buffer)
+                    holding = n > low
+                room = self.buffer_limit - n
             try:
                 if commits:
                     self.consumer.commit(offsets=commits, asynchronous=True)
-                self._set_paused(want_pause)
-                if had_records and not want_pause:
+                self._set_paused(holding)
+                if holding or had_records:
                     msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
                 else:
                     msgs = self.consumer.consume(num_messages=1, timeout=POLL_TIMEOUT)
@@ -349,8 +359,16 @@ class KafkaTransport:
                 self.errors.append(str(exc))
                 time.sleep(POLL_TIMEOUT)
                 continue
-            except RuntimeError:  # the consumer was closed under us at exit
-                return
+            except Exception as exc:
+                if self.closing:  # the consumer was closed under us at exit
+                    return
+                # This thread is the worker's only way to its records and its group: if it
+                # ended, the worker would live on and never fetch again. A callback's bug or an
+                # unexpected client error is logged and the loop goes on.
+                self.errors.append(repr(exc))
+                self.log.error("kafka_poll_error", error=repr(exc))
+                time.sleep(POLL_TIMEOUT)
+                continue
             if msgs:
                 self._take(msgs)
 
@@ -417,6 +435,45 @@ class KafkaTransport:
         self.to_commit.clear()
         return offsets
 
+    def _commit_now(self, consumer: Any, offsets: list[TopicPartition], event: str) -> None:
+        """A synchronous commit (revoke, close), tried again for COMMIT_RETRY_SECONDS while the
+        broker answers with a retriable error (a restart, NOT_COORDINATOR just after one): what
+        it fails to commit, the next owner redoes."""
+        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+        while True:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is None or not error.retriable() or time.monotonic() >= deadline:
+                    self.log.warning(event, error=str(exc))
+                    return
+            time.sleep(POLL_TIMEOUT)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit's outcome (on the poll thread, inside consume). A failed one
+        (the broker restarting, NOT_COORDINATOR, a rebalance in progress) is sent again on the
+        next poll unless a later commit of that partition superseded it: otherwise the group's
+        offset would stay behind work that is done, and once nothing more settles on that
+        partition nothing would ever move it."""
+        failed = [p for p in partitions if err is not None or p.error is not None]
+        if not failed:
+            return
+        with self.cond:
+            self.commit_failures += 1
+            self.errors.append(f"commit failed, retried: {err if err is not None else failed[0].error}")
+            for p in failed:
+                tp = (p.topic, p.partition)
+                track = self.tracks.get(tp)
+                if (
+                    track is not None
+                    and tp in self.assigned
+                    and p.offset >= 0
+                    and track.committed == p.offset
+                ):
+                    self.to_commit[tp] = max(self.to_commit.get(tp, p.offset), p.offset)
+
     def _committable(self, tps: Any) -> list[TopicPartition]:
         offsets = []
         for tp in list(tps):
@@ -430,12 +487,24 @@ class KafkaTransport:
         with self.cond:
             retry_full = len(self.delayed) >= DELAYED_MAX
             want = {tp for tp in self.assigned if pause or (retry_full and tp[0] == self.retry_topic)}
-            to_pause = want - self.paused
-            to_resume = (self.paused - want) & self.assigned
-        if to_pause:
-            self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
-        if to_resume:
-            self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+            # A newly assigned partition's state in librdkafka is not known here (a pause may
+            # outlive a revoke and a later assign of the same partition): say it explicitly.
+            unsure = self.pause_unknown & self.assigned
+            self.pause_unknown.clear()
+            to_pause = (want - self.paused) | (want & unsure)
+            to_resume = ((self.paused - want) & self.assigned) | (unsure - want)
+        try:
+            if to_pause:
+                self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            if to_resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+        except KafkaException as exc:
+            # Never skip the consume() after this: it serves the rebalance that makes the
+            # partitions valid again. The next loop says their state again.
+            with self.cond:
+                self.pause_unknown |= to_pause | to_resume
+            self.errors.append(f"pause/resume: {exc}")
+            return
         with self.cond:
             self.paused = (self.paused | to_pause) - to_resume
 
@@ -449,6 +518,7 @@ class KafkaTransport:
                 self.assigned.add(tp)
                 self.tracks.pop(tp, None)
                 self.paused.discard(tp)
+                self.pause_unknown.add(tp)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
@@ -466,10 +536,7 @@ class KafkaTransport:
             self.redone_on_revoke += unfinished
             offsets = self._committable(revoked)
         if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self.log.warning("kafka_revoke_commit_failed", error=str(exc))
+            self._commit_now(consumer, offsets, "kafka_revoke_commit_failed")
         if unfinished:
             self.log.info("kafka_revoked_unfinished", redone_by_next_owner=unfinished)
         with self.cond:
