@@ -37,6 +37,14 @@ from sluiceway.transports.base import Outcomes  # noqa: E402
 from sluiceway.transports.kafka import KafkaTransport  # noqa: E402
 
 NS = "bench"
+# CPU (user + system) per message of the last bare loop and worker run, µs: steadier than msg/s
+# on a shared machine, since waiting for a core does not count.
+CPU_US = {"bare": 0.0, "worker": 0.0}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fill(url: str, queue: str, n: int, partitions: int) -> None:
@@ -68,15 +76,16 @@ def bare_loop(url: str, queue: str, n: int) -> float:
     )
     c.subscribe([kc.topic(NS, queue)])
     got = 0
-    start = 0.0
+    start = cpu0 = 0.0
     while got < n:
         msgs = c.consume(num_messages=1000, timeout=1.0)
         if msgs and not start:
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
         got += sum(1 for m in msgs if m.error() is None)
         if msgs:
             c.commit(asynchronous=False)
     elapsed = time.perf_counter() - start
+    CPU_US["bare"] = (time.process_time() - cpu0) * 1e6 / n
     c.close()
     return n / elapsed
 
@@ -117,7 +126,8 @@ def throughput(url: str, redis_url: str, n: int, rounds: int) -> None:
         print(
             f"round {r + 1}: bare confluent-kafka loop {bare:,.0f} msg/s; "
             f"transport alone {tr:,.0f} msg/s = {100 * tr / bare:.0f}%; "
-            f"worker process (-c 8), no-op, at-least-once {worker:,.0f} msg/s = {100 * worker / bare:.0f}% of the loop",
+            f"worker process (-c 8), no-op, at-least-once {worker:,.0f} msg/s = {100 * worker / bare:.0f}% of the loop; "
+            f"CPU/message bare {CPU_US['bare']:.1f} µs, worker {CPU_US['worker']:.1f} µs",
             flush=True,
         )
     ratios.sort()
@@ -200,16 +210,22 @@ def _worker_env(url: str, redis_url: str) -> dict[str, str]:
     return env
 
 
-def _committed(url: str, queue: str) -> int:
-    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
-    try:
+class _Committed:
+    """The group's committed total, read through one long-lived client: a client made per read
+    (threads, connections, metadata) would take CPU from the worker it measures, which the bare
+    loop never pays."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        self.c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
         topic = kc.topic(NS, queue)
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(
-            max(tp.offset, 0) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        )
-    finally:
-        c.close()
+        parts = self.c.list_topics(topic, timeout=10).topics[topic].partitions
+        self.tps = [TopicPartition(topic, p) for p in parts]
+
+    def __call__(self) -> int:
+        return sum(max(tp.offset, 0) for tp in self.c.committed(self.tps, timeout=10))
+
+    def close(self) -> None:
+        self.c.close()
 
 
 def worker_throughput(url: str, redis_url: str, n: int, concurrency: int) -> float:
@@ -234,18 +250,22 @@ def worker_throughput(url: str, redis_url: str, n: int, concurrency: int) -> flo
         cwd=REPO,
     )
     deadline = time.monotonic() + 600
+    committed = _Committed(url, queue)
     try:
-        while (first := _committed(url, queue)) == 0:
+        while (first := committed()) == 0:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker committed nothing (exit {proc.poll()})")
             time.sleep(0.02)
         t0 = time.perf_counter()
-        while (done := _committed(url, queue)) < n:
+        cpu0 = _cpu_seconds(proc.pid)
+        while (done := committed()) < n:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker stopped at {done} of {n} (exit {proc.poll()})")
             time.sleep(0.02)
+        CPU_US["worker"] = (_cpu_seconds(proc.pid) - cpu0) * 1e6 / max(done - first, 1)
         return (done - first) / (time.perf_counter() - t0)
     finally:
+        committed.close()
         proc.terminate()
         proc.wait(60)
 
@@ -285,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-qps", action="store_true")
+    parser.add_argument("--only-qps", action="store_true", help="run only the QPS precision cases")
     args = parser.parse_args(args_in)
     server = KafkaServer()
     server.start()
@@ -294,8 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     redis_server.start()
     try:
         print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
-        throughput(server.url, redis_server.url, args.messages, args.rounds)
-        rebalance_cost(server.url, min(args.messages, 20_000))
+        if not args.only_qps:
+            throughput(server.url, redis_server.url, args.messages, args.rounds)
+            rebalance_cost(server.url, min(args.messages, 20_000))
         if not args.skip_qps:
             qps_table(lambda q, w: qps_precision(server.url, redis_server.url, q, w), (1, 4), 10.0)
     finally:

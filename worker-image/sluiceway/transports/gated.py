@@ -58,6 +58,14 @@ class Gated:
     def _fetch(self, wanted: int) -> Batch:
         if self.limiter is None:
             return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
+        # A transport that buffers records (Kafka) says how many it holds, so slots are taken
+        # only for records there are: a worker whose partitions are elsewhere (or not assigned
+        # yet) would otherwise take slots the fleet then loses.
+        available = getattr(self.transport, "available", None)
+        if available is not None:
+            wanted = min(wanted, available(FETCH_WAIT))
+            if wanted <= 0:
+                return Batch()
         slots = self.limiter.acquire(wanted)
         granted = time.monotonic()
         if slots.count == 0:

@@ -160,6 +160,18 @@ class KafkaTransport:
             self.cond.notify_all()  # room in the buffer for the poll thread
             return out
 
+    def available(self, timeout: float) -> int:
+        """Records ready to hand out, waiting up to ``timeout`` for the first; the rate-limited
+        link (transports/gated.py) takes no more slots than this."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.buffer and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 0
+                self.cond.wait(left)
+            return len(self.buffer)
+
     def _hand_out(self, held: _Held, out: list[Delivery]) -> None:
         self.out.setdefault(held.tp, {})[held.offset] = held.delivery
         key = held.delivery.key
