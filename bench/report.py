@@ -13,15 +13,30 @@ RATES = (10, 100, 1000)
 SETTLE_SECONDS = 1.0
 
 
+# Seconds a task's own timestamp may trail the worker's start of it on a loaded machine; the
+# tests' value (tests/support/starts.py), which says why.
+RECORD_LAG = 0.05
+
+
 def window_figures(starts: Sequence[float], qps: int, seconds: float) -> tuple[float, int]:
     """From task start times: (achieved / target, most starts in any 1-s window) over
     ``seconds`` from one second after the first start."""
+    return _figures(starts, qps, seconds)[:2]
+
+
+def _figures(starts: Sequence[float], qps: int, seconds: float) -> tuple[float, int, int]:
     ordered = sorted(starts)
     if not ordered:
-        return 0.0, 0
+        return 0.0, 0, 0
     t0 = ordered[0] + SETTLE_SECONDS
     window = [s for s in ordered if t0 <= s < t0 + seconds]
-    return len(window) / seconds / qps, max_in_window(window, 1.0)
+    # Also the most recorded starts in any (1 s - RECORD_LAG) window: those were truly started
+    # within one 1-s window even if each timestamp trails its start by up to RECORD_LAG.
+    return len(window) / seconds / qps, max_in_window(window, 1.0), max_in_window(window, 1.0 - RECORD_LAG)
+
+
+def lag_tolerant(starts: Sequence[float], qps: int, seconds: float) -> int:
+    return _figures(starts, qps, seconds)[2]
 
 
 def qps_table(
