@@ -22,9 +22,9 @@ from pathlib import Path
 import redis
 
 import sluiceway
+from bench.report import qps_table, window_figures
 from sluiceway import fleet
 from sluiceway.contract import Keys
-from sluiceway.ratelimit import max_in_window
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = Keys("default", "bench")
@@ -189,11 +189,7 @@ def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[flo
         p.terminate()
     for p in procs:
         p.wait()
-    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
-    # Skip the first second: workers are still starting and the bucket fills from empty.
-    t0 = starts[0] + 1.0
-    window = [s for s in starts if t0 <= s < t0 + seconds]
-    return len(window) / seconds / qps, max_in_window(window, 1.0)
+    return window_figures([float(x) for x in client.lrange("bench:starts", 0, -1)], qps, seconds)
 
 
 # CPU time (user + system) the worker process spent per message in the last throughput run, µs.
@@ -269,15 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{rtt:.4f} Redis round trips/message"
             )
         if not args.skip_qps:
-            print(
-                f"QPS precision over {args.qps_seconds:.0f} s (achieved/target, worst 1-s window vs target):"
-            )
-            for qps in (10, 100, 1000):
-                for workers in (1, 4, 8):
-                    ratio, worst = qps_precision(url, qps, workers, args.qps_seconds)
-                    print(
-                        f"  qps {qps:>4} x {workers} workers: achieved {ratio:.4f}, worst window {worst} ({worst / qps:.3f})"
-                    )
+            qps_table(lambda q, w: qps_precision(url, q, w, args.qps_seconds), (1, 4, 8), args.qps_seconds)
     finally:
         proc.terminate()
         proc.wait()

@@ -150,7 +150,7 @@ def test_kill_9_of_a_worker_loses_nothing(r: redis.Redis, kafka_url: str, spawn_
 def test_the_fleet_qps_limit_holds_on_kafka_and_sigterm_drains(
     r: redis.Redis, kafka_url: str, spawn_worker: SpawnWorker
 ) -> None:
-    from sluiceway.ratelimit import max_in_window
+    from tests.support.starts import worst_window
 
     queue = f"q{uuid.uuid4().hex[:8]}"
     qps = 20
@@ -168,7 +168,9 @@ def test_the_fleet_qps_limit_holds_on_kafka_and_sigterm_drains(
         w.terminate()
     codes = [w.wait(60) for w in workers]
     starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
-    worst = max_in_window(starts, 1.0)
+    # Each task reads the clock after its thread runs: the window allows that record lag, as the
+    # conformance suite's does (tests/support/starts.py says why).
+    worst = worst_window(starts)
     print(f"[figures] kafka qps {qps} x 2 workers: starts={len(starts)} worst_1s_window={worst} exit={codes}")
     assert worst <= qps + 1 + qps // 100
     assert codes == [0, 0]

@@ -93,19 +93,6 @@ def kafka_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
     from sluiceway_operator.backlog.kafka import KafkaSource
     from tests.support.kafka_server import KafkaServer
 
-    if "qps_bound" in request.node.name:
-        # Open: on the loaded 2-core CI machine 2 of 5 runs saw 22 starts in a 1-s window against
-        # the bound of 21 (mean under the limit); the cause is not found yet. Reported, not hidden.
-        request.applymarker(
-            pytest.mark.xfail(reason="Kafka QPS window 22 vs 21 seen under load", strict=False)
-        )
-    if "broker_restart" in request.node.name:
-        # Open: in one full CI run on this machine the worker had not finished every message 180 s
-        # after the Kafka restart (tests/test_kafka_faults.py's restart lost none of 600). Whether a
-        # message was lost or only stuck behind an uncommitted offset is not known yet; reported.
-        request.applymarker(
-            pytest.mark.xfail(reason="Kafka restart: not every message done within 180 s once", strict=False)
-        )
     server: KafkaServer = request.getfixturevalue("kafka_server")
     url: str = request.getfixturevalue("kafka_url")
     coordination: str = request.getfixturevalue("redis_url")  # flushed for this test

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--delay", type=_seconds, default=0.0, help="hold the messages back this many seconds [0]"
     )
+    pub.add_argument(
+        "--key",
+        help="Kafka record key of every message (its partition, and its order under ordering: key); "
+        "refused on other brokers",
+    )
 
     st = sub.add_parser(
         "stats",
@@ -403,7 +408,7 @@ def _read_messages(raws: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
-    from sluiceway.publish import Publisher
+    from sluiceway.publish import Publisher, check_keys
     from sluiceway.transports import registry
 
     messages = _read_messages(args.messages)
@@ -415,11 +420,17 @@ def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
     qname = f"{keys.namespace}/{keys.queue}"
     # Redis errors go on to _tool, which tells a refused connection from an error reply.
     outages = () if pub.broker == "redis" else registry.module(pub.broker).outage_errors
+    every = [m for m in messages for _ in range(args.repeat)]
+    try:
+        check_keys(pub.broker, pub.sink, [args.key])
+    except ValueError as exc:  # a key on a broker that has none: nothing is sent
+        pub.close()
+        raise _CommandError(ToolExit.USAGE, f"--key: {exc}") from None
     try:
         if args.delay > 0:
-            ids = [pub.publish(qname, m, delay=args.delay) for m in messages for _ in range(args.repeat)]
+            ids = [pub.publish(qname, m, delay=args.delay, key=args.key) for m in every]
         else:
-            ids = pub.publish_batch(qname, [m for m in messages for _ in range(args.repeat)])
+            ids = pub.publish_batch(qname, every, keys=None if args.key is None else [args.key] * len(every))
     except outages as exc:
         # pika's texts may be empty or span lines.
         detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(":")

@@ -98,16 +98,14 @@ def submit(
     redis_url: str | None = None,
     namespace: str | None = None,
 ) -> Handle:
-    """Publish a message that asks for a reply; returns its :class:`Handle`."""
+    """Publish a message that asks for a reply; returns its :class:`Handle`. The same as
+    ``Publisher(url, namespace=namespace).publish(queue, kwargs, reply=True)``, with the
+    publisher kept for the process."""
     with _sync_lock:
         pub = _publishers.get((url, namespace, None))
         if pub is None:
             pub = _publishers[(url, namespace, None)] = Publisher(url, namespace=namespace)
-    keys = resolve_queue(queue, pub.namespace)
-    msg_id = codec.new_id()
-    key = reply_key(CLIENT_ID, msg_id)
-    pub.sink.send(keys.namespace, keys.queue, [_payload(kwargs, key, msg_id)])
-    return Handle(msg_id, key, results_url(pub.broker, pub.url, redis_url))
+    return pub.publish(queue, kwargs, reply=True, redis_url=redis_url)
 
 
 def call(

@@ -58,6 +58,14 @@ class Gated:
     def _fetch(self, wanted: int) -> Batch:
         if self.limiter is None:
             return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
+        # A transport that buffers records (Kafka) says how many it holds, so slots are taken
+        # only for records there are: a worker whose partitions are elsewhere (or not assigned
+        # yet) would otherwise take slots the fleet then loses.
+        available = getattr(self.transport, "available", None)
+        if available is not None:
+            wanted = min(wanted, available(FETCH_WAIT))
+            if wanted <= 0:
+                return Batch()
         slots = self.limiter.acquire(wanted)
         granted = time.monotonic()
         if slots.count == 0:
@@ -75,8 +83,11 @@ class Gated:
         late = time.monotonic() - granted
         for i, d in enumerate(deliveries):
             d.start_after = slots.start_after(i) - late
-        # A partial hand-back changed the limiter's state, so this lease can no longer return more.
-        lease = slots.lease if len(deliveries) == slots.count else None
+        # A partial hand-back changed the limiter's state, so this lease can no longer return
+        # more. Its tasks still wait for their slots: the worker starts a task whose lease is None
+        # at once (that means "not rate-limited"), which bunched a partial batch's starts and
+        # broke the 1-s bound. They keep a lease that can hand nothing back (empty state).
+        lease = slots.lease if len(deliveries) == slots.count else _spent(slots.lease)
         return Batch(deliveries=deliveries, slots=lease)
 
     def give_back(
@@ -111,6 +122,11 @@ class Gated:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _spent(lease: SlotLease | None) -> SlotLease | None:
+    """A lease whose slots are taken but which can hand none back (release.lua refuses '')."""
+    return None if lease is None else SlotLease(tat="", interval_us=lease.interval_us)
 
 
 def _conforms(g: Gated) -> WorkerLink:

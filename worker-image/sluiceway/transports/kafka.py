@@ -4,8 +4,9 @@ partition, drain on revoke, retries through a retry topic, dead letters with the
 One thread owns the consumer and polls every ~100 ms whatever the worker does, so the group
 membership and rebalance callbacks never wait for a busy worker. It fills a bounded buffer of
 fetched records; when the buffer is full (the worker is full, or the rate limit grants nothing so
-the worker fetches nothing) it pauses every assigned partition and keeps polling, which serves
-heartbeats and rebalances without taking records. ``fetch`` hands records out of that buffer.
+the worker fetches nothing) it pauses every assigned partition, until the worker has taken half
+of it, and keeps polling, which serves rebalances without taking records. ``fetch`` hands records
+out of that buffer.
 
 Offsets (kafka_offsets.PartitionTrack): a record counts as open from the moment it is buffered,
 and a partition's commit never passes its lowest open record, so records finish in any order and
@@ -25,6 +26,7 @@ A retried record leaves that order: it runs again from the retry topic after its
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import os
@@ -32,8 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -54,19 +55,21 @@ TP = tuple[str, int]
 POLL_TIMEOUT = 0.1  # the longest a rebalance callback or a pause waits for the poll thread
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
+CONSUME_MAX = 500  # records per consume() call, at most
+COMMIT_RETRY_SECONDS = 5.0  # a revoke's or close's commit, tried again on retriable errors
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
 
-@dataclass(frozen=True, slots=True)
-class KafkaToken:
+# Tuples, not dataclasses: one of each is made per record on the hot path, where a frozen
+# dataclass costs over twice as much to build and to hash.
+class KafkaToken(NamedTuple):
     topic: str
     partition: int
     offset: int
     generation: int  # of this partition's assignment; a settle from an older one is gone
 
 
-@dataclass(slots=True)
-class _Held:
+class _Held(NamedTuple):
     delivery: Delivery
     tp: TP
     offset: int
@@ -99,7 +102,9 @@ class KafkaTransport:
             admin = AdminClient({"bootstrap.servers": kc.bootstrap(url), "log_level": 3})
             kc.ensure_topics(admin, {self.topic: -1, self.retry_topic: -1, self.dead_topic: -1})
         self.producer = Producer(kc.producer_config(url, worker_id))
-        self.consumer = Consumer(kc.consumer_config(url, kc.group(namespace, queue), worker_id))
+        self.consumer = Consumer(
+            {**kc.consumer_config(url, kc.group(namespace, queue), worker_id), "on_commit": self._on_commit}
+        )
 
         self.cond = threading.Condition()  # guards everything below; settle notifies it
         self.tracks: dict[TP, PartitionTrack] = {}
@@ -112,11 +117,13 @@ class KafkaTransport:
         self.keys_busy: dict[bytes, int] = {}  # ordering=key: running records per key
         self.to_commit: dict[TP, int] = {}
         self.paused: set[TP] = set()
+        self.pause_unknown: set[TP] = set()  # assigned since the last pause/resume call
         self.closing = False
         # Figures for tests and benchmarks.
         self.redone_on_revoke = 0  # running records a revoke could not wait for
         self.revokes = 0
         self.lost = 0
+        self.commit_failures = 0  # asynchronous commits the broker refused (each sent again)
         self.errors: deque[str] = deque(maxlen=50)
 
         self.consumer.subscribe(
@@ -142,10 +149,28 @@ class KafkaTransport:
             if self.by_key:
                 self._take_by_key(max_count, out)
             else:
-                while self.buffer and len(out) < max_count:
-                    self._hand_out(self.buffer.popleft(), out)
+                buffer, out_of, append = self.buffer, self.out, out.append
+                for _ in range(min(max_count, len(buffer))):
+                    held = buffer.popleft()
+                    by_offset = out_of.get(held.tp)
+                    if by_offset is None:
+                        by_offset = out_of[held.tp] = {}
+                    by_offset[held.offset] = held.delivery
+                    append(held.delivery)
             self.cond.notify_all()  # room in the buffer for the poll thread
             return out
+
+    def available(self, timeout: float) -> int:
+        """Records ready to hand out, waiting up to ``timeout`` for the first; the rate-limited
+        link (transports/gated.py) takes no more slots than this."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.buffer and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return 0
+                self.cond.wait(left)
+            return len(self.buffer)
 
     def _hand_out(self, held: _Held, out: list[Delivery]) -> None:
         self.out.setdefault(held.tp, {})[held.offset] = held.delivery
@@ -207,14 +232,26 @@ class KafkaTransport:
         if failures:
             return Settled(error=f"kafka produce failed: {failures[0]}")
         gone = 0
+        touched: set[TP] = set()
         with self.cond:
             for token in (
                 *outcomes.acks,
                 *(r.token for r in outcomes.retries),
                 *(d.token for d in outcomes.deads),
             ):
-                if self._finish(self._token(token)) is None:
+                t = self._token(token)
+                if self._settled(t) is None:
                     gone += 1
+                    continue
+                tp = (t.topic, t.partition)
+                self.tracks[tp].finish(t.offset)
+                touched.add(tp)
+            # The commit point once per partition and settle, not once per record.
+            for tp in touched:
+                track = self.tracks[tp]
+                point = track.committable()
+                if point > track.committed:
+                    self.to_commit[tp] = point
             self.cond.notify_all()
         return Settled(gone=gone)
 
@@ -234,21 +271,10 @@ class KafkaTransport:
         tp = (t.topic, t.partition)
         if self.generation.get(tp) != t.generation:
             return None
-        d = self.out.get(tp, {}).pop(t.offset, None)
-        if d is not None:
+        by_offset = self.out.get(tp)
+        d = by_offset.pop(t.offset, None) if by_offset is not None else None
+        if d is not None and self.by_key:
             self._release_key(d.key)
-        return d
-
-    def _finish(self, t: KafkaToken) -> Delivery | None:
-        d = self._settled(t)
-        if d is None:
-            return None
-        tp = (t.topic, t.partition)
-        track = self.tracks[tp]
-        track.finish(t.offset)
-        point = track.committable()
-        if point > track.committed:
-            self.to_commit[tp] = point
         return d
 
     def _release_key(self, key: bytes | None) -> None:
@@ -298,10 +324,7 @@ class KafkaTransport:
             self.buffer.clear()
             offsets = self._committable(self.tracks.keys())
         if offsets:
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self.log.warning("kafka_final_commit_failed", error=str(exc))
+            self._commit_now(self.consumer, offsets, "kafka_final_commit_failed")
         with contextlib.suppress(KafkaException, RuntimeError):
             self.consumer.close()  # leaves the group now: no session timeout to wait for
         self.producer.flush(PRODUCE_TIMEOUT)
@@ -309,37 +332,69 @@ class KafkaTransport:
     # --- the poll thread -------------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
+        # consume(num_messages=N, timeout=T) returns only once it has N records or T passed, so a
+        # blocking batch call would sit out the whole timeout whenever fewer than N are queued
+        # while the worker runs dry. Instead the thread takes whatever is queued without waiting,
+        # and only when that was nothing blocks for the first record to arrive.
+        had_records = False
+        # A full buffer pauses every partition until the worker has taken half of it. Pausing at
+        # full and resuming at the first free place would pause and resume on every fetch of a
+        # few records, and each pause drops what librdkafka prefetched, which the resume fetches
+        # again: a broker round trip per fetch, with the buffer running dry meanwhile.
+        holding = False
+        low = self.buffer_limit // 2
         while True:
             with self.cond:
                 if self.closing:
                     return
                 self._release_due()
-                room = self.buffer_limit - len(self.buffer)
                 commits = self._take_commits()
-                want_pause = room <= 0
-                if want_pause:
-                    # Nothing to take: poll with every partition paused, which serves heartbeats
-                    # and rebalances but fetches nothing, until the worker frees room.
+                n = len(self.buffer)
+                holding = n > low if holding else n >= self.buffer_limit
+                if holding:
+                    # Wait for the worker's fetches (they notify) instead of polling for nothing;
+                    # the consume below still runs every POLL_TIMEOUT, for rebalance callbacks.
                     self.cond.wait(POLL_TIMEOUT)
-                    room = self.buffer_limit - len(self.buffer)
-                    want_pause = room <= 0
+                    n = len(self.buffer)
+                    holding = n > low
+                room = self.buffer_limit - n
             try:
                 if commits:
                     self.consumer.commit(offsets=commits, asynchronous=True)
-                self._set_paused(want_pause)
-                msgs = self.consumer.consume(num_messages=max(1, min(room, 500)), timeout=POLL_TIMEOUT)
+                self._set_paused(holding)
+                if holding or had_records:
+                    msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
+                else:
+                    msgs = self.consumer.consume(num_messages=1, timeout=POLL_TIMEOUT)
+                had_records = bool(msgs)
             except KafkaException as exc:
                 self.errors.append(str(exc))
                 time.sleep(POLL_TIMEOUT)
                 continue
-            except RuntimeError:  # the consumer was closed under us at exit
-                return
+            except Exception as exc:
+                if self.closing:  # the consumer was closed under us at exit
+                    return
+                # This thread is the worker's only way to its records and its group: if it
+                # ended, the worker would live on and never fetch again. A callback's bug or an
+                # unexpected client error is logged and the loop goes on.
+                self.errors.append(repr(exc))
+                self.log.error("kafka_poll_error", error=repr(exc))
+                time.sleep(POLL_TIMEOUT)
+                continue
             if msgs:
                 self._take(msgs)
 
     def _take(self, msgs: list[Message]) -> None:
         now_ms = int(time.time() * 1000)
+        # The per-record path of every message: names bound locally, no call that can be spared.
+        assigned, tracks, generation, retry_topic = (
+            self.assigned,
+            self.tracks,
+            self.generation,
+            self.retry_topic,
+        )
         with self.cond:
+            append = self.buffer.append  # under the lock: a revoke replaces the buffer
             for m in msgs:
                 err = m.error()
                 if err is not None:
@@ -350,24 +405,26 @@ class KafkaTransport:
                 if topic is None or partition is None or offset is None:
                     continue
                 tp = (topic, partition)
-                if tp not in self.assigned:
+                if tp not in assigned:
                     continue  # revoked while in flight to us
-                track = self.tracks.get(tp)
+                track = tracks.get(tp)
                 if track is None:
-                    track = self.tracks[tp] = PartitionTrack(committed=offset)
+                    track = tracks[tp] = PartitionTrack(committed=offset)
                 if track.holds(offset):
                     continue
                 track.start(offset)
-                token = KafkaToken(tp[0], tp[1], offset, self.generation[tp])
+                token = KafkaToken(topic, partition, offset, generation[tp])
                 held = _Held(Delivery(m.value() or b"", token, key=m.key()), tp, offset)
-                if tp[0] == self.retry_topic:
-                    due = kc.header(m.headers(), kc.HEADER_DUE_MS)
-                    due_ms = int(due) if due and due.isdigit() else 0
-                    if due_ms > now_ms:
-                        self.delayed_seq += 1
-                        heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
-                        continue
-                self.buffer.append(held)
+                if topic != retry_topic:
+                    append(held)
+                    continue
+                due = kc.header(m.headers(), kc.HEADER_DUE_MS)
+                due_ms = int(due) if due and due.isdigit() else 0
+                if due_ms > now_ms:
+                    self.delayed_seq += 1
+                    heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
+                    continue
+                append(held)
             self.cond.notify_all()
 
     def _release_due(self) -> None:
@@ -390,6 +447,45 @@ class KafkaTransport:
         self.to_commit.clear()
         return offsets
 
+    def _commit_now(self, consumer: Any, offsets: list[TopicPartition], event: str) -> None:
+        """A synchronous commit (revoke, close), tried again for COMMIT_RETRY_SECONDS while the
+        broker answers with a retriable error (a restart, NOT_COORDINATOR just after one): what
+        it fails to commit, the next owner redoes."""
+        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+        while True:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is None or not error.retriable() or time.monotonic() >= deadline:
+                    self.log.warning(event, error=str(exc))
+                    return
+            time.sleep(POLL_TIMEOUT)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit's outcome (on the poll thread, inside consume). A failed one
+        (the broker restarting, NOT_COORDINATOR, a rebalance in progress) is sent again on the
+        next poll unless a later commit of that partition superseded it: otherwise the group's
+        offset would stay behind work that is done, and once nothing more settles on that
+        partition nothing would ever move it."""
+        failed = [p for p in partitions if err is not None or p.error is not None]
+        if not failed:
+            return
+        with self.cond:
+            self.commit_failures += 1
+            self.errors.append(f"commit failed, retried: {err if err is not None else failed[0].error}")
+            for p in failed:
+                tp = (p.topic, p.partition)
+                track = self.tracks.get(tp)
+                if (
+                    track is not None
+                    and tp in self.assigned
+                    and p.offset >= 0
+                    and track.committed == p.offset
+                ):
+                    self.to_commit[tp] = max(self.to_commit.get(tp, p.offset), p.offset)
+
     def _committable(self, tps: Any) -> list[TopicPartition]:
         offsets = []
         for tp in list(tps):
@@ -403,12 +499,24 @@ class KafkaTransport:
         with self.cond:
             retry_full = len(self.delayed) >= DELAYED_MAX
             want = {tp for tp in self.assigned if pause or (retry_full and tp[0] == self.retry_topic)}
-            to_pause = want - self.paused
-            to_resume = (self.paused - want) & self.assigned
-        if to_pause:
-            self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
-        if to_resume:
-            self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+            # A newly assigned partition's state in librdkafka is not known here (a pause may
+            # outlive a revoke and a later assign of the same partition): say it explicitly.
+            unsure = self.pause_unknown & self.assigned
+            self.pause_unknown.clear()
+            to_pause = (want - self.paused) | (want & unsure)
+            to_resume = ((self.paused - want) & self.assigned) | (unsure - want)
+        try:
+            if to_pause:
+                self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            if to_resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+        except KafkaException as exc:
+            # Never skip the consume() after this: it serves the rebalance that makes the
+            # partitions valid again. The next loop says their state again.
+            with self.cond:
+                self.pause_unknown |= to_pause | to_resume
+            self.errors.append(f"pause/resume: {exc}")
+            return
         with self.cond:
             self.paused = (self.paused | to_pause) - to_resume
 
@@ -422,6 +530,7 @@ class KafkaTransport:
                 self.assigned.add(tp)
                 self.tracks.pop(tp, None)
                 self.paused.discard(tp)
+                self.pause_unknown.add(tp)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
@@ -439,10 +548,7 @@ class KafkaTransport:
             self.redone_on_revoke += unfinished
             offsets = self._committable(revoked)
         if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                self.log.warning("kafka_revoke_commit_failed", error=str(exc))
+            self._commit_now(consumer, offsets, "kafka_revoke_commit_failed")
         if unfinished:
             self.log.info("kafka_revoked_unfinished", redone_by_next_owner=unfinished)
         with self.cond:
@@ -492,7 +598,11 @@ def transport(settings: Any, worker_id: str) -> KafkaTransport:
 
 class KafkaSink:
     """Publishes with acks=all and idempotence; ``send`` returns once Kafka acknowledged every
-    record, or raises :class:`KafkaOutageError` naming how many it did not."""
+    record, or raises :class:`KafkaOutageError` naming how many it did not. ``keys`` are the
+    records' keys: Kafka's default partitioner puts one key's records on one partition, in order,
+    which ``ordering: key`` relies on."""
+
+    takes_keys = True  # sluiceway.publish passes key= only to sinks that say this
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -558,6 +668,36 @@ class KafkaSink:
 
 def sink(url: str) -> KafkaSink:
     return KafkaSink(url)
+
+
+class KafkaAsyncSink:
+    """:class:`KafkaSink` from asyncio: a send (which blocks until Kafka acknowledged) runs in a
+    thread, one at a time, keys included."""
+
+    takes_keys = True
+
+    def __init__(self, url: str) -> None:
+        self.inner = KafkaSink(url)
+        self.lock = asyncio.Lock()
+
+    async def send(
+        self,
+        namespace: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        *,
+        delay: float = 0.0,
+        keys: Sequence[bytes | str | None] | None = None,
+    ) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self.inner.send, namespace, queue, payloads, delay=delay, keys=keys)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.inner.close)
+
+
+def async_sink(url: str) -> KafkaAsyncSink:
+    return KafkaAsyncSink(url)
 
 
 def _is_a_transport(t: KafkaTransport) -> Transport:

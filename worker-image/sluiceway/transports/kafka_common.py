@@ -3,7 +3,8 @@ settings, and creating topics. The one owner of each; no client library is impor
 
 A TaskQueue ``<namespace>/<queue>`` on Kafka is three topics and one consumer group:
 
-- ``sluiceway.<namespace>.<queue>``: the work; its partition count caps the useful replicas;
+- ``sluiceway.<namespace>.<queue>``: the work; its partition count caps the useful replicas
+  (a '.' or '_' in the queue is escaped, see :func:`topic`, so no two queues' topics collide);
 - ``<work>.retry``: retries and delayed publishes, each record carrying the wall-clock time it is
   due in the ``sluiceway-due-ms`` header. Workers of the same group consume it along with the work
   topic and hold a record in memory (uncommitted) until it is due, so a retry survives the death
@@ -41,26 +42,94 @@ HEADER_SOURCE: Final = "sluiceway-source"  # dead-letter topic: topic/partition/
 ENV_ORDERING: Final = contract.ENV_ORDERING
 ORDERINGS: Final = ("", "none", "key")
 
-_TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
-MAX_TOPIC = 249 - len(".retry")
+# Topic names. Kafka allows letters, digits, '.', '_' and '-', at most 249 characters, and treats
+# '.' and '_' as the same character when it names metrics, so it refuses a topic whose name differs
+# from an existing one only there ("a.b" and "a_b"). The derivation below is injective even under
+# that equivalence, so two TaskQueues never map to colliding topics:
+# - the namespace is a Kubernetes namespace (a DNS label: no '.' or '_'), so the first '.' after
+#   the prefix ends it;
+# - in the queue, '.' becomes ".." and '_' becomes ".-"; every other queue character is itself.
+#   So a '.' inside the encoded queue is always followed by '.' or '-', and a '.' followed by a
+#   letter or digit can only start the ".retry" / ".dead" suffix;
+# - names of letters, digits and '-' (most queues) are unchanged: "sluiceway.<namespace>.<queue>".
+TOPIC_PREFIX: Final = "sluiceway."
+RETRY_SUFFIX: Final = ".retry"
+DEAD_SUFFIX: Final = ".dead"
+MAX_TOPIC_NAME: Final = 249  # Kafka's own limit (kafka.common.internals.Topic)
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_ESCAPE: Final = {".": "..", "_": ".-"}
+_UNESCAPE: Final = {".": ".", "-": "_"}
+
+
+def encode_queue(queue: str) -> str:
+    """The queue's part of its topic names: '.' -> "..", '_' -> ".-", all else unchanged."""
+    return "".join(_ESCAPE.get(ch, ch) for ch in queue)
 
 
 def topic(namespace: str, queue: str) -> str:
-    name = f"sluiceway.{namespace}.{queue}"
-    if not _TOPIC_CHARS.match(namespace) or not _TOPIC_CHARS.match(queue) or len(name) > MAX_TOPIC:
+    """The work topic of ``namespace/queue``; raises ValueError naming the field at fault."""
+    if not _NAMESPACE.match(namespace):
         raise ValueError(
-            f"Kafka topic {name!r} (from namespace {namespace!r} and queue {queue!r}) must be at most "
-            f"{MAX_TOPIC} characters of letters, digits, '.', '_' or '-'"
+            f"namespace {namespace!r} must be a Kubernetes namespace (a DNS label: 1-63 lowercase "
+            "letters, digits or '-', starting and ending with a letter or digit) to name Kafka topics"
+        )
+    if not contract.QUEUE_RE.match(queue):
+        raise ValueError(f"queue {queue!r} {contract.QUEUE_PROBLEM}")
+    name = f"{TOPIC_PREFIX}{namespace}.{encode_queue(queue)}"
+    longest = len(name) + max(len(RETRY_SUFFIX), len(DEAD_SUFFIX))
+    if longest > MAX_TOPIC_NAME:
+        raise ValueError(
+            f"queue {queue!r} (spec.broker.queue) in namespace {namespace!r} is too long for Kafka: its "
+            f"retry topic {name + RETRY_SUFFIX!r} would be {longest} characters, over Kafka's "
+            f"{MAX_TOPIC_NAME} ('.' and '_' in the queue count twice)"
         )
     return name
 
 
 def retry_topic(namespace: str, queue: str) -> str:
-    return topic(namespace, queue) + ".retry"
+    return topic(namespace, queue) + RETRY_SUFFIX
 
 
 def dead_topic(namespace: str, queue: str) -> str:
-    return topic(namespace, queue) + ".dead"
+    return topic(namespace, queue) + DEAD_SUFFIX
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """The inverse of the three derivations: ``(namespace, queue, kind)``, kind one of "work",
+    "retry", "dead"; raises ValueError for a name none of them makes. It exists to prove (in
+    tests) that the derivation is injective: every name decodes to exactly one TaskQueue."""
+    if not name.startswith(TOPIC_PREFIX):
+        raise ValueError(f"{name!r} is not a Sluiceway topic")
+    rest = name[len(TOPIC_PREFIX) :]
+    namespace, sep, encoded = rest.partition(".")
+    if not sep:
+        raise ValueError(f"{name!r} names no queue")
+    out: list[str] = []
+    kind = "work"
+    i = 0
+    while i < len(encoded):
+        ch = encoded[i]
+        if ch == "_":
+            raise ValueError(f"{name!r}: a bare '_' is never made")
+        if ch != ".":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = encoded[i + 1 : i + 2]
+        if nxt in _UNESCAPE:
+            out.append(_UNESCAPE[nxt])
+            i += 2
+            continue
+        tail = encoded[i:]
+        if tail in (RETRY_SUFFIX, DEAD_SUFFIX):
+            kind = "retry" if tail == RETRY_SUFFIX else "dead"
+            break
+        raise ValueError(f"{name!r}: '.' followed by {nxt!r} is never made")
+    queue = "".join(out)
+    made = {"work": topic, "retry": retry_topic, "dead": dead_topic}[kind](namespace, queue)
+    if made != name:
+        raise ValueError(f"{name!r} is not the name {namespace!r}/{queue!r} makes ({made!r})")
+    return namespace, queue, kind
 
 
 def group(namespace: str, queue: str) -> str:

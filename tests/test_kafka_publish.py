@@ -1,0 +1,170 @@
+"""Publishing with a key and with a reply: the key is the Kafka record key (one key, one
+partition), refused by name on brokers that have none; ``publish(..., reply=True)`` returns the
+same Handle as ``submit``, answered by a real worker on Kafka and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from confluent_kafka import Consumer
+
+import sluiceway
+from sluiceway.results import Handle
+from sluiceway.transports import kafka_common as kc
+from tests.support.workers import SpawnWorker
+
+NS = "default"
+TASKS = "tests.support.call_tasks"
+
+
+def records(kafka_url: str, queue: str, n: int, timeout: float = 60) -> list[tuple[bytes | None, int]]:
+    """(key, partition) of the work topic's first ``n`` records."""
+    c = Consumer(
+        {
+            "bootstrap.servers": kc.bootstrap(kafka_url),
+            "group.id": f"read-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    c.subscribe([kc.topic(NS, queue)])
+    out: list[tuple[bytes | None, int]] = []
+    try:
+        for _ in range(int(timeout / 0.5)):
+            if len(out) >= n:
+                break
+            for m in c.consume(num_messages=n, timeout=0.5):
+                if m.error() is None:
+                    out.append((m.key(), m.partition() or 0))
+    finally:
+        c.close()
+    return out
+
+
+def make_topics(kafka_url: str, queue: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kc.bootstrap(kafka_url)})
+    kc.ensure_topics(
+        admin, {kc.topic(NS, queue): partitions, kc.retry_topic(NS, queue): 1, kc.dead_topic(NS, queue): 1}
+    )
+
+
+def test_keys_reach_kafka_and_one_key_keeps_one_partition(kafka_url: str) -> None:
+    queue = f"k{uuid.uuid4().hex[:8]}"
+    make_topics(kafka_url, queue, 4)
+    pub = sluiceway.Publisher(kafka_url)
+    try:
+        pub.publish(queue, {"n": 0}, key="user-1")
+        pub.publish(queue, {"n": 1}, key=b"user-2")
+        pub.publish_batch(
+            queue, [{"n": i} for i in range(2, 22)], keys=[f"user-{i % 3}" for i in range(2, 22)]
+        )
+        pub.publish(queue, {"n": 22})  # no key: still allowed
+        with pytest.raises(ValueError, match="keys: 2 keys for 3 messages"):
+            pub.publish_batch(queue, [{"n": 0}] * 3, keys=["a", "b"])
+    finally:
+        pub.close()
+
+    async def from_asyncio() -> None:
+        await sluiceway.AsyncPublisher(kafka_url).publish(queue, {"n": 23}, key="user-1")
+
+    asyncio.run(from_asyncio())
+    got = records(kafka_url, queue, 24)
+    assert len(got) == 24  # and nothing more was sent by the refused batch
+    by_key: dict[bytes | None, set[int]] = {}
+    for key, partition in got:
+        by_key.setdefault(key, set()).add(partition)
+    assert set(by_key) == {b"user-0", b"user-1", b"user-2", None}
+    assert all(len(ps) == 1 for k, ps in by_key.items() if k is not None), by_key
+
+
+def test_the_cli_publishes_with_a_key(kafka_url: str) -> None:
+    queue = f"c{uuid.uuid4().hex[:8]}"
+    make_topics(kafka_url, queue, 2)
+    env = {"SLUICEWAY_BROKER": "kafka", "SLUICEWAY_BROKER_URL": kafka_url}
+    cmd = [sys.executable, "-m", "sluiceway", "publish", "-q", queue, "--key", "k1", '{"n": 1}', '{"n": 2}']
+    done = subprocess.run(cmd, env={**_base_env(), **env}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = records(kafka_url, queue, 2)
+    assert [k for k, _ in got] == [b"k1", b"k1"] and len({p for _, p in got}) == 1
+
+
+@pytest.mark.redis
+def test_a_key_on_a_broker_without_keys_is_refused_by_name(redis_url: str) -> None:
+    pub = sluiceway.Publisher(redis_url)
+    try:
+        with pytest.raises(ValueError, match=r"^key: the redis broker has no message key"):
+            pub.publish("q", {"n": 1}, key="a")
+        with pytest.raises(ValueError, match=r"^key: the redis broker"):
+            pub.publish_batch("q", [{"n": 1}], keys=["a"])
+        pub.publish_batch("q", [{"n": 1}], keys=[None])  # no key at all is fine
+    finally:
+        pub.close()
+    cmd = [
+        sys.executable,
+        "-m",
+        "sluiceway",
+        "publish",
+        "-q",
+        "q",
+        "--redis-url",
+        redis_url,
+        "--key",
+        "a",
+        "{}",
+    ]
+    done = subprocess.run(cmd, env=_base_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--key: key: the redis broker" in done.stderr, done.stderr
+
+
+@pytest.mark.redis
+def test_publish_with_reply_returns_the_handle_submit_returns(
+    redis_url: str, spawn_worker: SpawnWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICEWAY_REDIS_URL", redis_url)
+    monkeypatch.delenv("SLUICEWAY_BROKER", raising=False)
+    queue = f"echo{uuid.uuid4().hex[:6]}"
+    spawn_worker("-f", f"{TASKS}:echo", "-q", queue, "--heartbeat", "0.5", "--lease", "3")
+    pub = sluiceway.Publisher(redis_url)
+    try:
+        handle = pub.publish(queue, {"value": [1, "a"]}, reply=True)
+        assert isinstance(handle, Handle)
+        assert handle.result(timeout=60) == [1, "a"]
+        with pytest.raises(ValueError, match="reply=True"):
+            pub.publish(queue, {"value": 1}, reply=True, metadata=False)
+    finally:
+        pub.close()
+    late = sluiceway.publish(queue, {"value": "later"}, reply=True)  # the module-level function
+    assert isinstance(sluiceway.submit(queue, {"value": 0}), Handle)
+
+    async def awaited() -> object:
+        h = await sluiceway.publish_async(queue, {"value": {"x": 2}}, reply=True)
+        return await h.result_async(timeout=60)
+
+    assert asyncio.run(awaited()) == {"x": 2}
+    assert late.result(timeout=60) == "later"  # awaited well after it was published
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_publish_with_reply_and_key_on_kafka(
+    redis_url: str, kafka_url: str, spawn_worker: SpawnWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICEWAY_REDIS_URL", redis_url)
+    queue = f"ke{uuid.uuid4().hex[:6]}"
+    spawn_worker("-f", f"{TASKS}:echo", "-q", queue, SLUICEWAY_BROKER="kafka", SLUICEWAY_BROKER_URL=kafka_url)
+    pub = sluiceway.Publisher(kafka_url)
+    try:
+        handles = [pub.publish(queue, {"value": i}, key=f"k{i % 2}", reply=True) for i in range(4)]
+        assert [h.result(timeout=120) for h in handles] == [0, 1, 2, 3]
+    finally:
+        pub.close()
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
