@@ -73,6 +73,9 @@ BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the l
 REQOS_INTERVAL: Final = 1.0
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
 MAX_PREFETCH: Final = 65535
+# Under a rate limit, up to this many granted slots are filled with basic_get (one Raft command
+# per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
+GET_AT_MOST: Final = 2
 IN_FLIGHT_SECONDS: Final = 0.2
 MAX_IN_FLIGHT_AHEAD: Final = 2000
 
@@ -197,6 +200,9 @@ class RabbitMQTransport:
         if max_count <= 0:
             return []
         if not self.consume:
+            if max_count <= GET_AT_MOST:
+                got: list[Delivery] = self._call(lambda: self._get(max_count))
+                return got
             return self._fetch_exactly(min(max_count, MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
         deadline = time.monotonic() + timeout
@@ -597,6 +603,24 @@ class RabbitMQTransport:
 
     # --- run in the I/O thread --------------------------------------------------------------------
 
+    def _get(self, count: int) -> list[Delivery]:
+        assert self.channel is not None and self.ch is not None
+        out: list[_Buffered] = []
+        for _ in range(count):
+            # On the consuming channel, whose tags the acks use.
+            method, props, body = _basic_get(self.conn, self.ch, self.queue)
+            if method is None or props is None:
+                break
+            tag = method.delivery_tag
+            self.unacked.add(tag)
+            self.order.append(tag)
+            out.append(_Buffered(tag, body, topo.redeliveries(props.headers, bool(method.redelivered)), 0.0))
+        gen = self.generation
+        with self.cond:
+            for b in out:
+                self.handed[b.tag] = b
+        return [Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries) for b in out]
+
     def _settle_publishing(
         self,
         gen: int,
@@ -715,6 +739,29 @@ class RabbitMQTransport:
             pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers),
             mandatory=True,
         )
+
+
+def _basic_get(
+    conn: BlockingConnection | None, ch: Channel, queue: str
+) -> tuple[Any, pika.BasicProperties | None, bytes]:
+    """One basic.get on the asynchronous channel ``ch``, waited for on ``conn``."""
+    assert conn is not None
+    got: list[tuple[Any, pika.BasicProperties | None, bytes]] = []
+
+    def on_get(_ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        got.append((method, props, body))
+
+    def on_empty(_frame: Any) -> None:
+        got.append((None, None, b""))
+
+    ch.add_callback(on_empty, [pika.spec.Basic.GetEmpty], one_shot=True)
+    ch.basic_get(queue, on_get, auto_ack=False)
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while not got:
+        if time.monotonic() > deadline or not ch.is_open:
+            raise RabbitMQUnavailableError("RabbitMQ did not answer a basic.get in time")
+        conn.process_data_events(time_limit=0.05)
+    return got[0]
 
 
 # --- the registry's entry points ------------------------------------------------------------------
