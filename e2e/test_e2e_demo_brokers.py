@@ -13,9 +13,8 @@ import subprocess
 import pytest
 
 from localcluster.procs import started_processes
-from test_e2e_demo import DEMO, ENV, _assert_no_strays, _run_dir
-
 from support import ROOT
+from test_e2e_demo import DEMO, ENV, _assert_no_strays, _run_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(420)]
 

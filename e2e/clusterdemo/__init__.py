@@ -311,6 +311,11 @@ def _demo(
                 **broker.spec.get("kafka", {}),
             )
             stack.callback(src.close)
+        # The replicas before the burst: the operator may wake the fleet before the first
+        # sample of the view (a slow publish, a fast poll), and the history must show the wake.
+        run.history.append(
+            int((get_dep(cluster, NAMESPACE, "thumbnails") or {}).get("spec", {}).get("replicas", 0))
+        )
         pub = Publisher(broker.url)
         stack.callback(pub.close)
         pub.publish_batch(
