@@ -21,7 +21,8 @@ How many messages a worker holds:
   granted slot, and none is held for a slot that has not been granted: a slow queue under a low
   QPS cannot run into ``consumer_timeout``. This replaced one ``basic_get`` per message, which on
   a quorum queue is a Raft command each (about 300 gets/s for a whole fleet on the benchmark
-  machine); a consume and a cancel cost two per batch.
+  machine); a consume and a cancel cost two per batch, so a fetch of at most
+  :data:`GET_AT_MOST` still uses ``basic_get``.
 
 Consumers are cancelled with our own ``basic.cancel``: pika's rejects (requeues) the deliveries
 that arrive between the cancel and its reply, and a quorum queue counts each such return in
@@ -153,7 +154,7 @@ class RabbitMQTransport:
         self.url = url
         self.queue = queue
         self.queue_type = topo.check_queue_type(queue_type)
-        # False under a rate limit: each fetch opens a consumer for exactly the granted count.
+        # False under a rate limit: each fetch takes exactly the granted count (see the module doc).
         self.consume = consume
         self.prefetch = max(1, min(initial_prefetch, MAX_PREFETCH))
         self.qos = 0  # the prefetch last sent with basic_qos on this channel; I/O thread only
