@@ -57,8 +57,8 @@ fmt: venv ## Format the code
 bench: deps ## Run the benchmarks (figures go in docs/benchmarks.md)
 	@$(PY) -m bench $(BENCH_ARGS)
 
-demo: deps cluster-bins ## The whole system on a local cluster: apply a TaskQueue, watch a burst drain and scale to zero
-	@PYTHONPATH=e2e $(PY) -m clusterdemo $(DEMO_ARGS)
+demo: deps cluster-bins ## The whole system on a local cluster: apply a TaskQueue, watch a burst drain and scale to zero (BROKER=rabbitmq|kafka: the messages on that broker)
+	@PYTHONPATH=e2e $(PY) -m clusterdemo $(if $(BROKER),--broker $(BROKER)) $(DEMO_ARGS)
 
 demo-local: services ## A local fleet of worker processes under a QPS limit (no Kubernetes)
 	@$(PY) -m sluiceway.demo

@@ -44,10 +44,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _ready(channel: pika.adapters.blocking_connection.BlockingChannel, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
-
-
 def bare_pika(url: str, queue: str, n: int) -> tuple[float, float]:
     """Messages/s and CPU seconds per message of the bare loop (this process)."""
     _fill(url, queue, n)
@@ -77,6 +73,43 @@ def bare_pika(url: str, queue: str, n: int) -> tuple[float, float]:
     return rate, cpu
 
 
+def bare_pika_async(url: str, queue: str, n: int) -> tuple[float, float]:
+    """The same loop on a channel of pika's asynchronous layer (what the transport consumes on):
+    no blocking adapter's per-message event objects. Messages/s and CPU seconds per message."""
+    from pika.channel import Channel
+
+    _fill(url, queue, n)
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    opened: list[Channel] = []
+    conn._impl.channel(on_open_callback=opened.append)
+    while not opened:
+        conn.process_data_events(time_limit=0.05)
+    ch = opened[0]
+    ch.basic_qos(prefetch_count=1000)
+    count = 0
+    t0 = cpu0 = 0.0
+
+    def on_message(_ch: Channel, method: object, _props: object, _body: bytes) -> None:
+        nonlocal count, t0, cpu0
+        if count == 0:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+        count += 1
+        if count % 100 == 0 or count == n:
+            ch.basic_ack(method.delivery_tag, multiple=True)  # type: ignore[attr-defined]
+
+    ch.basic_consume(queue, on_message)
+    while count < n:
+        conn.process_data_events(time_limit=0.05)
+    rate = (n - 1) / (time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / (n - 1)
+    conn.process_data_events(time_limit=0.1)  # the last ack out
+    ch.close()
+    while not ch.is_closed:
+        conn.process_data_events(time_limit=0.05)
+    conn.close()
+    return rate, cpu
+
+
 def _env(redis_url: str, amqp_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -91,32 +124,53 @@ def _env(redis_url: str, amqp_url: str) -> dict[str, str]:
     return env
 
 
+def _finished(metrics_port: int) -> int:
+    """Messages the worker finished so far, by its own count (its Prometheus endpoint)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0  # not serving yet
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sluiceway_messages_total{")
+        )
+    )
+
+
 def worker_throughput(redis_url: str, url: str, queue: str, n: int, concurrency: int) -> tuple[float, float]:
-    """Messages/s of one worker process on a no-op task, from the first message taken until the
-    queue has nothing ready (what the worker still holds then is at most its prefetch), and the
-    worker process's CPU seconds per message over the same span: steadier than msg/s on a
-    shared machine, where another run's load steals wall time but not CPU time."""
+    """Messages/s of one worker process on a no-op task, from its first finished message to its
+    last (the bare loop is timed the same way, first to last message), and the worker process's
+    CPU seconds per message over the same span: steadier than msg/s on a shared machine, where
+    another run's load steals wall time but not CPU time.
+
+    Finished, not taken: the queue's ready count reaches 0 while the worker still holds its whole
+    prefetch (up to a few thousand messages), which would credit the worker with work not done."""
+    from tests.support.redis_server import free_port
+
     _fill(url, queue, n)
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
+    metrics_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:noop", "-q", queue, "-c", str(concurrency)],
+        [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:noop", "-q", queue, "-c", str(concurrency),
+         "--metrics-port", str(metrics_port)],
         env=_env(redis_url, url),
     )  # fmt: skip
     try:
-        while (left := _ready(ch, queue)) >= n:
-            time.sleep(0.002)
+        while (first := _finished(metrics_port)) == 0:
+            time.sleep(0.01)
         t0 = time.perf_counter()
         cpu0 = _cpu_seconds(proc.pid)
-        first = left
-        while (left := _ready(ch, queue)) > 0:
-            time.sleep(0.005)
-        rate = first / (time.perf_counter() - t0)
-        cpu = (_cpu_seconds(proc.pid) - cpu0) / first
+        while (done := _finished(metrics_port)) < n:
+            time.sleep(0.02)  # each poll is an HTTP request the worker serves: not too often
+        rate = (done - first) / (time.perf_counter() - t0)
+        cpu = (_cpu_seconds(proc.pid) - cpu0) / (done - first)
     finally:
         proc.terminate()
         proc.wait()
-        conn.close()
     return rate, cpu
 
 
@@ -155,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--messages", type=int, default=50_000)
     p.add_argument("--qps-seconds", type=float, default=10.0)
     p.add_argument("--skip-qps", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--qps-rates", default="10,100,1000", help="comma-separated QPS limits [%(default)s]")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -172,27 +228,36 @@ def main(argv: list[str] | None = None) -> None:
         # Alternate the two, so a burst of load from elsewhere hits both alike. Keep the best
         # msg/s and the least CPU/message of the rounds: the machine's limit, not a noisy sample.
         bare = (0.0, 1.0)
+        bare_async = (0.0, 1.0)
         workers = {1: (0.0, 1.0), 8: (0.0, 1.0)}
-        for _ in range(args.rounds):
+        for _ in range(0 if args.skip_throughput else args.rounds):
             rate, cpu = bare_pika(url, f"bare{next(seq)}", args.messages)
             bare = (max(bare[0], rate), min(bare[1], cpu))
+            rate, cpu = bare_pika_async(url, f"bare{next(seq)}", args.messages)
+            bare_async = (max(bare_async[0], rate), min(bare_async[1], cpu))
             for c in (8, 1):
                 rate, cpu = worker_throughput(rds.url, url, f"w{next(seq)}", args.messages, c)
                 workers[c] = (max(workers[c][0], rate), min(workers[c][1], cpu))
-        print(
-            "reference: bare pika loop (basic_consume, manual acks, prefetch 1000, ack every 100): "
-            f"{bare[0]:,.0f} msg/s, {bare[1] * 1e6:.0f} us CPU/message"
-        )
-        for c, (rate, cpu) in workers.items():
+        if not args.skip_throughput:
             print(
-                f"worker (-c {c}), no-op, at-least-once: {rate:,.0f} msg/s = {rate / bare[0]:.1%} of the bare "
-                f"pika loop; {cpu * 1e6:.0f} us CPU/message (the loop's msg/s per CPU: {bare[1] / cpu:.1%})"
+                "reference: bare pika loop (basic_consume, manual acks, prefetch 1000, ack every 100): "
+                f"{bare[0]:,.0f} msg/s, {bare[1] * 1e6:.0f} us CPU/message"
             )
+            print(
+                "reference: the same loop on pika's asynchronous channel (as the transport consumes): "
+                f"{bare_async[0]:,.0f} msg/s, {bare_async[1] * 1e6:.0f} us CPU/message"
+            )
+            for c, (rate, cpu) in workers.items():
+                print(
+                    f"worker (-c {c}), no-op, at-least-once: {rate:,.0f} msg/s = {rate / bare[0]:.1%} of the bare "
+                    f"pika loop, {rate / bare_async[0]:.1%} of the asynchronous one; {cpu * 1e6:.0f} us CPU/message "
+                    f"(the loop's msg/s per CPU: {bare[1] / cpu:.1%})"
+                )
         if not args.skip_qps:
             print(
                 f"QPS precision over {args.qps_seconds:.0f} s (achieved/target, worst 1-s window vs target):"
             )
-            for qps in (10, 100, 1000):
+            for qps in (int(x) for x in args.qps_rates.split(",")):
                 for fleet in (1, 4, 8):
                     ratio, worst = qps_precision(rds.url, url, f"q{next(seq)}", qps, fleet, args.qps_seconds)
                     print(

@@ -193,16 +193,26 @@ def test_dead_letters_carry_their_reason_in_headers(rabbitmq_url: str) -> None:
 
 
 @pytest.mark.rabbitmq
-def test_give_back_returns_at_once_and_counts_a_redelivery(rabbitmq_url: str) -> None:
+def test_give_back_returns_at_once_and_counts_only_a_running_hand_back(rabbitmq_url: str) -> None:
     RabbitMQSink(rabbitmq_url).send("default", "g", _bodies(3))
     tr = RabbitMQTransport(rabbitmq_url, "g")
     try:
         got = _fetch_all(tr, 3)
+        # Unstarted: republished with its count, so the hand-back costs it nothing.
         assert tr.give_back([d.token for d in got]) == 3
         again = _fetch_all(tr, 3)
         assert sorted(d.payload for d in again) == sorted(d.payload for d in got)
-        assert all(d.redeliveries == 1 for d in again)  # quorum queues count every return
-        tr.settle(Outcomes(acks=[d.token for d in again]))
+        assert all(d.redeliveries == 0 for d in again)
+        # Running when its worker had to stop: a nack, which a quorum queue counts.
+        assert tr.give_back([d.token for d in again], redelivered=True) == 3
+        third = _fetch_all(tr, 3)
+        assert all(d.redeliveries == 1 for d in third)
+        # And the count so far survives a later unstarted hand-back.
+        assert tr.give_back([d.token for d in third]) == 3
+        fourth = _fetch_all(tr, 3)
+        assert all(d.redeliveries == 1 for d in fourth)
+        assert tr.settle(Outcomes(acks=[d.token for d in fourth])).gone == 0
+        wait_for(lambda: _ready(rabbitmq_url, "g") == 0, 10, what="queue empty")
     finally:
         tr.close()
 
@@ -214,10 +224,19 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
     try:
         first = tr.fetch(3, 0.1)
         assert len(first) == 3
-        # Nothing else left the queue: the worker holds only what it had slots for.
+        # Nothing else left the queue: the worker holds only what it had slots for, and the
+        # consumer is gone, so acking these sends no unslotted message after them.
+        tr.settle(Outcomes(acks=[d.token for d in first]))
         wait_for(lambda: _ready(rabbitmq_url, "lim") == 7, 10, what="7 ready")
-        rest = _fetch_all(tr, 7)
-        tr.settle(Outcomes(acks=[d.token for d in first + rest]))
+        time.sleep(0.3)  # a delivery pushed after the acks would show as 6 ready by now
+        assert _ready(rabbitmq_url, "lim") == 7
+        two = tr.fetch(2, 0.1)  # one or two slots: basic_get, not a consumer
+        assert len(two) == 2
+        wait_for(lambda: _ready(rabbitmq_url, "lim") == 5, 10, what="5 ready")
+        rest = two + _fetch_all(tr, 5)
+        assert sorted(d.payload for d in first + rest) == sorted(_bodies(10))
+        assert all(d.redeliveries == 0 for d in first + rest)  # nothing went back and forth
+        tr.settle(Outcomes(acks=[d.token for d in rest]))
         assert tr.fetch(5, 0.1) == []
     finally:
         tr.close()

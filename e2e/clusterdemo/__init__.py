@@ -6,7 +6,13 @@ Brings up the local control plane (building it on the first run), a private Redi
 against the limit, ETA and the last scaling reason until the queue is drained and the fleet is back
 at zero; prints a summary; and tears everything down on exit, on error and on Ctrl-C.
 
-Run it with ``PYTHONPATH=e2e python -m clusterdemo [--messages N] [--keep]``.
+Run it with ``PYTHONPATH=e2e python -m clusterdemo [--messages N] [--keep] [--broker B]``.
+
+``--broker rabbitmq`` or ``kafka`` (``make demo BROKER=...``) runs the same demo with the messages
+on that broker, started the way the tests start it (``tests/support/rabbitmq_server.py``,
+``tests/support/kafka_server.py``) as part of this run; Redis then only coordinates (the rate
+limiter, heartbeats). The view reads what the operator reads: the broker's backlog source and the
+workers' heartbeats.
 
 Tearing down never depends on the terminal: output goes through :class:`Terminal`, which drops
 what it can no longer write (``make demo | tee LOG`` loses its reader first on Ctrl-C), and every
@@ -51,6 +57,8 @@ from localcluster.procs import (
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
+from sluiceway_operator.backlog.base import BacklogSource
+from sluiceway_operator.backlog.registry import source as backlog_source
 from sluiceway_operator.scaling import qps_ceiling
 from support import (
     ROOT,
@@ -70,6 +78,9 @@ NAMESPACE = "sluiceway-demo"
 OPERATOR_NAMESPACE = "sluiceway-system"
 RUNS = ROOT / ".run" / "demo"
 POISON_EVERY = 250  # one message in this many is not a PNG: it is dead-lettered with its reason
+BROKERS = ("redis", "rabbitmq", "kafka")
+BROKER_SECRET = "sluiceway-broker"
+KAFKA_PARTITIONS = 4  # more than the QPS ceiling (3 pods): the partitions do not cap this demo
 
 
 class DemoError(RuntimeError):
@@ -149,10 +160,22 @@ class Sample:
 
 
 @dataclass
+class Broker:
+    """Where the demo's messages live."""
+
+    type: str
+    url: str  # the broker's own URL (for Redis, the coordination URL)
+    spec: dict[str, Any]  # the TaskQueue's spec.broker
+    publish_to: str  # the queue name Publisher.publish_batch takes
+
+
+@dataclass
 class Run:
     messages: int
     limit: float
     ceiling: int
+    broker: str = "redis"
+    processed: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker -> (done, dead), heartbeats
     history: list[int] = field(default_factory=list)  # replica counts, each change once
     peak_qps: float = 0.0
     drained_at: float | None = None
@@ -166,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep", action="store_true", help="after the drain, keep everything running until Ctrl-C"
     )
+    p.add_argument("--broker", choices=BROKERS, default="redis", help="where the messages go [%(default)s]")
     args = p.parse_args(argv)
     out = Terminal(sys.stdout)
     sys.stdout = out
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path | None = None
     try:
         run_dir = _new_run(console)
-        return _demo(console, run_dir, args.messages, args.timeout, args.keep)
+        return _demo(console, run_dir, args.messages, args.timeout, args.keep, args.broker)
     except KeyboardInterrupt:
         console.print("\n[yellow]Interrupted.[/]")
         if run_dir is not None:
@@ -214,7 +238,9 @@ def _new_run(console: Console) -> Path:
     return run_dir
 
 
-def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: bool) -> int:
+def _demo(
+    console: Console, run_dir: Path, messages: int, timeout: float, keep: bool, broker_type: str = "redis"
+) -> int:
     # The operator and Redis; the cluster keeps its own registry in run_dir/cluster.
     registry = Registry(run_dir)
     console.print(f"[bold]Sluiceway on a local Kubernetes cluster[/] (run dir {_rel(run_dir)})")
@@ -225,6 +251,8 @@ def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: 
         # Redis first, so it is stopped last: draining workers hand their messages back to it.
         redis_url = _start_redis(run_dir, registry, stack)
         console.print(f"Redis at {redis_url} (a private redis-server for this run)")
+        # The broker next, so it too is stopped after the workers have drained into it.
+        broker = _start_broker(console, broker_type, run_dir, registry, stack, redis_url)
         console.print("Starting etcd, kube-apiserver, kube-controller-manager and the test kubelet...")
         cluster = LocalCluster.start(
             run_dir / "cluster", binaries=binaries, log=lambda m: console.print(f"  [dim]{m}[/]")
@@ -247,7 +275,9 @@ def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: 
             f"(log {_rel(op.log)}); cluster ready in {time.monotonic() - started:.0f} s."
         )
         redis_secret(cluster, NAMESPACE, redis_url)
-        manifest = _example(run_dir)
+        if broker.type != "redis":
+            redis_secret(cluster, NAMESPACE, broker.url, name=BROKER_SECRET)
+        manifest = _example(run_dir, broker)
         done = cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(manifest))
         if done.returncode != 0:
             raise DemoError(f"kubectl apply of the example failed: {done.stderr.strip()}")
@@ -268,9 +298,28 @@ def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: 
                 headroom=float(spec["scaling"].get("qpsHeadroom", 0.1)),
             )
             or 1,
+            broker=broker.type,
         )
-        Publisher(redis_url).publish_batch(
-            f"{NAMESPACE}/thumbnails",
+        src = None
+        if broker.type != "redis":
+            src = backlog_source(
+                broker.type,
+                namespace=NAMESPACE,
+                queue="thumbnails",
+                coordination=client,
+                broker_url=broker.url,
+                **broker.spec.get("kafka", {}),
+            )
+            stack.callback(src.close)
+        # The replicas before the burst: the operator may wake the fleet before the first
+        # sample of the view (a slow publish, a fast poll), and the history must show the wake.
+        run.history.append(
+            int((get_dep(cluster, NAMESPACE, "thumbnails") or {}).get("spec", {}).get("replicas", 0))
+        )
+        pub = Publisher(broker.url)
+        stack.callback(pub.close)
+        pub.publish_batch(
+            broker.publish_to,
             (
                 {"path": f"img-{i}.{'txt' if i % POISON_EVERY == POISON_EVERY - 1 else 'png'}"}
                 for i in range(messages)
@@ -280,8 +329,8 @@ def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: 
             f"Published a burst of {messages} messages ({messages // POISON_EVERY} of them not PNGs). "
             f"Limit {limit:g} QPS fleet-wide; the QPS ceiling is {run.ceiling} pods.\n"
         )
-        _watch(console, cluster, op, client, run, timeout)
-        ok = _summary(console, client, run)
+        _watch(console, cluster, op, client, run, timeout, src)
+        ok = _summary(console, client, run, src)
         if keep:
             console.print(
                 "\n[bold]--keep[/]: the cluster, Redis and the operator stay up to explore; "
@@ -289,8 +338,13 @@ def _demo(console: Console, run_dir: Path, messages: int, timeout: float, keep: 
                 f"  export KUBECONFIG={cluster.kubeconfig}\n"
                 f"  export SLUICEWAY_REDIS_URL={redis_url}\n"
                 f"  {cluster.kubectl_path} get tq,deploy,pods -n {NAMESPACE}\n"
-                f'  sluiceway publish -q {NAMESPACE}/thumbnails --repeat 500 \'{{"path": "a.png"}}\'\n'
-                f"  sluiceway stats -q {NAMESPACE}/thumbnails --watch"
+                + (
+                    f'  sluiceway publish -q {NAMESPACE}/thumbnails --repeat 500 \'{{"path": "a.png"}}\'\n'
+                    f"  sluiceway stats -q {NAMESPACE}/thumbnails --watch"
+                    if broker.type == "redis"
+                    else f"  {broker.type} at {broker.url}: publish with "
+                    f'sluiceway.Publisher({broker.url!r}).publish({broker.publish_to!r}, {{"path": "a.png"}})'
+                )
             )
             while op.proc.poll() is None:
                 time.sleep(1)
@@ -320,9 +374,60 @@ def _start_redis(run_dir: Path, registry: Registry, stack: ExitStack) -> str:
     return url
 
 
-def _example(run_dir: Path) -> Path:
+def _start_broker(
+    console: Console, kind: str, run_dir: Path, registry: Registry, stack: ExitStack, redis_url: str
+) -> Broker:
+    """The demo's broker: the coordination Redis itself, or a private RabbitMQ node or Kafka
+    broker started by the tests' own scripts, its processes recorded for the sweep."""
+    if kind == "redis":
+        return Broker("redis", redis_url, {"type": "redis"}, f"{NAMESPACE}/thumbnails")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    secret = {"name": BROKER_SECRET, "key": "url"}
+    if kind == "rabbitmq":
+        from tests.support.rabbitmq_server import RabbitMQServer
+
+        console.print("Starting a private RabbitMQ node (tests/support/rabbitmq_server.py)...")
+        rabbit = RabbitMQServer(run_dir / "rabbitmq")
+        stack.callback(rabbit.close)
+        try:
+            rabbit.start()
+        finally:
+            for p, name in ((rabbit.epmd, "epmd"), (rabbit.proc, "rabbitmq-server")):
+                if p is not None:
+                    registry.add(p.pid, name)
+        console.print(f"RabbitMQ at {rabbit.url} (started in {rabbit.start_seconds:.0f} s)")
+        return Broker(
+            "rabbitmq",
+            rabbit.url,
+            {"type": "rabbitmq", "urlSecretRef": secret, "queue": "thumbnails"},
+            "thumbnails",
+        )
+    from tests.support.kafka_server import KafkaServer
+
+    console.print(
+        "Starting a private Kafka broker (tests/support/kafka_server.py; the first run fetches it)..."
+    )
+    kafka = KafkaServer()
+    stack.callback(kafka.close)
+    try:
+        kafka.start()
+    finally:
+        if kafka.proc is not None:
+            registry.add(kafka.proc.pid, "kafka")
+    console.print(f"Kafka at {kafka.url}")
+    return Broker(
+        "kafka",
+        kafka.url,
+        {"type": "kafka", "urlSecretRef": secret, "kafka": {"partitions": KAFKA_PARTITIONS}},
+        f"{NAMESPACE}/thumbnails",
+    )
+
+
+def _example(run_dir: Path, broker: Broker) -> Path:
     """``examples/taskqueue.yaml`` with the run-time values of the local cluster substituted."""
     doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["broker"] = broker.spec
     for env in doc["spec"]["podTemplate"]["env"]:
         if env["name"] == "PYTHONPATH":
             env["value"] = str(ROOT / "examples")
@@ -352,6 +457,7 @@ def _watch(
     client: redis.Redis,
     run: Run,
     timeout: float,
+    src: BacklogSource | None = None,
 ) -> None:
     keys = Keys(NAMESPACE, "thumbnails")
     t0 = time.monotonic()
@@ -362,11 +468,19 @@ def _watch(
         while True:
             if op.proc.poll() is not None:
                 raise DemoError(f"the operator exited ({op.proc.returncode}):\n{op.tail(20)}")
-            s = _sample(cluster, client, keys, rates, time.monotonic() - t0)
+            s = _sample(cluster, client, keys, rates, time.monotonic() - t0, run, src)
             run.peak_qps = max(run.peak_qps, s.qps)
             if not run.history or run.history[-1] != s.replicas:
                 run.history.append(s.replicas)
             finished = s.done + s.dead >= run.messages and s.backlog == 0 and s.in_flight == 0
+            if src is not None:
+                # Heartbeat counts lag the last completions by up to a beat (and a worker's last
+                # ones may never be beaten): once no pod is left, the broker's empty queue decides.
+                finished = (
+                    s.backlog == 0
+                    and s.in_flight == 0
+                    and (s.done + s.dead >= run.messages or (s.replicas == 0 and s.live == 0))
+                )
             if finished and run.drained_at is None:
                 run.drained_at = s.elapsed
             if tty:
@@ -390,9 +504,27 @@ def _sample(
     keys: Keys,
     rates: deque[tuple[float, int]],
     elapsed: float,
+    run: Run | None = None,
+    src: BacklogSource | None = None,
 ) -> Sample:
-    stats = fleet.queue_stats(client, keys)
     beats = fleet.heartbeats(client, keys)
+    if src is None:
+        stats = fleet.queue_stats(client, keys)
+        backlog, in_flight, acked, retried, dead = (
+            stats.backlog,
+            stats.in_flight,
+            stats.acked,
+            stats.retried,
+            stats.dead_total,
+        )
+    else:
+        assert run is not None
+        b = src.backlog()
+        for h in beats:  # counts since each worker started; a worker's are kept after it exits
+            run.processed[str(h["worker"])] = (int(h["processed"]), int(h["dead_lettered"]))
+        backlog, dead, retried = b.ready + b.delayed, b.dead, 0
+        in_flight = sum(int(h["in_flight"]) for h in beats)
+        acked = sum(done for done, _ in run.processed.values())
     dep = get_dep(cluster, NAMESPACE, "thumbnails") or {}
     tq = get_tq(cluster, NAMESPACE, "thumbnails")
     status = tq.get("status", {})
@@ -401,23 +533,23 @@ def _sample(
     # follows the starts a task duration later, and the two counter reads that bound each
     # interval are taken a poll apart, so it can read a little over the limit while no 1-second
     # window holds more starts than the bound of docs/worker.md allows.
-    rates.append((elapsed, stats.acked + stats.retried + stats.dead_total))
+    rates.append((elapsed, acked + retried + dead))
     while len(rates) > 2 and rates[0][0] < elapsed - 3:
         rates.popleft()
     (ta, ca), (tb, cb) = rates[0], rates[-1]
     qps = (cb - ca) / (tb - ta) if tb > ta else 0.0
-    work = stats.backlog + stats.in_flight
+    work = backlog + in_flight
     return Sample(
         elapsed=elapsed,
         replicas=int(dep.get("spec", {}).get("replicas", 0)),
         ready=int(dep.get("status", {}).get("readyReplicas", 0) or 0),
-        backlog=stats.backlog,
-        in_flight=stats.in_flight,
+        backlog=backlog,
+        in_flight=in_flight,
         live=len(beats),
-        running=sum(int(b["busy"]) for b in beats),
-        done=stats.acked,
-        dead=stats.dead_total,
-        retried=stats.retried,
+        running=sum(int(h["busy"]) for h in beats),
+        done=acked,
+        dead=dead,
+        retried=retried,
         qps=qps,
         eta=work / qps if qps > 0 else (0.0 if work == 0 else None),
         reason=str(last.get("reason", "-")),
@@ -464,7 +596,9 @@ def _eta(s: Sample) -> str:
     return "done" if s.backlog + s.in_flight == 0 else f"{s.eta:.0f} s"
 
 
-def _summary(console: Console, client: redis.Redis, run: Run) -> bool:
+def _summary(console: Console, client: redis.Redis, run: Run, src: BacklogSource | None = None) -> bool:
+    if src is not None:
+        return _broker_summary(console, run, src)
     keys = Keys(NAMESPACE, "thumbnails")
     stats = fleet.queue_stats(client, keys)
     dead = fleet.dead_letters(client, keys, 5)
@@ -484,6 +618,31 @@ def _summary(console: Console, client: redis.Redis, run: Run) -> bool:
         console.print(f"Dead letter: reason={entry['reason']}: {entry['detail']}")
     ok = stats.acked + stats.dead_total == run.messages and stats.backlog == 0 and stats.in_flight == 0
     console.print("[green]Demo OK[/]" if ok else "[red]Demo found a problem[/]")
+    return ok
+
+
+def _broker_summary(console: Console, run: Run, src: BacklogSource) -> bool:
+    """On RabbitMQ or Kafka the broker keeps no completion counter: the run is OK when its
+    queue is empty, nothing is in flight, and exactly the poison messages were dead-lettered."""
+    b = src.backlog()
+    done = sum(d for d, _ in run.processed.values())
+    poison = run.messages // POISON_EVERY
+    steps = " -> ".join(str(n) for n in run.history)
+    console.print(
+        f"\n[bold]Drained[/] {run.messages} messages on {run.broker} in {run.drained_at or 0:.1f} s: "
+        f"{b.ready + b.delayed} left in the queue, {b.dead} dead-lettered, at least {done} done (the "
+        f"workers' heartbeats); the fleet was back at zero after {run.zero_at or 0:.1f} s."
+    )
+    console.print(
+        f"Replicas: {steps} (peak {max(run.history, default=0)}, QPS ceiling {run.ceiling}); "
+        f"throughput peaked at {run.peak_qps:.0f} settled/s over 3 s (limit {run.limit:g} QPS: "
+        f"no 1-second window may hold more than {start_bound(run.limit)} starts, "
+        "docs/worker.md#guarantees)."
+    )
+    ok = b.ready + b.delayed == 0 and b.dead == poison
+    console.print(
+        "[green]Demo OK[/]" if ok else f"[red]Demo found a problem[/] (expected {poison} dead letters)"
+    )
     return ok
 
 

@@ -14,10 +14,29 @@ How many messages a worker holds:
   shrinks by more than half (at most every :data:`REQOS_INTERVAL`). A delivery that waits in the local buffer
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
-- **With a rate limit** it does not consume at all: the worker takes its slots from the fleet
-  limiter first (:class:`~sluiceway.transports.gated.Gated`) and then gets exactly that many
-  messages with ``basic_get``. A message is never held for a slot that has not been granted, so
-  a slow queue under a low QPS cannot run into ``consumer_timeout`` and redeliver forever.
+- **With a rate limit** the worker takes its slots from the fleet limiter first
+  (:class:`~sluiceway.transports.gated.Gated`), then ``fetch(n)`` opens a consumer whose prefetch
+  is exactly ``n``, waits for ``n`` deliveries (or the fetch's timeout) and cancels it before it
+  returns. The broker cannot send a consumer more than its prefetch, so every delivery has a
+  granted slot, and none is held for a slot that has not been granted: a slow queue under a low
+  QPS cannot run into ``consumer_timeout``. This replaced one ``basic_get`` per message, which on
+  a quorum queue is a Raft command each (about 300 gets/s for a whole fleet on the benchmark
+  machine); a consume and a cancel cost two per batch, so a fetch of at most
+  :data:`GET_AT_MOST` still uses ``basic_get``.
+
+Consumers are cancelled with our own ``basic.cancel``: pika's rejects (requeues) the deliveries
+that arrive between the cancel and its reply, and a quorum queue counts each such return in
+``x-delivery-count``, as if the message had killed a worker. Ours keeps them; they are ours to
+ack. Unstarted deliveries handed back (``give_back`` without ``redelivered``, expired buffer,
+close) are republished with their count so far in :data:`~sluiceway.transports.rabbitmq_topology.HEADER_REDELIVERIES`
+and the original is acked once the copy is confirmed, so a hand-back is never counted as a
+poison redelivery; a delivery that was running (``redelivered``) goes back with a nack, which
+counts.
+
+Consuming and acking go through a channel of pika's asynchronous layer underneath the blocking
+connection: a delivery reaches our callback straight from the frame parser, without the
+blocking adapter's per-message event objects and dispatch queue, and an ack is written without
+spinning the I/O loop until it is flushed.
 
 Tokens are ``(generation, delivery_tag)``. A delivery tag belongs to its channel: after a
 reconnect (a new generation) old tags are forgotten, settling them counts as ``gone``, and the
@@ -26,6 +45,7 @@ broker redelivers those messages, which at-least-once allows.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -42,6 +62,7 @@ import pika
 import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.channel import Channel
 
 from sluiceway.backoff import retry_delay
 from sluiceway.transports import rabbitmq_topology as topo
@@ -53,9 +74,11 @@ BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the l
 REQOS_INTERVAL: Final = 1.0
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
 MAX_PREFETCH: Final = 65535
-GET_BATCH_MAX: Final = 1000
+# Under a rate limit, up to this many granted slots are filled with basic_get (one Raft command
+# per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
+GET_AT_MOST: Final = 2
 IN_FLIGHT_SECONDS: Final = 0.2
-MAX_IN_FLIGHT_AHEAD: Final = 2000  # basic_get calls in one command at most, so one stays short
+MAX_IN_FLIGHT_AHEAD: Final = 2000
 
 
 class RabbitMQUnavailableError(ConnectionError):
@@ -131,23 +154,33 @@ class RabbitMQTransport:
         self.url = url
         self.queue = queue
         self.queue_type = topo.check_queue_type(queue_type)
-        self.consume = consume  # False under a rate limit: basic_get exactly the granted count
+        # False under a rate limit: each fetch takes exactly the granted count (see the module doc).
+        self.consume = consume
         self.prefetch = max(1, min(initial_prefetch, MAX_PREFETCH))
+        self.qos = 0  # the prefetch last sent with basic_qos on this channel; I/O thread only
         self.generation = 0
         self.conn: BlockingConnection | None = None
-        self.channel: BlockingChannel | None = None  # consuming and acking
+        self.channel: BlockingChannel | None = None  # declares
+        self.ch: Channel | None = None  # an asynchronous channel: consuming and acking
         self.pub: BlockingChannel | None = None  # publishing with confirms (retries, dead letters)
         self.consumer_tag: str | None = None
+        self.channel_closed: BaseException | None = None  # why the broker closed self.ch
+        self.cancelled = threading.Event()  # set by the broker's CancelOk of the last cancel
         self.cond = threading.Condition()
+        self.waiting = False  # a fetch waits on cond for deliveries
         self.buffer: deque[_Buffered] = deque()
-        self.handed: dict[int, bytes] = {}  # delivery tag -> payload, handed to the worker, unsettled
-        self.taken: dict[int, bytes] = {}  # scratch for settle, under cond
-        self.unacked: set[int] = set()  # outstanding delivery tags on the channel; I/O thread only
+        self.handed: dict[int, _Buffered] = {}  # handed to the worker, unsettled
+        self.taken: dict[int, _Buffered] = {}  # scratch for settle, under cond
+        # Outstanding delivery tags on the channel, and the same in delivery order (acked ones
+        # are dropped lazily from its left), for one multiple-ack; I/O thread only.
+        self.unacked: set[int] = set()
+        self.order: deque[int] = deque()
         self.commands: queue_mod.SimpleQueue[_Command] = queue_mod.SimpleQueue()
         self.closing = threading.Event()
         self.connected = threading.Event()
         self.last_error = ""
         self.reconnects = 0
+        self.given_back = 0  # unstarted deliveries republished with their count (see give_back)
         self.last_reqos = 0.0
         self.rate = 0.0  # deliveries handed to the worker per second, for the prefetch
         self.rate_at = time.monotonic()
@@ -168,8 +201,10 @@ class RabbitMQTransport:
         if max_count <= 0:
             return []
         if not self.consume:
-            got: list[Delivery] = self._call(lambda: self._get(max_count))
-            return got
+            if max_count <= GET_AT_MOST:
+                got: list[Delivery] = self._call(lambda: self._get(max_count))
+                return got
+            return self._fetch_exactly(min(max_count, MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -179,15 +214,51 @@ class RabbitMQTransport:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                self.cond.wait(left)
-            gen = self.generation
-            out: list[Delivery] = []
-            while self.buffer and len(out) < max_count:
-                b = self.buffer.popleft()
-                self.handed[b.tag] = b.body
-                out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+                self.waiting = True
+                try:
+                    self.cond.wait(left)
+                finally:
+                    self.waiting = False
+            out = self._hand(max_count)
             self.handed_total += len(out)
             return out
+
+    def _hand(self, max_count: int) -> list[Delivery]:
+        """Move up to ``max_count`` buffered deliveries to ``handed``; under ``cond``."""
+        gen = self.generation
+        out: list[Delivery] = []
+        buffer, handed = self.buffer, self.handed
+        while buffer and len(out) < max_count:
+            b = buffer.popleft()
+            handed[b.tag] = b
+            out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+        return out
+
+    def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
+        """Under a rate limit: a consumer with prefetch ``count`` (the granted slots), open until
+        ``count`` deliveries came or ``timeout`` passed, cancelled before this returns. Every
+        delivery that came before the broker confirmed the cancel is returned: at most ``count``,
+        since the broker sends a consumer no more than its prefetch."""
+        self._call(lambda: self._subscribe(count))
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.buffer) < count and self.connected.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.waiting = True
+                try:
+                    self.cond.wait(left)
+                finally:
+                    self.waiting = False
+        self.cancelled.clear()
+        self._call(self._cancel)
+        if not self.cancelled.wait(COMMAND_TIMEOUT):
+            raise RabbitMQUnavailableError(f"RabbitMQ did not confirm a cancel within {COMMAND_TIMEOUT} s")
+        if not self.connected.is_set():
+            raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
+        with self.cond:
+            return self._hand(count)
 
     def settle(self, outcomes: Outcomes) -> Settled:
         """Acks go out without waiting for the I/O thread (a lost ack only means a redelivery,
@@ -218,7 +289,7 @@ class RabbitMQTransport:
                 if tag is None:
                     gone += 1
                 else:
-                    deads.append((tag, d, self.taken.pop(tag)))
+                    deads.append((tag, d, self.taken.pop(tag).body))
             self.taken.clear()
         if retries or deads:
             self._call(lambda: self._settle_publishing(gen, acks, retries, deads))
@@ -237,19 +308,21 @@ class RabbitMQTransport:
         tag = token[1]
         if not isinstance(tag, int):
             return None
-        body = self.handed.pop(tag, None)
-        if body is None:
+        b = self.handed.pop(tag, None)
+        if b is None:
             return None
-        self.taken[tag] = body
+        self.taken[tag] = b
         return tag
 
     def give_back(self, tokens: Sequence[Token], *, redelivered: bool = False) -> int:
-        # A nack with requeue either way: a quorum queue counts it in x-delivery-count, so an
-        # unstarted hand-back (redelivered=False) counts too; see docs/brokers/rabbitmq.md.
+        """Unstarted deliveries (``redelivered`` False) are republished with their count so far
+        and then acked, so the hand-back does not count as a redelivery (a nack would: a quorum
+        queue counts every return); deliveries that were running go back with a nack, which
+        counts. See docs/brokers/rabbitmq.md."""
         if not tokens:
             return 0
         try:
-            n: int = self._call(lambda: self._nack(tokens))
+            n: int = self._call(lambda: self._return(tokens, counted=redelivered))
         except RabbitMQUnavailableError:
             return 0  # the connection is gone, and with it every unacked delivery: all went back
         return n
@@ -263,12 +336,18 @@ class RabbitMQTransport:
     def close(self) -> None:
         if self.closing.is_set():
             return
-        with self.cond:
-            # Unstarted buffered deliveries go back now, not when the connection closes.
-            pending = [(self.generation, b.tag) for b in self.buffer]
-        if pending and self.connected.is_set():
+        if self.connected.is_set():
+            # Stop the consumer first, so nothing new arrives; then unstarted buffered
+            # deliveries go back now, not when the connection closes.
             with contextlib.suppress(RabbitMQUnavailableError):
-                self._call(lambda: self._nack(pending))
+                self.cancelled.clear()
+                self._call(self._cancel)
+                self.cancelled.wait(5.0)
+            with self.cond:
+                pending = [(self.generation, b.tag) for b in self.buffer]
+            if pending:
+                with contextlib.suppress(RabbitMQUnavailableError):
+                    self._call(lambda: self._return(pending, counted=False))
         self.closing.set()
         conn = self.conn
         if conn is not None:
@@ -337,9 +416,8 @@ class RabbitMQTransport:
                 while not self.closing.is_set():
                     assert self.conn is not None
                     self.conn.process_data_events(time_limit=0.05)
-                    if self.buffer:
-                        with self.cond:
-                            self.cond.notify_all()
+                    if self.channel_closed is not None:
+                        raise RabbitMQUnavailableError(f"the consuming channel closed: {self.channel_closed}")
                     # A command queued while the connection was changing has no callback of its
                     # own to run it: run it here rather than let its caller time out.
                     if not self.commands.empty():
@@ -373,13 +451,16 @@ class RabbitMQTransport:
             )
             pub = conn.channel()
             pub.confirm_delivery()
+            ch = self._open_async_channel(conn)
             with self.cond:
                 self.generation += 1
                 self.buffer.clear()
                 self.handed.clear()
             self.unacked.clear()
+            self.order.clear()
             self.delay_declared.clear()
-            self.conn, self.channel, self.pub = conn, channel, pub
+            self.qos = 0
+            self.conn, self.channel, self.ch, self.pub = conn, channel, ch, pub
             if self.consume:
                 self._subscribe(self.prefetch)
         except BaseException:
@@ -391,57 +472,113 @@ class RabbitMQTransport:
             log.warning("RabbitMQ reconnected (generation %d)", self.generation)
         self.connected.set()
 
+    def _open_async_channel(self, conn: BlockingConnection) -> Channel:
+        """A channel of pika's asynchronous layer, not wrapped by a blocking one (whose
+        bookkeeping asserts on every ConsumeOk it did not ask for)."""
+        opened: list[Channel] = []
+        conn._impl.channel(on_open_callback=opened.append)
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not opened:
+            if time.monotonic() > deadline:
+                raise RabbitMQUnavailableError("RabbitMQ did not open a channel in time")
+            conn.process_data_events(time_limit=0.05)
+        ch = opened[0]
+        gen = self.generation + 1
+
+        def on_close(_ch: Channel, reason: BaseException) -> None:
+            if gen == self.generation:
+                self.channel_closed = reason
+
+        ch.add_on_close_callback(on_close)
+        self.channel_closed = None
+        return ch
+
     def _disconnect(self) -> None:
         self.connected.clear()
-        conn, self.conn, self.channel, self.pub, self.consumer_tag = self.conn, None, None, None, None
+        conn, ch = self.conn, self.ch
+        self.conn, self.channel, self.ch, self.pub = None, None, None, None
+        self.consumer_tag = None
         with self.cond:
             # Every unacked delivery goes back with its channel; forget them all.
             self.buffer.clear()
             self.handed.clear()
             self.cond.notify_all()
+        self.cancelled.set()  # a fetch waiting for a CancelOk finds the connection gone
         self._fail_commands(f"RabbitMQ connection lost: {self.last_error or 'closed'}")
         if conn is not None and conn.is_open:
+            with contextlib.suppress(Exception):
+                # BlockingConnection.close closes only the channels it wrapped (it fails on
+                # ours), so ours is closed first and waited for.
+                if ch is not None and ch.is_open:
+                    ch.close()
+                    deadline = time.monotonic() + 5.0
+                    while not ch.is_closed and time.monotonic() < deadline:
+                        conn.process_data_events(time_limit=0.05)
             with contextlib.suppress(Exception):
                 conn.close()
 
     def _subscribe(self, prefetch: int) -> None:
-        assert self.channel is not None
-        if self.consumer_tag is not None:
-            # Deliveries already dispatched to us stay ours to ack; pika nacks (requeues) the
-            # few that arrived after the cancel but before its reply.
-            self.channel.basic_cancel(self.consumer_tag)
-        self.channel.basic_qos(prefetch_count=prefetch)
-        self.consumer_tag = self.channel.basic_consume(self.queue, self._on_message, auto_ack=False)
+        """(Re)start consuming with ``prefetch``; nothing here waits for the broker. The
+        cancel, qos and consume are pipelined (pika sends each once the one before is
+        answered), and deliveries of the old consumer keep coming to the same callback."""
+        assert self.ch is not None
+        self._cancel()
+        if prefetch != self.qos:
+            self.ch.basic_qos(prefetch_count=prefetch)
+            self.qos = prefetch
+        self.consumer_tag = self.ch.basic_consume(self.queue, self._on_message, auto_ack=False)
         self.prefetch = prefetch
         self.last_reqos = time.monotonic()
 
-    def _on_message(
-        self, _ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes
-    ) -> None:
+    def _cancel(self) -> None:
+        """Cancel the consumer, keeping what it still delivers before the broker's CancelOk
+        (pika's basic_cancel would reject those with requeue: a counted redelivery each on a
+        quorum queue). Sets ``cancelled`` on the CancelOk, or at once if there is no consumer."""
+        tag, self.consumer_tag = self.consumer_tag, None
+        if tag is None or self.ch is None:
+            self.cancelled.set()
+            return
+        ch = self.ch
+
+        def on_cancel_ok(_frame: Any) -> None:
+            ch._cleanup_consumer_ref(tag)
+            self.cancelled.set()
+
+        ch._rpc(
+            pika.spec.Basic.Cancel(consumer_tag=tag),
+            on_cancel_ok,
+            [(pika.spec.Basic.CancelOk, {"consumer_tag": tag})],
+        )
+
+    def _on_message(self, _ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        tag = method.delivery_tag
+        headers = props.headers
         b = _Buffered(
-            method.delivery_tag,
+            tag,
             body,
-            topo.redeliveries(props.headers, bool(method.redelivered)),
+            topo.redeliveries(headers, method.redelivered) if headers or method.redelivered else 0,
             time.monotonic(),
         )
-        self.unacked.add(b.tag)
+        self.unacked.add(tag)
+        self.order.append(tag)
         # deque appends are atomic, and only this thread changes the buffer other than by
-        # popping: the waiting fetch is woken once per dispatch round (see _io_main), not per message.
+        # popping, so the lock is taken only when a fetch waits (its flag is read without it:
+        # a fetch that just began waiting is woken by the next message or its own timeout).
         self.buffer.append(b)
+        if self.waiting:
+            with self.cond:
+                self.cond.notify_all()
 
     def _expire_buffer(self) -> None:
-        if not self.buffer:
+        if not self.buffer or self.buffer[0].at >= time.monotonic() - BUFFER_MAX_AGE:
             return
         limit = time.monotonic() - BUFFER_MAX_AGE
-        stale: list[int] = []
+        gen = self.generation
         with self.cond:
-            while self.buffer and self.buffer[0].at < limit:
-                stale.append(self.buffer.popleft().tag)
-        if stale and self.channel is not None:
-            for tag in stale:
-                self.channel.basic_nack(tag, requeue=True)
-                self.unacked.discard(tag)
-            log.warning("returned %d deliveries that waited %s s unstarted", len(stale), BUFFER_MAX_AGE)
+            stale = [(gen, b.tag) for b in self.buffer if b.at < limit]
+        if stale:
+            n = self._return(stale, counted=False)
+            log.warning("returned %d deliveries that waited %s s unstarted", n, BUFFER_MAX_AGE)
 
     def _maybe_reqos(self, room: int) -> None:
         """Follow the worker's capacity: what it holds plus the room it reports, plus what is
@@ -468,24 +605,22 @@ class RabbitMQTransport:
     # --- run in the I/O thread --------------------------------------------------------------------
 
     def _get(self, count: int) -> list[Delivery]:
-        assert self.channel is not None
-        gen = self.generation
-        out: list[Delivery] = []
-        for _ in range(min(count, GET_BATCH_MAX)):
-            method, props, body = self.channel.basic_get(self.queue, auto_ack=False)
-            if method is None:
+        assert self.channel is not None and self.ch is not None
+        out: list[_Buffered] = []
+        for _ in range(count):
+            # On the consuming channel, whose tags the acks use.
+            method, props, body = _basic_get(self.conn, self.ch, self.queue)
+            if method is None or props is None:
                 break
-            self.unacked.add(method.delivery_tag)
-            with self.cond:
-                self.handed[method.delivery_tag] = body
-            out.append(
-                Delivery(
-                    payload=body,
-                    token=(gen, method.delivery_tag),
-                    redeliveries=topo.redeliveries(props.headers, bool(method.redelivered)),
-                )
-            )
-        return out
+            tag = method.delivery_tag
+            self.unacked.add(tag)
+            self.order.append(tag)
+            out.append(_Buffered(tag, body, topo.redeliveries(props.headers, bool(method.redelivered)), 0.0))
+        gen = self.generation
+        with self.cond:
+            for b in out:
+                self.handed[b.tag] = b
+        return [Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries) for b in out]
 
     def _settle_publishing(
         self,
@@ -510,38 +645,55 @@ class RabbitMQTransport:
         Every tag in an ack frame must still be outstanding, or the broker closes the channel
         ("unknown delivery tag"); ``unacked``, kept by this thread alone, says which are. One
         multiple-ack covers every tag below the oldest outstanding one not being acked."""
-        if gen != self.generation or not tags:
+        if gen != self.generation or not tags or self.ch is None:
             return  # a new channel: these tags mean nothing on it, and the broker redelivers
-        assert self.channel is not None
-        acking = {t for t in tags if t in self.unacked}
+        unacked = self.unacked
+        acking = sorted(t for t in tags if t in unacked)
         if not acking:
             return
-        rest = min((t for t in self.unacked if t not in acking), default=None)
-        ordered = sorted(acking)
-        below = [t for t in ordered if rest is None or t < rest]
+        unacked.difference_update(acking)
+        order = self.order
+        while order and order[0] not in unacked:
+            order.popleft()
+        rest = order[0] if order else None  # the oldest still outstanding
+        below = len(acking) if rest is None else bisect.bisect_left(acking, rest)
         if below:
-            self.channel.basic_ack(below[-1], multiple=True)
-        for tag in ordered[len(below) :]:
-            self.channel.basic_ack(tag)
-        self.unacked -= acking
+            self.ch.basic_ack(acking[below - 1], multiple=True)
+        for tag in acking[below:]:
+            self.ch.basic_ack(tag)
 
-    def _nack(self, tokens: Sequence[Token]) -> int:
-        assert self.channel is not None
-        n = 0
+    def _return(self, tokens: Sequence[Token], *, counted: bool) -> int:
+        """Send deliveries of this connection (handed or still buffered) back to the queue.
+
+        ``counted``: with a nack, which the broker counts as a redelivery. Otherwise each is
+        republished, confirmed, with its count so far in a header, and then acked: the copy
+        starts with the same count, so handing back an unstarted message costs it nothing."""
+        assert self.ch is not None
+        gen = self.generation
+        back: list[_Buffered] = []
         with self.cond:
-            buffered = {b.tag for b in self.buffer}
-            for token in tokens:
-                if isinstance(token, tuple) and len(token) == 2 and token[0] == self.generation:
-                    tag = token[1]
-                    if (tag in self.handed or tag in buffered) and tag in self.unacked:
-                        self.handed.pop(tag, None)
-                        self.channel.basic_nack(tag, requeue=True)
-                        self.unacked.discard(tag)
-                        n += 1
-            if buffered:
-                back = set(tokens)
-                self.buffer = deque(b for b in self.buffer if (self.generation, b.tag) not in back)
-        return n
+            wanted = {t[1] for t in tokens if isinstance(t, tuple) and len(t) == 2 and t[0] == gen}
+            for tag in wanted:
+                b = self.handed.pop(tag, None)
+                if b is not None and tag in self.unacked:
+                    back.append(b)
+            if len(self.buffer) and wanted:
+                keep: deque[_Buffered] = deque()
+                for b in self.buffer:
+                    (back.append(b) if b.tag in wanted and b.tag in self.unacked else keep.append(b))
+                self.buffer = keep
+        if not back:
+            return 0
+        if counted:
+            for b in back:
+                self.ch.basic_nack(b.tag, requeue=True)
+            self.unacked.difference_update(b.tag for b in back)
+            return len(back)
+        for b in back:
+            self._publish(self.queue, b.body, topo.returned_headers(b.redeliveries))
+        self._ack(gen, [b.tag for b in back])
+        self.given_back += len(back)
+        return len(back)
 
     def _publish_retry(self, r: Retry) -> None:
         delay_ms = topo.delay_bucket_ms(r.delay)
@@ -588,6 +740,29 @@ class RabbitMQTransport:
             pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers),
             mandatory=True,
         )
+
+
+def _basic_get(
+    conn: BlockingConnection | None, ch: Channel, queue: str
+) -> tuple[Any, pika.BasicProperties | None, bytes]:
+    """One basic.get on the asynchronous channel ``ch``, waited for on ``conn``."""
+    assert conn is not None
+    got: list[tuple[Any, pika.BasicProperties | None, bytes]] = []
+
+    def on_get(_ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        got.append((method, props, body))
+
+    def on_empty(_frame: Any) -> None:
+        got.append((None, None, b""))
+
+    ch.add_callback(on_empty, [pika.spec.Basic.GetEmpty], one_shot=True)
+    ch.basic_get(queue, on_get, auto_ack=False)
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while not got:
+        if time.monotonic() > deadline or not ch.is_open:
+            raise RabbitMQUnavailableError("RabbitMQ did not answer a basic.get in time")
+        conn.process_data_events(time_limit=0.05)
+    return got[0]
 
 
 # --- the registry's entry points ------------------------------------------------------------------

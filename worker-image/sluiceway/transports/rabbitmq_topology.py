@@ -50,6 +50,9 @@ HEADER_REASON: Final = "x-sluiceway-reason"
 HEADER_DETAIL: Final = "x-sluiceway-detail"
 HEADER_RECORD: Final = "x-sluiceway-record"  # the dead-letter record as JSON, without the payload
 HEADER_DELIVERY_COUNT: Final = "x-delivery-count"  # quorum queues: times delivered before
+# Redeliveries a message had before a worker handed it back unstarted and republished it (the
+# copy's own x-delivery-count starts again at 0).
+HEADER_REDELIVERIES: Final = "x-sluiceway-redeliveries"
 
 
 def dead_queue(queue: str) -> str:
@@ -116,13 +119,23 @@ def redeclare_after(delay_ms: int) -> float:
 
 
 def redeliveries(headers: Mapping[str, Any] | None, redelivered: bool) -> int:
-    """How often the broker delivered this message before: quorum queues count exactly; a
-    classic queue only flags a redelivery, which counts as one."""
+    """How often the broker delivered this message before without it being settled: quorum
+    queues count exactly; a classic queue only flags a redelivery, which counts as one. A copy
+    republished by a hand-back adds the count its original had (:func:`returned_headers`)."""
+    before = 0
     if headers:
+        carried = headers.get(HEADER_REDELIVERIES)
+        if isinstance(carried, int) and not isinstance(carried, bool) and carried > 0:
+            before = carried
         count = headers.get(HEADER_DELIVERY_COUNT)
         if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-            return count
-    return 1 if redelivered else 0
+            return before + count
+    return before + (1 if redelivered else 0)
+
+
+def returned_headers(redeliveries: int) -> dict[str, Any] | None:
+    """Headers of the copy of a message handed back unstarted, which keeps its count."""
+    return {HEADER_REDELIVERIES: redeliveries} if redeliveries > 0 else None
 
 
 _PAYLOAD_FIELDS: Final = ("payload", "payload_b64")
