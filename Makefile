@@ -17,9 +17,8 @@ export SLUICEWAY_LOCAL_RABBITMQ_PORT
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, ...)
+system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, a JRE, ...)
 	@bash scripts/system-deps.sh
-	@bash scripts/kafka/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Installing the Python packages into $(VENV) (pip, quiet: about 30 s the first time)..."
