@@ -36,8 +36,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
-    if redis_server.proc is None or redis_server.proc.poll() is not None:
-        redis_server.start()  # a previous test restarted or stopped it
+    redis_server.ensure_running()  # a previous test restarted or stopped it
     redis.Redis.from_url(redis_server.url).flushall()
     return redis_server.url
 
