@@ -41,7 +41,11 @@ TIMING_SENSITIVE = (
     "tests/test_worker_claims.py::test_burst_allows_extra_starts_after_idling_then_holds_the_rate",
     "tests/test_worker_claims.py::test_sigterm_hands_an_unused_slot_back_to_the_limiter",
     "tests/test_webapp_example.py::test_the_loop_keeps_serving_health_while_200_requests_wait_for_workers",
-    # Every e2e burst asserts the fleet's worst 1-second window against start_bound().
+    # The QPS ceiling is sized on the latency the pods measure, which a loaded machine stretches.
+    "e2e/test_e2e_status.py::test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_overshoot",
+    "e2e/test_operator.py::test_qps_ceiling_holds_and_kubectl_scale_pins",
+    # Every e2e burst asserts the fleet's worst 1-second window against start_bound(), and its
+    # peak replicas against the latency-sized ceiling.
     "e2e/test_e2e_burst.py::",
     "e2e/test_e2e_faults.py::",
     "e2e/test_e2e_kafka.py::",
