@@ -17,9 +17,8 @@ export SLUICEWAY_LOCAL_RABBITMQ_PORT
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, ...)
+system-deps: ## Install Debian packages the tests and demo use (redis-server, rabbitmq-server, a JRE, ...)
 	@bash scripts/system-deps.sh
-	@bash scripts/kafka/system-deps.sh
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Installing the Python packages into $(VENV) (pip, quiet: about 30 s the first time)..."
@@ -38,8 +37,10 @@ services: deps ## Start the local Redis (127.0.0.1:$(SLUICEWAY_LOCAL_REDIS_PORT)
 services-down: ## Stop the local services started by `make services`
 	@bash scripts/services.sh down
 
-test: deps cluster-bins argocd-bin ## Run every test; starts the real services it needs
-	@$(PY) -m pytest $(PYTEST_ARGS)
+TEST_WORKERS ?= 2
+export TEST_WORKERS
+test: deps ## Run every test (phases: scripts/test.sh; TEST_WORKERS=0 for one serial session); starts the real services it needs
+	@PY=$(PY) bash scripts/test.sh $(PYTEST_ARGS)
 
 test-unit: venv ## Fast tests only: no Redis, no RabbitMQ, no cluster
 	@$(PY) -m pytest -m "not redis and not rabbitmq and not cluster" $(PYTEST_ARGS)

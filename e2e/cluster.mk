@@ -25,5 +25,5 @@ argocd-bin: venv ## Build (first run only, about 8 min) or locate Argo CD v3.2.1
 helm-bin: venv ## Build (first run only) or locate the Helm 3 CLI the chart tests use (HELM=path wins)
 	@PYTHONPATH=e2e $(PY) -m localcluster.helm
 
-# The chart tests (e2e/test_helm.py) need Helm; build it before pytest starts, not inside a test.
-test: helm-bin
+# `make test` (scripts/test.sh) builds cluster-bins, helm-bin and argocd-bin in the background while
+# tests/ runs, and starts e2e/ once they are done: the builds never happen inside a test.

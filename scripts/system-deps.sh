@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
-# Install the Debian packages that tests and the demo run for real: Redis (and, for the broker
-# adapters, RabbitMQ). Idempotent: does nothing when everything is present.
+# Install the Debian packages that tests and the demo run for real: Redis, RabbitMQ, and a JRE plus
+# Maven for the Kafka test broker (tests/support/kafka_server.py assembles it from Maven Central
+# jars). Idempotent: does nothing when everything is present.
+#
+# One list of "what to check | which package provides it": every check runs before the single
+# early exit below, so adding a package is one line and never skipped by that exit.
 set -euo pipefail
 
+# have_cmd NAME, or have_file PATH: true when the package is already installed.
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_file() { [ -x "$1" ]; }
+
+PACKAGES=(
+  "have_cmd redis-server|redis-server"
+  # RabbitMQ (Debian 3.10.x with its Erlang); the test fixtures run the server binary directly.
+  "have_file /usr/lib/rabbitmq/bin/rabbitmq-server|rabbitmq-server"
+  "have_cmd openssl|openssl"
+  "have_file /usr/bin/time|time"
+  # The GitOps tests serve a git repository to Argo CD over file://.
+  "have_cmd git|git"
+  # The Kafka test broker: Kafka 4.x runs on Java 17+; Maven resolves its jars on first use.
+  "have_cmd java|openjdk-17-jre-headless"
+  "have_cmd mvn|maven"
+)
+
 need=()
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-# RabbitMQ (Debian 3.10.x with its Erlang); the test fixtures run the server binary directly.
-[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
-[ -x /usr/bin/time ] || need+=(time)
-# The GitOps tests serve a git repository to Argo CD over file://.
-command -v git >/dev/null 2>&1 || need+=(git)
+for entry in "${PACKAGES[@]}"; do
+  check="${entry%%|*}"
+  # shellcheck disable=SC2086 # the check is a function name and its one argument
+  $check || need+=("${entry##*|}")
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

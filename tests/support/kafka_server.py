@@ -27,7 +27,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import ServerProcess, free_port
 
 KAFKA_VERSION = os.environ.get("SLUICEWAY_KAFKA_VERSION", "4.4.0")
 # The maven-dependency-plugin version that resolves the classpath (pinned: the CLI default drifts).
@@ -52,12 +53,6 @@ JVM_HEAP = os.environ.get("SLUICEWAY_KAFKA_HEAP", "-Xms128m -Xmx512m")
 
 class KafkaUnavailableError(RuntimeError):
     """The broker cannot be assembled or started here; the message says what to do."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cache_dir(version: str = KAFKA_VERSION) -> Path:
@@ -153,15 +148,18 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
 
 
-class KafkaServer:
+class KafkaServer(ServerProcess):
     """One KRaft broker+controller, formatted in a private directory and started on free ports."""
 
+    # A controlled shutdown flushes the logs; the JVM runs in its own session (process group).
+    stop_grace = 30.0
+    own_group = True
+
     def __init__(self, version: str = KAFKA_VERSION) -> None:
+        super().__init__("sluiceway-kafka-")
         self.version = version
         self.port = free_port()
         self.controller_port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-kafka-"))
-        self.proc: subprocess.Popen[bytes] | None = None
         self._formatted = False
         self._started_once = False
 
@@ -338,30 +336,6 @@ class KafkaServer:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def stop(self, kill: bool = False) -> None:
-        """SIGTERM (a controlled shutdown that flushes the logs), SIGKILL after 30 s or if ``kill``."""
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop, stay down ``down_for`` seconds (the outage a fault test injects), and start again on
-        the same ports and storage: acknowledged records survive."""
-        self.stop()
-        time.sleep(down_for)
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 @contextlib.contextmanager
 def running(version: str = KAFKA_VERSION) -> Iterator[KafkaServer]:
@@ -393,8 +367,7 @@ def kafka_server() -> Iterator[KafkaServer]:
 @pytest.fixture
 def kafka_url(kafka_server: KafkaServer) -> str:
     """The session broker's URL, started again if a previous test stopped it."""
-    if kafka_server.proc is None or kafka_server.proc.poll() is not None:
-        kafka_server.start()
+    kafka_server.ensure_running()
     return kafka_server.url
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from tests.support.processes import free_port
+
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 START_TIMEOUT = 240.0  # 8 s on an idle 2-core machine, 20-85 s measured with 8 test runs beside it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _erts_bin(name: str) -> str:

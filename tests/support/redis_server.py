@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import redis
 
+from tests.support.processes import ServerProcess, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["RedisServer", "free_port"]
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """Runs ``redis-server`` with AOF on, so a restart keeps every acknowledged write."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -27,10 +22,9 @@ class RedisServer:
             raise RuntimeError(
                 "redis-server is not installed: run `make system-deps` (Debian package redis-server)"
             )
+        super().__init__("sluiceway-redis-")
         self.binary = binary
         self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-redis-"))
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -74,23 +68,3 @@ class RedisServer:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop, stay down ``down_for`` seconds (the outage a fault test injects), start again."""
-        self.stop()
-        time.sleep(down_for)
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
