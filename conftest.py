@@ -42,6 +42,7 @@ TIMING_SENSITIVE = (
     "tests/test_worker_claims.py::test_burst_allows_extra_starts_after_idling_then_holds_the_rate",
     "tests/test_worker_claims.py::test_sigterm_hands_an_unused_slot_back_to_the_limiter",
     "tests/test_webapp_example.py::test_the_loop_keeps_serving_health_while_200_requests_wait_for_workers",
+    "tests/test_process_mode.py::test_the_fleet_qps_limit_holds_in_process_mode",
     # The QPS ceiling is sized on the latency the pods measure, which a loaded machine stretches.
     "e2e/test_e2e_status.py::test_rate_limited_fleet_converges_to_the_ceiling_and_a_qps_change_does_not_overshoot",
     "e2e/test_operator.py::test_qps_ceiling_holds_and_kubectl_scale_pins",
@@ -54,6 +55,7 @@ TIMING_SENSITIVE = (
     # Each demo run starts a control plane of its own under a 90 s readiness deadline; beside
     # another worker's cluster on a loaded machine the apiserver missed it (measured).
     "e2e/test_e2e_demo.py::",
+    "e2e/test_e2e_demo_brokers.py::",
 )
 
 

@@ -228,8 +228,9 @@ class KafkaServer(ServerProcess):
                 libs,
                 "kafka.tools.StorageTool",
                 "format",
-                "-t",
-                cid,
+                # One argument, not two: a random id may start with "-", which argparse4j would
+                # read as an option (1 start in 64 failed with "expected one argument").
+                f"--cluster-id={cid}",
                 "-c",
                 str(self.dir / "server.properties"),
                 "--ignore-formatted",
