@@ -235,6 +235,42 @@ def test_stats_count_outcomes(r: redis.Redis, redis_url: str, spawn_worker: Spaw
     w.wait()
 
 
+def test_publish_names_the_stdin_line_and_refuses_nothing_to_send(r: redis.Redis, redis_url: str) -> None:
+    url = ("--redis-url", redis_url)
+    # Blank lines are skipped, but the error still names the line a user sees in the file.
+    _one_line_error(_cli("publish", "-q", "jobs", *url, "-", stdin='{"a": 1}\n\n{bad\n'), 2, "stdin line 3")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, stdin=""), 2, "no messages")
+    _one_line_error(_cli("publish", "-q", "jobs", *url, "-", stdin="\n\n"), 2, "no messages")
+    _one_line_error(_cli("stats", "--watch", "--interval", "0", "-q", "jobs", *url), 2, "--interval")
+    assert r.llen(KEYS.ready) == 0
+
+
+def test_publish_at_a_terminal_without_messages_says_so_instead_of_waiting(redis_url: str) -> None:
+    env = {**os.environ, "SLUICEWAY_REDIS_URL": redis_url}
+    term = PtyProcess([sys.executable, "-m", "sluiceway", "publish", "-q", "jobs"], env, REPO)
+    try:
+        assert term.wait(30) == 2, term.output[-2000:]
+    finally:
+        term.close()
+    assert "no messages" in term.text and "Traceback" not in term.output
+
+
+def test_publish_repeat_goes_out_in_bounded_batches_and_keeps_the_order(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """25,000 messages cross the 10,000-message batches the CLI streams them in."""
+    done = _cli(
+        "publish", "-q", "jobs", "--redis-url", redis_url, "--repeat", "12500", '{"n": 1}', '{"n": 2}'
+    )
+    assert done.returncode == 0, done.stderr
+    assert "published 25000 message(s)" in done.stdout
+    assert r.llen(KEYS.ready) == 25000
+    # The consumer end holds the first published: every copy of the first message, then the second.
+    assert codec.decode(r.lindex(KEYS.ready, -1)).kwargs == {"n": 1}
+    assert codec.decode(r.lindex(KEYS.ready, -12500)).kwargs == {"n": 1}
+    assert codec.decode(r.lindex(KEYS.ready, -12501)).kwargs == {"n": 2}
+
+
 def test_stats_watch_is_a_live_view_refreshed_in_place(r: redis.Redis, redis_url: str) -> None:
     """In a terminal, ``stats --watch`` redraws one table as the queue changes; Ctrl-C ends it
     with code 0 and no traceback."""

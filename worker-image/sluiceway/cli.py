@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -92,6 +93,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not (math.isfinite(x) and x >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return x
+
+
+# A refresh faster than this only loads Redis: nobody reads a screen redrawn more often.
+MIN_REFRESH_SECONDS = 0.1
+
+
+def _refresh_seconds(text: str) -> float:
+    x = _seconds(text)
+    if x < MIN_REFRESH_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_REFRESH_SECONDS:g} s, got {text}")
     return x
 
 
@@ -260,7 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a live view, refreshed in place until Ctrl-C (every queue unless --queue is given)",
     )
-    st.add_argument("--interval", type=_seconds, default=1.0, help="seconds between refreshes [1]")
+    st.add_argument(
+        "--interval",
+        type=_refresh_seconds,
+        default=1.0,
+        help=f"seconds between refreshes, at least {MIN_REFRESH_SECONDS:g} [1]",
+    )
 
     dlq = sub.add_parser(
         "dlq",
@@ -383,28 +400,41 @@ def _reject_constant(name: str) -> Any:
 
 
 def _read_messages(raws: Sequence[str]) -> list[dict[str, Any]]:
-    """Every message, validated as the codec will encode it, before anything is published."""
+    """Every message, validated as the codec will encode it, before anything is published.
+
+    An error names the argument, or the line of stdin, that holds the bad message."""
     from sluiceway import codec
 
+    if not raws and sys.stdin.isatty():
+        # Without this, `sluiceway publish q` at a terminal waits silently for stdin.
+        raise _CommandError(
+            ToolExit.USAGE, "no messages: give JSON objects as arguments, or pipe JSON lines with '-'"
+        )
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
     messages: list[dict[str, Any]] = []
-    for raw in raws or ["-"]:
-        lines = sys.stdin if raw == "-" else [raw]
-        for line in lines:
+    for arg_no, raw in enumerate(raws or ["-"], start=1):
+        lines = enumerate(sys.stdin, start=1) if raw == "-" else [(0, raw)]
+        for line_no, line in lines:
             if not line.strip():
                 continue
-            n = len(messages) + 1
+            where = f"stdin line {line_no}" if raw == "-" else f"message {arg_no}"
             try:
                 obj = decoder.decode(line)
                 if not isinstance(obj, dict):
                     raise ValueError(f"a message must be a JSON object, got {line.strip()[:80]}")
                 codec.encode(obj)
             except RecursionError:
-                raise _CommandError(ToolExit.USAGE, f"message {n}: nested too deeply") from None
+                raise _CommandError(ToolExit.USAGE, f"{where}: nested too deeply") from None
             except (ValueError, TypeError) as exc:
-                raise _CommandError(ToolExit.USAGE, f"message {n}: {exc}") from None
+                raise _CommandError(ToolExit.USAGE, f"{where}: {exc}") from None
             messages.append(obj)
+    if not messages:
+        raise _CommandError(ToolExit.USAGE, "no messages: stdin held no JSON lines")
     return messages
+
+
+# Messages per batch when --repeat multiplies them: memory stays bounded whatever the count.
+_PUBLISH_CHUNK = 10_000
 
 
 def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
@@ -420,26 +450,31 @@ def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
     qname = f"{keys.namespace}/{keys.queue}"
     # Redis errors go on to _tool, which tells a refused connection from an error reply.
     outages = () if pub.broker == "redis" else registry.module(pub.broker).outage_errors
-    every = [m for m in messages for _ in range(args.repeat)]
     try:
         check_keys(pub.broker, pub.sink, [args.key])
     except ValueError as exc:  # a key on a broker that has none: nothing is sent
         pub.close()
         raise _CommandError(ToolExit.USAGE, f"--key: {exc}") from None
+    sent = 0
     try:
-        if args.delay > 0:
-            ids = [pub.publish(qname, m, delay=args.delay, key=args.key) for m in every]
-        else:
-            ids = pub.publish_batch(qname, every, keys=None if args.key is None else [args.key] * len(every))
+        every = (m for m in messages for _ in range(args.repeat))
+        while chunk := list(itertools.islice(every, _PUBLISH_CHUNK)):
+            if args.delay > 0:
+                for m in chunk:
+                    pub.publish(qname, m, delay=args.delay, key=args.key)
+            else:
+                pub.publish_batch(qname, chunk, keys=None if args.key is None else [args.key] * len(chunk))
+            sent += len(chunk)
     except outages as exc:
         # pika's texts may be empty or span lines.
         detail = " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(":")
+        done = f" after publishing {sent}" if sent else ""
         raise _CommandError(
-            ToolExit.UNREACHABLE, f"cannot reach {pub.broker} at {_redacted(pub.url)}: {detail}"
+            ToolExit.UNREACHABLE, f"cannot reach {pub.broker} at {_redacted(pub.url)}{done}: {detail}"
         ) from None
     finally:
         pub.close()
-    print(f"published {len(ids)} message(s) to {qname}")
+    print(f"published {sent} message(s) to {qname}")
     return ToolExit.OK
 
 
