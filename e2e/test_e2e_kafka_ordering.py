@@ -17,6 +17,7 @@ import redis
 
 from localcluster.cluster import LocalCluster
 from sluiceway.publish import Publisher
+from sluiceway.transports import kafka_common as kc
 from support import Operator, replicas, taskqueue, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -34,6 +35,16 @@ def runs(r: redis.Redis, key: str) -> list[tuple[int, float, float, str]]:
         seq, start, end, pid = raw.decode().split()
         out.append((int(seq), float(start), float(end), pid))
     return sorted(out, key=lambda x: x[1])
+
+
+def members_with_partitions(url: str, group_id: str) -> int:
+    """How many members of the consumer group hold at least one partition now."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kc.bootstrap(url), "log_level": 3})
+    (future,) = admin.describe_consumer_groups([group_id], request_timeout=5).values()
+    described = future.result(timeout=10)
+    return sum(1 for m in described.members if m.assignment and m.assignment.topic_partitions)
 
 
 def test_ordering_by_key_holds_across_pods(
@@ -66,6 +77,14 @@ def test_ordering_by_key_holds_across_pods(
         ns,
     )
     until(operator, lambda: replicas(c, ns, "ko") == PODS, 120, f"{PODS} worker pods")
+    # Pods up is not pods consuming: publish once every pod holds partitions of the group, or the
+    # first to join takes every record before the others are assigned any (seen in CI).
+    until(
+        operator,
+        lambda: members_with_partitions(kafka_url, kc.group(ns, "ko")) >= PODS,
+        120,
+        f"{PODS} group members holding partitions",
+    )
     pub = Publisher(kafka_url)
     try:
         # Interleaved across keys, in sequence order within each key.

@@ -327,7 +327,8 @@ def test_retries_draw_from_the_rate_limit(r: redis.Redis, redis_url: str, spawn_
     wait_for(lambda: r.hlen("test:done") == 20, 30, what="flaky messages done")
     starts = sorted(float(x) for x in r.lrange("test:starts", 0, -1))
     assert len(starts) == 40  # each message failed once: 40 starts, all under one budget
-    assert max_in_window(starts, 1.0) <= 11
+    # The task records its own start, up to RECORD_LAG after the worker's (tests/support/starts.py).
+    assert worst_window(starts) <= 11, f"recorded {max_in_window(starts, 1.0)}"
     w.terminate()
     w.wait()
 

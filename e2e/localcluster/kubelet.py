@@ -903,6 +903,10 @@ class Kubelet:
                 if c.proc is not None and c.running:
                     kill_group(c.proc.pid, signal.SIGTERM)
                     c.term_sent_at, c.grace = run.terminating_since, run.grace
+        else:
+            # A force delete of a pod already terminating cuts its grace short, as a kubelet does:
+            # otherwise it drains for the whole grace the graceful delete gave it (the task timeout).
+            run.grace = min(run.grace, 2.0)
         for c in run.containers.values():
             if c.proc is not None and c.proc.poll() is not None:
                 self._on_exit(run, c)
