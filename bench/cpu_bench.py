@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from tests.support.redis_server import RedisServer
-from tests.support.workers import worker_env
+from tests.support.workers import children, worker_env
 
 import sluiceway
 from bench.cpu_tasks import burn, burn_share, gated_share
@@ -76,21 +76,6 @@ def bare_round(kind: str, n: int, iterations: int) -> float:
     return share * 2 / (time.monotonic() - t0)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds."""
     try:
@@ -101,7 +86,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _pod_cpu(pid: int) -> float:
-    return _cpu_seconds(pid) + sum(_cpu_seconds(c) for c in _children(pid))
+    return _cpu_seconds(pid) + sum(_cpu_seconds(c) for c in children(pid))
 
 
 def _rss_mib(pid: int) -> float:
@@ -139,7 +124,7 @@ def one_round(url: str, mode: str, n: int, iterations: int) -> tuple[float, floa
             if stats.ready + stats.in_flight == 0:
                 break
             if not rss and mode == "process":
-                rss = [_rss_mib(p) for p in _children(proc.pid)]
+                rss = [_rss_mib(p) for p in children(proc.pid)]
             time.sleep(0.005)
         done = time.monotonic()
         cores = (_pod_cpu(proc.pid) - cpu0) / (done - first)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -15,7 +14,7 @@ import sluiceway
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from tests.support.starts import worst_window
-from tests.support.workers import SpawnWorker, WorkerProcess, wait_for
+from tests.support.workers import SpawnWorker, WorkerProcess, alive, children, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -32,31 +31,6 @@ def publish(url: str, n: int, start: int = 0, **extra: object) -> None:
 
 def counts(r: redis.Redis, key: str) -> dict[int, int]:
     return {int(k): int(v) for k, v in r.hgetall(key).items()}
-
-
-def children(pid: int) -> list[int]:
-    """The worker's task children (not multiprocessing's resource tracker), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def drained(r: redis.Redis) -> bool:

@@ -54,6 +54,32 @@ class WorkerProcess:
         self._log_file.close()
 
 
+def children(pid: int) -> list[int]:
+    """A process-mode worker's task children (not multiprocessing's resource tracker), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its parent's wait()."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     # Test task functions live in tests/; the real image would have the user's code installed.
