@@ -14,23 +14,21 @@ import sluiceway
 from sluiceway import fleet
 from sluiceway.contract import Keys
 from tests.support.starts import worst_window
-from tests.support.workers import SpawnWorker, WorkerProcess, alive, children, wait_for
+from tests.support.workers import (
+    FAST,
+    SpawnWorker,
+    WorkerProcess,
+    alive,
+    children,
+    counts,
+    publish,
+    wait_for,
+)
 
 pytestmark = pytest.mark.redis
 
 KEYS = Keys("default", "jobs")
-FAST = ["--lease", "3", "--heartbeat", "0.5"]
 PROCESS = ["--concurrency-mode", "process"]
-
-
-def publish(url: str, n: int, start: int = 0, **extra: object) -> None:
-    pub = sluiceway.Publisher(url)
-    pub.publish_batch("jobs", ({"n": i, **extra} for i in range(start, start + n)))
-    pub.close()
-
-
-def counts(r: redis.Redis, key: str) -> dict[int, int]:
-    return {int(k): int(v) for k, v in r.hgetall(key).items()}
 
 
 def drained(r: redis.Redis) -> bool:

@@ -14,22 +14,11 @@ from sluiceway.contract import Keys
 from sluiceway.ratelimit import max_in_window
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.starts import worst_window
-from tests.support.workers import SpawnWorker, wait_for
+from tests.support.workers import FAST, SpawnWorker, counts, publish, wait_for
 
 pytestmark = pytest.mark.redis
 
 KEYS = Keys("default", "jobs")
-FAST = ["--lease", "3", "--heartbeat", "0.5"]
-
-
-def publish(url: str, n: int, start: int = 0, **extra: object) -> None:
-    pub = sluiceway.Publisher(url)
-    pub.publish_batch("jobs", ({"n": i, **extra} for i in range(start, start + n)))
-    pub.close()
-
-
-def counts(r: redis.Redis, key: str) -> dict[int, int]:
-    return {int(k): int(v) for k, v in r.hgetall(key).items()}
 
 
 def all_done(r: redis.Redis, n: int) -> bool:

@@ -11,7 +11,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
+import sluiceway
+
 REPO = Path(__file__).resolve().parents[2]
+
+# Worker flags for the worker tests: a lapsed lease returns within seconds, heartbeats are frequent.
+FAST = ["--lease", "3", "--heartbeat", "0.5"]
+
+
+def publish(url: str, n: int, start: int = 0, **extra: object) -> None:
+    """``n`` messages ``{"n": i, **extra}`` on the queue ``jobs``, numbered from ``start``."""
+    pub = sluiceway.Publisher(url)
+    pub.publish_batch("jobs", ({"n": i, **extra} for i in range(start, start + n)))
+    pub.close()
+
+
+def counts(r: redis.Redis, key: str) -> dict[int, int]:
+    """A hash of message number -> count, as the test tasks record them."""
+    return {int(k): int(v) for k, v in r.hgetall(key).items()}
 
 
 class WorkerProcess:
