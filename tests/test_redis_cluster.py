@@ -20,7 +20,7 @@ from sluiceway import connection, fleet, schedule
 from sluiceway.contract import Heartbeat, Keys
 from sluiceway.coordination.redis import RedisCoordinator
 from sluiceway.ratelimit.redis import RedisLimiter
-from sluiceway.transports.base import DeadLetter, Outcomes, Retry
+from sluiceway.transports.base import DeadLetter, Delivery, Exchanged, Outcomes, Retry
 from sluiceway.transports.redis import AsyncRedisSink, RedisTransport
 from sluiceway_operator.backlog.redis import RedisSource, due_delayed
 from tests.support.redis_cluster import RedisClusterServer
@@ -39,6 +39,31 @@ def publish(url: str, n: int) -> None:
     pub = sluiceway.Publisher(url)
     pub.publish_batch("jobs", ({"n": i} for i in range(n)))
     pub.close()
+
+
+def holding(url: str, published: int, take: int) -> tuple[RedisTransport, list[Delivery]]:
+    """A transport on ``url`` holding ``take`` of ``published`` fresh messages."""
+    publish(url, published)
+    t = transport(url)
+    return t, t.begin_exchange(Outcomes(), take).result().batch.deliveries
+
+
+def other_master(redis_cluster: RedisClusterServer, t: RedisTransport) -> tuple[int, int]:
+    """The slot of the queue's keys and the port of a master that does not own it now."""
+    slot = t.client.keyslot(KEYS.ready)
+    before = redis_cluster.owner(slot)
+    return slot, next(p for p in redis_cluster.ports if p != before)
+
+
+def assert_clean(result: Exchanged, took: int) -> None:
+    """Every outcome was settled (none gone, no error) and ``took`` new deliveries came."""
+    assert (result.gone, result.settle_error) == (0, "")
+    assert len(result.batch.deliveries) == took
+
+
+def acked_in_flight_ready(t: RedisTransport) -> tuple[int, int, int]:
+    stats = fleet.queue_stats(t.client, KEYS)
+    return stats.acked, stats.in_flight, stats.ready
 
 
 def n_of(payload: bytes) -> int:
@@ -122,38 +147,27 @@ def test_expired_leases_are_reaped_for_every_holder(redis_cluster_url: str) -> N
 def test_scripts_the_nodes_lost_run_exactly_once(
     redis_cluster: RedisClusterServer, redis_cluster_url: str
 ) -> None:
-    publish(redis_cluster_url, 10)
-    t = transport(redis_cluster_url)
-    batch = t.begin_exchange(Outcomes(), 5).result().batch
+    t, held = holding(redis_cluster_url, 10, 5)
     for port in redis_cluster.ports:
         redis.Redis(port=port).script_flush()  # what a restart of the nodes does
-    result = t.begin_exchange(Outcomes(acks=[d.token for d in batch.deliveries[:2]]), 2).result()
-    assert (result.gone, result.settle_error) == (0, "")
-    assert len(result.batch.deliveries) == 2
-    stats = fleet.queue_stats(t.client, KEYS)
-    assert (stats.acked, stats.in_flight, stats.ready) == (2, 5, 3)
+    assert_clean(t.begin_exchange(Outcomes(acks=[d.token for d in held[:2]]), 2).result(), 2)
+    assert acked_in_flight_ready(t) == (2, 5, 3)
 
 
 def test_a_moved_slot_is_followed_and_the_next_exchange_goes_to_its_new_node(
     redis_cluster: RedisClusterServer, redis_cluster_url: str
 ) -> None:
-    publish(redis_cluster_url, 10)
-    t = transport(redis_cluster_url)
-    held = t.begin_exchange(Outcomes(), 4).result().batch.deliveries
-    slot = t.client.keyslot(KEYS.ready)
-    before = redis_cluster.owner(slot)
-    target = next(p for p in redis_cluster.ports if p != before)
+    t, held = holding(redis_cluster_url, 10, 4)
+    slot, target = other_master(redis_cluster, t)
     redis_cluster.move_slot(slot, target)  # t's client still has the old slot map
 
     result = t.begin_exchange(Outcomes(acks=[d.token for d in held]), 3).result()
-    assert (result.gone, result.settle_error) == (0, "")
-    assert len(result.batch.deliveries) == 3
+    assert_clean(result, 3)
     cluster: Any = t.client
     assert cluster.get_node_from_key(KEYS.ready).port == target, "the MOVED reply refreshed the map"
     nxt = t.begin_exchange(Outcomes(acks=[d.token for d in result.batch.deliveries]), 10).result()
     assert len(nxt.batch.deliveries) == 3
-    stats = fleet.queue_stats(t.client, KEYS)
-    assert (stats.acked, stats.in_flight, stats.ready) == (7, 3, 0)
+    assert acked_in_flight_ready(t) == (7, 3, 0)
 
 
 def test_the_rate_limiter_and_coordination_run_on_a_cluster(redis_cluster_url: str) -> None:
@@ -234,9 +248,7 @@ def test_a_worker_whose_cluster_is_unreachable_at_start_exits_naming_it(spawn_wo
 def test_a_restart_of_every_node_loses_no_lease_and_the_transport_reconnects(
     redis_cluster: RedisClusterServer, redis_cluster_url: str
 ) -> None:
-    publish(redis_cluster_url, 10)
-    t = transport(redis_cluster_url)
-    held = t.begin_exchange(Outcomes(), 5).result().batch.deliveries
+    t, held = holding(redis_cluster_url, 10, 5)
     redis_cluster.restart()  # AOF with appendfsync always: every acknowledged write survives
     outcome: list[Any] = []
 
@@ -248,10 +260,8 @@ def test_a_restart_of_every_node_loses_no_lease_and_the_transport_reconnects(
         return True
 
     wait_for(exchanged, 30, interval=0.1, what="an exchange after the restart")
-    assert (outcome[0].gone, outcome[0].settle_error) == (0, "")
-    assert len(outcome[0].batch.deliveries) == 5
-    stats = fleet.queue_stats(t.client, KEYS)
-    assert (stats.acked, stats.in_flight, stats.ready) == (5, 5, 0)
+    assert_clean(outcome[0], 5)
+    assert acked_in_flight_ready(t) == (5, 5, 0)
 
 
 def test_a_slot_in_migration_is_an_outage_until_it_ends_and_nothing_runs_twice(
@@ -261,23 +271,16 @@ def test_a_slot_in_migration_is_an_outage_until_it_ends_and_nothing_runs_twice(
     # TRYAGAIN for a script whose keys are not all there yet (Redis refuses multi-key commands
     # across a half-moved slot). The exchange runs nothing and raises, as for any outage; the
     # worker keeps its outcomes and sends them again once the migration ends.
-    publish(redis_cluster_url, 6)
-    t = transport(redis_cluster_url)
-    held = t.begin_exchange(Outcomes(), 2).result().batch.deliveries
-    slot = t.client.keyslot(KEYS.ready)
-    before = redis_cluster.owner(slot)
-    target = next(p for p in redis_cluster.ports if p != before)
+    t, held = holding(redis_cluster_url, 6, 2)
+    slot, target = other_master(redis_cluster, t)
     redis_cluster.move_slot(slot, target, finish=False)
     try:
         with pytest.raises(redis.RedisError):
             t.begin_exchange(Outcomes(acks=[d.token for d in held]), 2).result()
     finally:
         redis_cluster.finish_move(slot, target)
-    result = t.begin_exchange(Outcomes(acks=[d.token for d in held]), 2).result()
-    assert (result.gone, result.settle_error) == (0, "")
-    assert len(result.batch.deliveries) == 2
-    stats = fleet.queue_stats(t.client, KEYS)
-    assert (stats.acked, stats.in_flight, stats.ready) == (2, 2, 2)
+    assert_clean(t.begin_exchange(Outcomes(acks=[d.token for d in held]), 2).result(), 2)
+    assert acked_in_flight_ready(t) == (2, 2, 2)
 
 
 def test_the_cli_reads_stats_on_a_cluster(redis_cluster_url: str) -> None:
