@@ -31,6 +31,11 @@ KEYS = Keys("default", "jobs")
 PROCESS = ["--concurrency-mode", "process"]
 
 
+def in_process_mode(spawn_worker: SpawnWorker, function: str, *flags: str) -> WorkerProcess:
+    """A process-mode worker of ``function`` on the queue ``jobs``, with the FAST lease flags."""
+    return spawn_worker("-f", function, "-q", "jobs", *flags, *PROCESS, *FAST)
+
+
 def drained(r: redis.Redis) -> bool:
     return fleet.queue_stats(r, KEYS).in_flight + int(r.llen(KEYS.ready)) == 0
 
@@ -47,10 +52,7 @@ def test_kill_9_of_children_mid_burst_loses_nothing(
 ) -> None:
     total = 600
     publish(redis_url, total, sleep=0.02)
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "4", "--worker-id", "pm",
-        *PROCESS, *FAST,
-    )  # fmt: skip
+    w = in_process_mode(spawn_worker, "tests.support.proc_tasks:record_pid", "-c", "4", "--worker-id", "pm")
     wait_for(lambda: len(children(w.pid)) == 4, 60, what="4 children")
     first = children(w.pid)
     killed = []
@@ -80,7 +82,7 @@ def test_kill_9_of_children_mid_burst_loses_nothing(
 def test_a_child_that_died_idle_is_replaced_without_blaming_the_next_message(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
-    w = spawn_worker("-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "1", *PROCESS, *FAST)
+    w = in_process_mode(spawn_worker, "tests.support.proc_tasks:record_pid", "-c", "1")
     wait_for(lambda: "child processes started" in w.output(), 60, what="the child started")
     (idle,) = children(w.pid)
     os.kill(idle, signal.SIGKILL)
@@ -95,10 +97,7 @@ def test_a_message_that_keeps_killing_its_child_is_dead_lettered(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     sluiceway.Publisher(redis_url).publish("jobs", {"n": 1})
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:die", "-q", "jobs", "-c", "2", "--max-attempts", "3",
-        *PROCESS, *FAST,
-    )  # fmt: skip
+    w = in_process_mode(spawn_worker, "tests.support.proc_tasks:die", "-c", "2", "--max-attempts", "3")
     wait_for(lambda: r.llen(KEYS.dead) == 1, 60, what="the dead letter")
     (entry,) = fleet.dead_letters(r, KEYS)
     assert entry["reason"] == "redelivered"
@@ -111,9 +110,9 @@ def test_sigterm_drains_every_child_within_the_grace_period(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     publish(redis_url, 20, sleep=3)
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "4", "--prefetch", "6",
-        "--drain", "30", "--worker-id", "pm", *PROCESS, *FAST,
+    w = in_process_mode(
+        spawn_worker, "tests.support.proc_tasks:record_pid",
+        "-c", "4", "--prefetch", "6", "--drain", "30", "--worker-id", "pm",
     )  # fmt: skip
     wait_for(
         lambda: r.hlen("test:seen") == 4 and r.zcard(KEYS.inflight("pm")) == 10,
@@ -141,9 +140,9 @@ def test_sigterm_hands_back_what_outlives_the_grace_period(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     publish(redis_url, 2, sleep=60)
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "2", "--drain", "1",
-        "--worker-id", "pm", *PROCESS, *FAST,
+    w = in_process_mode(
+        spawn_worker, "tests.support.proc_tasks:record_pid",
+        "-c", "2", "--drain", "1", "--worker-id", "pm",
     )  # fmt: skip
     wait_for(lambda: r.hlen("test:seen") == 2, 60, what="both running")
     pids = [int(p) for p in r.smembers("test:pids")]
@@ -160,9 +159,9 @@ def test_a_cpu_bound_task_past_its_timeout_is_killed_and_others_keep_working(
 ) -> None:
     pub = sluiceway.Publisher(redis_url)
     pub.publish("jobs", {"n": 0})
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:spin", "-q", "jobs", "-c", "2", "--timeout", "2",
-        "--max-attempts", "2", "--backoff", "0.1", "--max-backoff", "0.1", *PROCESS, *FAST,
+    w = in_process_mode(
+        spawn_worker, "tests.support.proc_tasks:spin",
+        "-c", "2", "--timeout", "2", "--max-attempts", "2", "--backoff", "0.1", "--max-backoff", "0.1",
     )  # fmt: skip
     wait_for(lambda: r.hexists("test:pid", "0"), 60, what="the spinner to start")
     spinner = int(r.hget("test:pid", "0") or 0)
@@ -191,9 +190,9 @@ def test_failures_in_a_child_settle_as_in_thread_mode(
     pub.publish("jobs", {"n": 5, "mode": "flaky"})
     pub.publish("jobs", {"n": 6, "mode": "ok"})
     pub.publish("jobs", {"n": 7, "mode": "retry_never"})  # RetryLater(inf): the usual backoff
-    w = spawn_worker(
-        "-f", "tests.tasks:misbehave", "-q", "jobs", "-c", "2", "--max-attempts", "3",
-        "--backoff", "0.05", "--max-backoff", "0.2", *PROCESS, *FAST,
+    w = in_process_mode(
+        spawn_worker, "tests.tasks:misbehave",
+        "-c", "2", "--max-attempts", "3", "--backoff", "0.05", "--max-backoff", "0.2",
     )  # fmt: skip
     wait_for(lambda: r.llen(KEYS.dead) == 3 and r.hlen("test:done") == 3, 60, what="all outcomes")
     by_reason = {str(e["reason"]): e for e in fleet.dead_letters(r, KEYS)}
@@ -232,9 +231,9 @@ def test_one_pod_is_one_worker_with_its_childrens_busy_counts_summed(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     publish(redis_url, 3, sleep=30)
-    w = spawn_worker(
-        "-f", "tests.support.proc_tasks:record_pid", "-q", "jobs", "-c", "3", "--prefetch", "0",
-        "--drain", "0.5", "--worker-id", "pm", *PROCESS, *FAST,
+    w = in_process_mode(
+        spawn_worker, "tests.support.proc_tasks:record_pid",
+        "-c", "3", "--prefetch", "0", "--drain", "0.5", "--worker-id", "pm",
     )  # fmt: skip
     wait_for(lambda: r.hlen("test:seen") == 3, 60, what="3 children busy")
     wait_for(
@@ -266,7 +265,7 @@ def test_a_pod_killed_with_kill_9_takes_its_children_with_it(
     r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
 ) -> None:
     publish(redis_url, 2)
-    w = spawn_worker("-f", "tests.support.proc_tasks:spin", "-q", "jobs", "-c", "2", *PROCESS, *FAST)
+    w = in_process_mode(spawn_worker, "tests.support.proc_tasks:spin", "-c", "2")
     wait_for(lambda: r.hlen("test:pid") == 2, 60, what="both children spinning")
     spinning = [int(p) for p in r.hvals("test:pid")]
     w.kill()
