@@ -109,8 +109,9 @@ def start_operator(
     return Operator(proc, log, namespace, port)
 
 
-def redis_secret(c: LocalCluster, namespace: str, url: str, name: str = "sluiceway-redis") -> None:
-    """The coordination Secret users create in each namespace (see docs/operator.md)."""
+def url_secret(c: LocalCluster, namespace: str, url: str, name: str) -> dict[str, str]:
+    """A Secret holding ``url`` under the key ``url``; returns the reference a TaskQueue's
+    ``urlSecretRef`` fields take."""
     c.apply(
         {
             "apiVersion": "v1",
@@ -119,6 +120,18 @@ def redis_secret(c: LocalCluster, namespace: str, url: str, name: str = "sluicew
             "data": {"url": base64.b64encode(url.encode()).decode()},
         }
     )
+    return {"name": name, "key": "url"}
+
+
+def redis_secret(c: LocalCluster, namespace: str, url: str, name: str = "sluiceway-redis") -> None:
+    """The coordination Secret users create in each namespace (see docs/operator.md)."""
+    url_secret(c, namespace, url, name)
+
+
+def kafka_broker(c: LocalCluster, namespace: str, url: str, **kafka: Any) -> dict[str, Any]:
+    """``spec.broker`` for Kafka at ``url``, its Secret created (``kafka``); ``kafka`` is
+    ``spec.broker.kafka`` (partitions, ordering)."""
+    return {"type": "kafka", "urlSecretRef": url_secret(c, namespace, url, "kafka"), "kafka": kafka}
 
 
 def until(op: Operator, check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -454,6 +467,7 @@ __all__ = [
     "get_tq",
     "install_crd",
     "install_operator_rbac",
+    "kafka_broker",
     "record_payloads",
     "recorded",
     "redis_secret",
@@ -463,6 +477,7 @@ __all__ = [
     "taskqueue",
     "ticks",
     "until",
+    "url_secret",
     "wait_ticks",
 ]
 

@@ -8,8 +8,6 @@ the operator as its own process, real Redis for coordination, and a real Kafka b
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
@@ -21,6 +19,7 @@ from support import (
     Burst,
     Operator,
     burst_taskqueue,
+    kafka_broker,
     record_payloads,
     replicas,
     start_bound,
@@ -45,14 +44,6 @@ def test_kafka_burst_wakes_from_zero_caps_at_partitions_and_returns_to_zero(
     ceiling = qps_ceiling(QPS, latency=TASK_SECONDS, per_pod=PER_POD, headroom=HEADROOM)
     assert ceiling is not None and ceiling > PARTITIONS
     c.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "kafka", "namespace": ns},
-            "data": {"url": base64.b64encode(kafka_url.encode()).decode()},
-        }
-    )
-    c.apply(
         burst_taskqueue(
             "kq",
             redis_url,
@@ -62,11 +53,7 @@ def test_kafka_burst_wakes_from_zero_caps_at_partitions_and_returns_to_zero(
             max_replicas=10,
             drain_seconds=5,
             scaling={"qpsHeadroom": HEADROOM},
-            broker={
-                "type": "kafka",
-                "urlSecretRef": {"name": "kafka", "key": "url"},
-                "kafka": {"partitions": PARTITIONS},
-            },
+            broker=kafka_broker(c, ns, kafka_url, partitions=PARTITIONS),
         ),
         ns,
     )

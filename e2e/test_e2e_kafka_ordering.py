@@ -9,7 +9,6 @@ order, and each starts only after the previous one ended, whichever pod ran it.
 
 from __future__ import annotations
 
-import base64
 import itertools
 
 import pytest
@@ -18,7 +17,7 @@ import redis
 from localcluster.cluster import LocalCluster
 from sluiceway.publish import Publisher
 from sluiceway.transports import kafka_common as kc
-from support import Operator, replicas, taskqueue, until
+from support import Operator, kafka_broker, replicas, taskqueue, until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -52,23 +51,11 @@ def test_ordering_by_key_holds_across_pods(
 ) -> None:
     c = kube_cluster
     c.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "kafka", "namespace": ns},
-            "data": {"url": base64.b64encode(kafka_url.encode()).decode()},
-        }
-    )
-    c.apply(
         taskqueue(
             "ko",
             redis_url,
             function="tests.kafka_tasks:ordered",
-            broker={
-                "type": "kafka",
-                "urlSecretRef": {"name": "kafka", "key": "url"},
-                "kafka": {"partitions": PARTITIONS, "ordering": "key"},
-            },
+            broker=kafka_broker(c, ns, kafka_url, partitions=PARTITIONS, ordering="key"),
             # Enough threads per pod that, without the ordering rule, one key's records (which
             # sit together on one partition) would run at once.
             concurrency={"perPod": 8},
