@@ -61,26 +61,57 @@ class BrokerEnv:
             pub.close()
 
 
-def redis_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
-    server: RedisServer = request.getfixturevalue("redis_server")
-    url: str = request.getfixturevalue("redis_url")  # flushed for this test
+def _redis_queue_env(
+    name: str, server: Any, url: str, client: redis.Redis, record_url: str = ""
+) -> Iterator[BrokerEnv]:
+    """Redis as queue and coordination, a single server or a cluster (``client`` made for ``url``,
+    closed after the test)."""
     keys = Keys(NAMESPACE, QUEUE)
-    client = redis.Redis.from_url(url)
 
     def publish_raw(payloads: Sequence[bytes]) -> None:
         client.lpush(keys.ready, *payloads)
 
     yield BrokerEnv(
-        name="redis",
+        name=name,
         coordination_url=url,
         env={"SLUICEWAY_BROKER": "redis"},
         publisher=lambda: sluiceway.Publisher(url),
         publish_raw=publish_raw,
-        dead_letters=lambda: fleet.dead_letters(redis.Redis.from_url(url), keys, 10_000),
+        dead_letters=lambda: fleet.dead_letters(client, keys, 10_000),
         restart=lambda down_for: server.restart(down_for=down_for),
         redelivery_bound=3.0 + 2.0,  # the scenarios' lease, plus a reaper tick and slack
+        record_url=record_url,
     )
     client.close()
+
+
+def redis_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    url: str = request.getfixturevalue("redis_url")  # flushed for this test
+    yield from _redis_queue_env("redis", server, url, redis.Redis.from_url(url))
+
+
+def _beside_redis(
+    name: str,
+    server: Any,
+    url: str,
+    coordination: str,
+    publish_raw: Callable[[Sequence[bytes]], None],
+    dead_letters: Callable[[], list[dict[str, Any]]],
+    redelivery_bound: float,
+) -> BrokerEnv:
+    """A broker named ``name`` at ``url`` for the messages, the session Redis (``coordination``)
+    for coordination and the tasks' records."""
+    return BrokerEnv(
+        name=name,
+        coordination_url=coordination,
+        env={"SLUICEWAY_BROKER": name, "SLUICEWAY_BROKER_URL": url},
+        publisher=lambda: sluiceway.Publisher(url),
+        publish_raw=publish_raw,
+        dead_letters=dead_letters,
+        restart=lambda down_for: server.restart(down_for=down_for),
+        redelivery_bound=redelivery_bound,
+    )
 
 
 def kafka_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
@@ -143,17 +174,10 @@ def kafka_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
             c.close()
         return out
 
-    yield BrokerEnv(
-        name="kafka",
-        coordination_url=coordination,
-        env={"SLUICEWAY_BROKER": "kafka", "SLUICEWAY_BROKER_URL": url},
-        publisher=lambda: sluiceway.Publisher(url),
-        publish_raw=publish_raw,
-        dead_letters=dead_letters,
-        restart=lambda down_for: server.restart(down_for=down_for),
-        # The session timeout (a killed consumer's partitions move once it lapses), plus the
-        # rebalance and slack on a loaded machine.
-        redelivery_bound=kc.SESSION_TIMEOUT_MS / 1000 + 8.0,
+    # The redelivery bound: the session timeout (a killed consumer's partitions move once it
+    # lapses), plus the rebalance and slack on a loaded machine.
+    yield _beside_redis(
+        "kafka", server, url, coordination, publish_raw, dead_letters, kc.SESSION_TIMEOUT_MS / 1000 + 8.0
     )
     source.close()
 
@@ -186,17 +210,9 @@ def rabbitmq_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
         finally:
             conn.close()
 
-    yield BrokerEnv(
-        name="rabbitmq",
-        coordination_url=coordination,
-        env={"SLUICEWAY_BROKER": "rabbitmq", "SLUICEWAY_BROKER_URL": url},
-        publisher=lambda: sluiceway.Publisher(url),
-        publish_raw=publish_raw,
-        dead_letters=dead_letters,
-        restart=lambda down_for: server.restart(down_for=down_for),
-        # The broker requeues a dead consumer's deliveries as soon as its connection drops.
-        redelivery_bound=5.0,
-    )
+    # The redelivery bound: the broker requeues a dead consumer's deliveries as soon as its
+    # connection drops.
+    yield _beside_redis("rabbitmq", server, url, coordination, publish_raw, dead_letters, 5.0)
 
 
 # The scenarios a Redis Cluster runs (the CI time budget is tight): lost leases reaped across
@@ -215,24 +231,7 @@ def redis_cluster_env(request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
     server = request.getfixturevalue("redis_cluster")
     url: str = request.getfixturevalue("redis_cluster_url")  # flushed for this test
     records: str = request.getfixturevalue("redis_url")
-    keys = Keys(NAMESPACE, QUEUE)
-    client = connection.client(url)
-
-    def publish_raw(payloads: Sequence[bytes]) -> None:
-        client.lpush(keys.ready, *payloads)
-
-    yield BrokerEnv(
-        name="redis-cluster",
-        coordination_url=url,
-        env={"SLUICEWAY_BROKER": "redis"},
-        publisher=lambda: sluiceway.Publisher(url),
-        publish_raw=publish_raw,
-        dead_letters=lambda: fleet.dead_letters(client, keys, 10_000),
-        restart=lambda down_for: server.restart(down_for=down_for),
-        redelivery_bound=3.0 + 2.0,
-        record_url=records,
-    )
-    client.close()
+    yield from _redis_queue_env("redis-cluster", server, url, connection.client(url), record_url=records)
 
 
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Iterator[BrokerEnv]]] = {
