@@ -16,7 +16,7 @@ import redis
 from localcluster.cluster import LocalCluster
 from sluiceway import connection, fleet
 from sluiceway.contract import Keys
-from support import Burst, Operator, burst_taskqueue, get_tq, record_payloads, redis_secret, until
+from support import Burst, Operator, burst_taskqueue, get_tq, record_payloads, until, url_secret
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,7 +35,7 @@ def test_a_redis_cluster_url_wakes_the_fleet_from_zero_drains_a_burst_and_return
     redis_cluster_url: str,
 ) -> None:
     c = kube_cluster
-    redis_secret(c, ns, redis_cluster_url, name="redis-cluster")
+    cluster_ref = url_secret(c, ns, redis_cluster_url, "redis-cluster")
     c.apply(
         burst_taskqueue(
             "rc",
@@ -45,7 +45,7 @@ def test_a_redis_cluster_url_wakes_the_fleet_from_zero_drains_a_burst_and_return
             task_seconds=TASK_SECONDS,
             max_replicas=3,
             drain_seconds=5,
-            coordination={"urlSecretRef": {"name": "redis-cluster", "key": "url"}},
+            coordination={"urlSecretRef": cluster_ref},
         ),
         ns,
     )
