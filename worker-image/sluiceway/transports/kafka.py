@@ -235,18 +235,24 @@ class KafkaTransport:
             return Settled(error=f"kafka produce failed: {failures[0]}")
         gone = 0
         touched: set[TP] = set()
+        # _settled inlined: this loop runs once per record.
+        generation, out_of, tracks, by_key = self.generation, self.out, self.tracks, self.by_key
         with self.cond:
-            for token in (
+            for any_token in (
                 *outcomes.acks,
                 *(r.token for r in outcomes.retries),
                 *(d.token for d in outcomes.deads),
             ):
-                t = self._token(token)
-                if self._settled(t) is None:
+                token = any_token if type(any_token) is KafkaToken else self._token(any_token)
+                tp = (token[0], token[1])
+                by_offset = out_of.get(tp) if generation.get(tp) == token[3] else None
+                held = by_offset.pop(token[2], None) if by_offset is not None else None
+                if held is None:
                     gone += 1
                     continue
-                tp = (t.topic, t.partition)
-                self.tracks[tp].finish(t.offset)
+                if by_key:
+                    self._release_key(held.key)
+                tracks[tp].finish(token[2])
                 touched.add(tp)
             # The commit point once per partition and settle, not once per record.
             for tp in touched:
