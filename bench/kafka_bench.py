@@ -3,7 +3,9 @@ ratio to a reference measured in the same run, on the same broker.
 
 - throughput: one ``sluiceway worker`` process on a no-op task (and the transport alone: fetch up
   to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
-  (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch);
+  (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch), and against
+  the floor loop: the same loop doing per record what any correct per-message worker must
+  (decode the JSON, check it is an object, call a no-op with it, track the offset);
 - rebalance cost: records redone and the longest time without progress while consumers scale
   1 -> 3 -> 1 during a burst;
 - QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
