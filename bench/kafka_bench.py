@@ -3,18 +3,22 @@ ratio to a reference measured in the same run, on the same broker.
 
 - throughput: one ``sluiceway worker`` process on a no-op task (and the transport alone: fetch up
   to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
-  (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch);
+  (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch), and against
+  the floor loop: the same loop doing per record what any correct per-message worker must
+  (decode the JSON, check it is an object, call a no-op with it, track the offset);
 - rebalance cost: records redone and the longest time without progress while consumers scale
   1 -> 3 -> 1 during a burst;
 - QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
   the worst 1-second window, at 10/100/1000 QPS with 1 and 4 workers.
 
-``python -m bench.kafka_bench [--messages N] [--skip-qps]``
+``python -m bench.kafka_bench [--messages N] [--rounds N] [--skip-qps] [--skip-rebalance] [--only-qps]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +44,7 @@ from sluiceway.transports.kafka import KafkaTransport  # noqa: E402
 NS = "bench"
 # CPU (user + system) per message of the last bare loop and worker run, µs: steadier than msg/s
 # on a shared machine, since waiting for a core does not count.
-CPU_US = {"bare": 0.0, "worker": 0.0}
+CPU_US = {"bare": 0.0, "floor": 0.0, "transport": 0.0, "worker": 0.0}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -65,7 +70,15 @@ def _fill(url: str, queue: str, n: int, partitions: int) -> None:
     assert p.flush(120) == 0
 
 
-def bare_loop(url: str, queue: str, n: int) -> float:
+def _noop(**kwargs: object) -> None:
+    return None
+
+
+def bare_loop(url: str, queue: str, n: int, *, floor: bool = False) -> float:
+    """The bare loop; with ``floor``, it also does per record what any correct per-message
+    worker must: decode the JSON value, check it is an object, call a no-op with its keyword
+    arguments, and track the offset to commit. No threads, no settle protocol, no metrics: the
+    least a per-message Python worker can cost on top of the client."""
     c = Consumer(
         {
             "bootstrap.servers": kc.bootstrap(url),
@@ -81,11 +94,28 @@ def bare_loop(url: str, queue: str, n: int) -> float:
         msgs = c.consume(num_messages=1000, timeout=1.0)
         if msgs and not start:
             start, cpu0 = time.perf_counter(), time.process_time()
-        got += sum(1 for m in msgs if m.error() is None)
-        if msgs:
-            c.commit(asynchronous=False)
+        if floor:
+            offsets: dict[tuple[str | None, int | None], int] = {}
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                kwargs = json.loads(m.value() or b"")
+                if not isinstance(kwargs, dict):
+                    raise TypeError("not an object")
+                _noop(**kwargs)
+                offsets[(m.topic(), m.partition())] = (m.offset() or 0) + 1
+                got += 1
+            if offsets:
+                c.commit(
+                    offsets=[TopicPartition(t or "", p or 0, o) for (t, p), o in offsets.items()],
+                    asynchronous=False,
+                )
+        else:
+            got += sum(1 for m in msgs if m.error() is None)
+            if msgs:
+                c.commit(asynchronous=False)
     elapsed = time.perf_counter() - start
-    CPU_US["bare"] = (time.process_time() - cpu0) * 1e6 / n
+    CPU_US["floor" if floor else "bare"] = (time.process_time() - cpu0) * 1e6 / n
     c.close()
     return n / elapsed
 
@@ -93,48 +123,69 @@ def bare_loop(url: str, queue: str, n: int) -> float:
 def transport_loop(url: str, queue: str, n: int) -> float:
     t = KafkaTransport(url, NS, queue, "bench", create_topics=False)
     got = 0
-    start = 0.0
+    start = cpu0 = 0.0
     while got < n:
         batch = t.fetch(1000, 1.0)
         if batch and not start:
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
         got += len(batch)
         if batch:
             t.settle(Outcomes(acks=[d.token for d in batch]))
     elapsed = time.perf_counter() - start
+    CPU_US["transport"] = (time.process_time() - cpu0) * 1e6 / n  # both threads: fetch and poll
     t.close()
     return n / elapsed
 
 
 def throughput(url: str, redis_url: str, n: int, rounds: int) -> None:
-    ratios = []
-    worker_ratios = []
+    """Alternating rounds of the four loops (the order rotates each round: the machine's load
+    drifts within a run); each round's ratios are to that round's references."""
+    rows: dict[str, list[float]] = {
+        "worker/bare": [],
+        "worker/floor": [],
+        "floor/bare": [],
+        "transport/bare": [],
+    }
+    cpu: dict[str, list[float]] = {"bare": [], "floor": [], "transport": [], "worker": []}
     for r in range(rounds):
-        q1, q2 = f"bare{uuid.uuid4().hex[:6]}", f"tr{uuid.uuid4().hex[:6]}"
-        _fill(url, q1, n, 1)
-        _fill(url, q2, n, 1)
-        # Alternate which goes first: the machine's load drifts within a run.
-        if r % 2:
-            tr = transport_loop(url, q2, n)
-            bare = bare_loop(url, q1, n)
-        else:
-            bare = bare_loop(url, q1, n)
-            tr = transport_loop(url, q2, n)
-        worker = worker_throughput(url, redis_url, n, 8)
-        ratios.append(tr / bare)
-        worker_ratios.append(worker / bare)
+        queues = {k: f"{k}{uuid.uuid4().hex[:6]}" for k in ("bare", "floor", "tr")}
+        for q in queues.values():
+            _fill(url, q, n, 1)
+        runs: dict[str, Callable[[], float]] = {
+            "bare": functools.partial(bare_loop, url, queues["bare"], n),
+            "floor": functools.partial(bare_loop, url, queues["floor"], n, floor=True),
+            "transport": functools.partial(transport_loop, url, queues["tr"], n),
+            "worker": functools.partial(worker_throughput, url, redis_url, n, 8),
+        }
+        order = list(runs)
+        order = order[r % len(order) :] + order[: r % len(order)]
+        rate = {k: runs[k]() for k in order}
+        for k in cpu:
+            cpu[k].append(CPU_US[k])
+        rows["worker/bare"].append(rate["worker"] / rate["bare"])
+        rows["worker/floor"].append(rate["worker"] / rate["floor"])
+        rows["floor/bare"].append(rate["floor"] / rate["bare"])
+        rows["transport/bare"].append(rate["transport"] / rate["bare"])
         print(
-            f"round {r + 1}: bare confluent-kafka loop {bare:,.0f} msg/s; "
-            f"transport alone {tr:,.0f} msg/s = {100 * tr / bare:.0f}%; "
-            f"worker process (-c 8), no-op, at-least-once {worker:,.0f} msg/s = {100 * worker / bare:.0f}% of the loop; "
-            f"CPU/message bare {CPU_US['bare']:.1f} µs, worker {CPU_US['worker']:.1f} µs",
+            f"round {r + 1} (order {', '.join(order)}): bare loop {rate['bare']:,.0f} msg/s; "
+            f"floor loop {rate['floor']:,.0f} msg/s = {100 * rate['floor'] / rate['bare']:.0f}% of bare; "
+            f"transport alone {rate['transport']:,.0f} msg/s = {100 * rate['transport'] / rate['bare']:.0f}%; "
+            f"worker (-c 8, no-op, at-least-once) {rate['worker']:,.0f} msg/s = "
+            f"{100 * rate['worker'] / rate['bare']:.0f}% of bare, {100 * rate['worker'] / rate['floor']:.0f}% of floor; "
+            f"CPU/message bare {CPU_US['bare']:.1f} µs, floor {CPU_US['floor']:.1f} µs, "
+            f"transport {CPU_US['transport']:.1f} µs, worker {CPU_US['worker']:.1f} µs",
             flush=True,
         )
-    ratios.sort()
-    worker_ratios.sort()
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
     print(
-        f"median over {rounds} rounds: worker {100 * worker_ratios[len(worker_ratios) // 2]:.0f}% of the bare loop "
-        f"(transport alone {100 * ratios[len(ratios) // 2]:.0f}%)",
+        f"median over {rounds} rounds: worker {100 * median(rows['worker/bare']):.0f}% of the bare loop, "
+        f"{100 * median(rows['worker/floor']):.0f}% of the floor loop; floor loop {100 * median(rows['floor/bare']):.0f}% "
+        f"of the bare loop; transport alone {100 * median(rows['transport/bare']):.0f}%; CPU/message bare "
+        f"{median(cpu['bare']):.1f} µs, floor {median(cpu['floor']):.1f} µs, transport {median(cpu['transport']):.1f} µs, "
+        f"worker {median(cpu['worker']):.1f} µs",
         flush=True,
     )
 
@@ -311,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-qps", action="store_true")
+    parser.add_argument("--skip-rebalance", action="store_true")
     parser.add_argument("--only-qps", action="store_true", help="run only the QPS precision cases")
     args = parser.parse_args(args_in)
     server = KafkaServer()
@@ -323,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
         if not args.only_qps:
             throughput(server.url, redis_server.url, args.messages, args.rounds)
-            rebalance_cost(server.url, min(args.messages, 20_000))
+            if not args.skip_rebalance:
+                rebalance_cost(server.url, min(args.messages, 20_000))
         if not args.skip_qps:
             qps_table(lambda q, w: qps_precision(server.url, redis_server.url, q, w), (1, 4), 10.0)
     finally:

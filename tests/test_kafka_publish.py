@@ -168,3 +168,69 @@ def test_publish_with_reply_and_key_on_kafka(
 
 def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed once this returns: nothing listens there
+
+
+def test_an_unreachable_broker_is_one_line_not_librdkafkas_retries() -> None:
+    """librdkafka retries a refused connection every ~50 ms and logged each try (about 680
+    lines in 30 s); the CLI says the outcome in one line and exits 5, as on the other brokers."""
+    url = f"kafka://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "SLUICEWAY_BROKER": "kafka", "SLUICEWAY_BROKER_URL": url}
+    out = subprocess.run(
+        [sys.executable, "-m", "sluiceway", "publish", "-q", f"closed-{uuid.uuid4().hex[:6]}", '{"a": 1}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = out.stderr.splitlines()
+    assert out.returncode == 5, out.stderr
+    assert len(lines) == 1, f"{len(lines)} lines on stderr: {lines[:5]}"
+    assert lines[0].startswith(f"sluiceway publish: cannot reach kafka at {url}"), lines
+
+
+def test_a_healthy_publish_and_worker_log_nothing_from_the_client(kafka_url: str) -> None:
+    queue = f"quiet-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "SLUICEWAY_BROKER": "kafka", "SLUICEWAY_BROKER_URL": kafka_url}
+    out = subprocess.run(
+        [sys.executable, "-m", "sluiceway", "publish", "-q", queue, '{"a": 1}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_repeated_client_lines_are_folded() -> None:
+    import logging
+
+    now = [0.0]
+    fold = kc.FoldRepeats(window=60, clock=lambda: now[0])
+
+    def line(text: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            kc.CLIENT_LOGGER, logging.ERROR, "", 0, "%s [%s] %s", ("FAIL", "p#1", text), None
+        )
+
+    refused = "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused (after {}ms)"
+    passed = []
+    for i in range(600):  # 30 s of retries every 50 ms
+        now[0] = i * 0.05
+        r = line(refused.format(i % 3))
+        if fold.filter(r):
+            passed.append(r.getMessage())
+    assert len(passed) == 1
+    assert fold.filter(line("another error"))  # a different line is not folded into it
+    now[0] = 61.0
+    r = line(refused.format(7))
+    assert fold.filter(r)
+    assert "(and 599 more like it in the last 60 s)" in r.getMessage()

@@ -442,6 +442,11 @@ def _publish(args: argparse.Namespace, keys: c.Keys, url: str) -> int:
     from sluiceway.transports import registry
 
     messages = _read_messages(args.messages)
+    from sluiceway.transports import kafka_common
+
+    # librdkafka retries an unreachable broker every few ms and logs each try; the outcome is
+    # this command's one line (exit 5 below), so its client logs stay out of the terminal.
+    kafka_common.silence_client_logs()
     try:
         # Without --redis-url the broker comes from the environment, as for the SDK.
         pub = Publisher(args.redis_url) if args.redis_url else Publisher()

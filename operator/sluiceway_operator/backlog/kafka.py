@@ -53,14 +53,15 @@ class KafkaSource:
         self.group = kc.group(namespace, queue)
         self.partitions = partitions  # for creating the work topic; -1 = the broker's default
         self.bootstrap = kc.bootstrap(url)
-        self.admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 3})
+        kc.route_to_structlog()
+        self.admin = AdminClient(kc.admin_config(url))
         # Never subscribes: with the group's id it may read the group's committed offsets only.
         self.consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
                 "group.id": self.group,
                 "enable.auto.commit": False,
-                "log_level": 3,
+                **kc.client_logging(),
             }
         )
         self.partition_count: int | None = None
@@ -105,6 +106,7 @@ class KafkaSource:
         return out
 
     def backlog(self) -> Backlog:
+        self.admin.poll(0)  # serves the client's log lines (kafka_common.client_logger)
         if not self.ensured:
             self.ensure_topics()
         work = self.offsets(self.topic)

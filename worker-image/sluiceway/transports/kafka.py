@@ -53,6 +53,7 @@ outage_errors: tuple[type[BaseException], ...] = (KafkaException, KafkaOutageErr
 
 TP = tuple[str, int]
 POLL_TIMEOUT = 0.1  # the longest a rebalance callback or a pause waits for the poll thread
+PAUSE_AFTER = 0.5  # a buffer full this long pauses the partitions (see _poll_loop)
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
 CONSUME_MAX = 500  # records per consume() call, at most
@@ -98,8 +99,9 @@ class KafkaTransport:
         self.drain_seconds = drain_seconds
         self.buffer_limit = max(1, buffer)
         self.log = get_logger(queue=queue, worker=worker_id, broker="kafka")
+        kc.route_to_structlog()
         if create_topics:
-            admin = AdminClient({"bootstrap.servers": kc.bootstrap(url), "log_level": 3})
+            admin = AdminClient(kc.admin_config(url))
             kc.ensure_topics(admin, {self.topic: -1, self.retry_topic: -1, self.dead_topic: -1})
         self.producer = Producer(kc.producer_config(url, worker_id))
         self.consumer = Consumer(
@@ -233,18 +235,24 @@ class KafkaTransport:
             return Settled(error=f"kafka produce failed: {failures[0]}")
         gone = 0
         touched: set[TP] = set()
+        # _settled inlined: this loop runs once per record.
+        generation, out_of, tracks, by_key = self.generation, self.out, self.tracks, self.by_key
         with self.cond:
-            for token in (
+            for any_token in (
                 *outcomes.acks,
                 *(r.token for r in outcomes.retries),
                 *(d.token for d in outcomes.deads),
             ):
-                t = self._token(token)
-                if self._settled(t) is None:
+                token = any_token if type(any_token) is KafkaToken else self._token(any_token)
+                tp = (token[0], token[1])
+                by_offset = out_of.get(tp) if generation.get(tp) == token[3] else None
+                held = by_offset.pop(token[2], None) if by_offset is not None else None
+                if held is None:
                     gone += 1
                     continue
-                tp = (t.topic, t.partition)
-                self.tracks[tp].finish(t.offset)
+                if by_key:
+                    self._release_key(held.key)
+                tracks[tp].finish(token[2])
                 touched.add(tp)
             # The commit point once per partition and settle, not once per record.
             for tp in touched:
@@ -337,31 +345,55 @@ class KafkaTransport:
         # while the worker runs dry. Instead the thread takes whatever is queued without waiting,
         # and only when that was nothing blocks for the first record to arrive.
         had_records = False
-        # A full buffer pauses every partition until the worker has taken half of it. Pausing at
-        # full and resuming at the first free place would pause and resume on every fetch of a
-        # few records, and each pause drops what librdkafka prefetched, which the resume fetches
-        # again: a broker round trip per fetch, with the buffer running dry meanwhile.
+        # A full buffer is first waited out without consuming: librdkafka keeps prefetching
+        # behind it (its own queue is bounded by queued.max.messages.kbytes), and a worker that
+        # keeps up empties it within milliseconds. Only a buffer that stays full for PAUSE_AFTER
+        # (the worker is full of slow tasks, or the rate limit grants nothing) pauses every
+        # partition, so that consume() can go on serving rebalances without taking records,
+        # until the worker has taken half of it. Pausing at once, as before, paused and resumed
+        # every few hundred records at full speed, and each pause drops what librdkafka
+        # prefetched, which the resume fetches (and decodes) again: CPU and a broker round trip.
+        # A rebalance waits at most PAUSE_AFTER + POLL_TIMEOUT for its callback.
         holding = False
+        full_since = 0.0
         low = self.buffer_limit // 2
         while True:
+            consume_now = True
             with self.cond:
                 if self.closing:
                     return
                 self._release_due()
                 commits = self._take_commits()
                 n = len(self.buffer)
-                holding = n > low if holding else n >= self.buffer_limit
                 if holding:
-                    # Wait for the worker's fetches (they notify) instead of polling for nothing;
-                    # the consume below still runs every POLL_TIMEOUT, for rebalance callbacks.
-                    self.cond.wait(POLL_TIMEOUT)
-                    n = len(self.buffer)
+                    if n > low:
+                        # Wait for the worker's fetches (they notify) instead of polling for
+                        # nothing; consume() below still runs every POLL_TIMEOUT, for callbacks.
+                        self.cond.wait(POLL_TIMEOUT)
+                        n = len(self.buffer)
                     holding = n > low
+                elif n >= self.buffer_limit:
+                    now = time.monotonic()
+                    full_since = full_since or now
+                    if now - full_since >= PAUSE_AFTER:
+                        holding = True
+                    else:
+                        self.cond.wait(min(POLL_TIMEOUT, PAUSE_AFTER - (now - full_since)))
+                        n = len(self.buffer)
+                        consume_now = n < self.buffer_limit
+                if n < self.buffer_limit:
+                    full_since = 0.0
                 room = self.buffer_limit - n
             try:
                 if commits:
                     self.consumer.commit(offsets=commits, asynchronous=True)
+                # The producer's log lines (and delivery reports) are served only by a poll; the
+                # worker produces only retries and dead letters, so a broker outage would pile
+                # its reconnect logs up unseen.
+                self.producer.poll(0)
                 self._set_paused(holding)
+                if not consume_now:
+                    continue
                 if holding or had_records:
                     msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
                 else:
@@ -386,36 +418,49 @@ class KafkaTransport:
 
     def _take(self, msgs: list[Message]) -> None:
         now_ms = int(time.time() * 1000)
-        # The per-record path of every message: names bound locally, no call that can be spared.
+        # The per-record path of every message: names bound locally, no call that can be spared,
+        # and the partition's lookups (assignment, track, generation) made once per run of
+        # records from one partition, which is how consume() returns them.
         assigned, tracks, generation, retry_topic = (
             self.assigned,
             self.tracks,
             self.generation,
             self.retry_topic,
         )
+        partition_eof = KafkaError._PARTITION_EOF
+        run_key: tuple[str | None, int | None] = (None, None)
+        tp: TP = ("", -1)
+        track: PartitionTrack | None = None
+        gen = 0
+        retry = False
         with self.cond:
             append = self.buffer.append  # under the lock: a revoke replaces the buffer
             for m in msgs:
                 err = m.error()
                 if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
+                    if err.code() != partition_eof:
                         self.errors.append(str(err))
                     continue
                 topic, partition, offset = m.topic(), m.partition(), m.offset()
-                if topic is None or partition is None or offset is None:
-                    continue
-                tp = (topic, partition)
-                if tp not in assigned:
+                if (topic, partition) != run_key:
+                    run_key = (topic, partition)
+                    track = None
+                    if topic is not None and partition is not None and (topic, partition) in assigned:
+                        tp = (topic, partition)
+                        track = tracks.get(tp)
+                        if track is None and offset is not None:
+                            track = tracks[tp] = PartitionTrack(committed=offset)
+                        gen = generation[tp]
+                        retry = topic == retry_topic
+                if track is None or offset is None:
                     continue  # revoked while in flight to us
-                track = tracks.get(tp)
-                if track is None:
-                    track = tracks[tp] = PartitionTrack(committed=offset)
                 if track.holds(offset):
                     continue
                 track.start(offset)
-                token = KafkaToken(topic, partition, offset, generation[tp])
-                held = _Held(Delivery(m.value() or b"", token, key=m.key()), tp, offset)
-                if topic != retry_topic:
+                held = _Held(
+                    Delivery(m.value() or b"", KafkaToken(tp[0], tp[1], offset, gen), key=m.key()), tp, offset
+                )
+                if not retry:
                     append(held)
                     continue
                 due = kc.header(m.headers(), kc.HEADER_DUE_MS)
@@ -613,7 +658,7 @@ class KafkaSink:
     def _ensure(self, namespace: str, queue: str) -> None:
         if (namespace, queue) in self.ready:
             return
-        admin = AdminClient({"bootstrap.servers": kc.bootstrap(self.url), "log_level": 3})
+        admin = AdminClient(kc.admin_config(self.url))
         kc.ensure_topics(
             admin,
             {

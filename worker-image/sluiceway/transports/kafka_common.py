@@ -16,7 +16,9 @@ A TaskQueue ``<namespace>/<queue>`` on Kafka is three topics and one consumer gr
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -167,8 +169,12 @@ def consumer_config(url: str, group_id: str, client_id: str) -> dict[str, Any]:
         "max.poll.interval.ms": 300_000,
         "fetch.wait.max.ms": 100,
         "queued.max.messages.kbytes": 16384,
-        "log_level": 3,
+        **client_logging(),
     }
+
+
+def admin_config(url: str) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap(url), **client_logging()}
 
 
 def producer_config(url: str, client_id: str = "sluiceway") -> dict[str, Any]:
@@ -180,8 +186,90 @@ def producer_config(url: str, client_id: str = "sluiceway") -> dict[str, Any]:
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 2,
-        "log_level": 3,
+        **client_logging(),
     }
+
+
+# librdkafka's own log lines. Left to itself it prints every one to stderr, and a broker that is
+# down is retried (and logged) every 50 ms or so: about 680 lines in 30 s against a closed port.
+# They go instead through one Python logger, and a line that repeats (numbers aside) is folded:
+# the first one passes, the same one again within REPEAT_WINDOW seconds is counted and dropped,
+# and the next one that passes after that says how many were dropped.
+CLIENT_LOGGER: Final = "sluiceway.kafka.client"
+CLIENT_LOG_LEVEL: Final = 3  # librdkafka's syslog level: errors and worse (warnings are chatty)
+REPEAT_WINDOW: Final = 60.0
+_VARYING = re.compile(r"\d+")
+
+
+class FoldRepeats(logging.Filter):
+    """Passes a message the first time, and the same message (its digits aside: "after 0ms",
+    the client's instance number) at most once every ``window`` seconds, saying how many it
+    dropped in between."""
+
+    def __init__(self, window: float = REPEAT_WINDOW, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.seen: dict[str, tuple[float, int]] = {}  # key -> (when it last passed, dropped since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = _VARYING.sub("#", record.getMessage())
+        now = self.clock()
+        with self.lock:
+            last = self.seen.get(key)
+            if last is not None and now - last[0] < self.window:
+                self.seen[key] = (last[0], last[1] + 1)
+                return False
+            dropped = last[1] if last is not None else 0
+            self.seen[key] = (now, 0)
+            if len(self.seen) > 1000:  # bounded: the oldest keys go first
+                for old in sorted(self.seen, key=lambda k: self.seen[k][0])[:500]:
+                    del self.seen[old]
+        if dropped:
+            record.msg = f"{record.getMessage()} (and {dropped} more like it in the last {self.window:.0f} s)"
+            record.args = ()
+        return True
+
+
+def client_logger() -> logging.Logger:
+    """The logger every Kafka client of Sluiceway logs through (confluent-kafka's ``logger``),
+    with repeats folded. It propagates like any stdlib logger: in a user's program the program's
+    logging configuration decides (by default warnings and worse reach stderr); the worker and
+    the operator route it to their structured log (:func:`route_to_structlog`); the CLI silences
+    it, since it prints the one-line outcome itself."""
+    logger = logging.getLogger(CLIENT_LOGGER)
+    if not any(isinstance(f, FoldRepeats) for f in logger.filters):
+        logger.addFilter(FoldRepeats())
+    return logger
+
+
+def client_logging() -> dict[str, Any]:
+    """The configuration entries of every Kafka client (consumer, producer, admin) about logs."""
+    return {"log_level": CLIENT_LOG_LEVEL, "logger": client_logger()}
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from sluiceway.log import get_logger
+
+        try:
+            get_logger(broker="kafka").log(record.levelno, "kafka_client", detail=record.getMessage())
+        except Exception:  # a log line must never break the client's poll
+            self.handleError(record)
+
+
+def route_to_structlog() -> None:
+    """Send the client logger's lines to the process's structured log (worker, operator), once."""
+    logger = client_logger()
+    if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+        logger.addHandler(_ToStructlog())
+        logger.propagate = False
+
+
+def silence_client_logs() -> None:
+    """The CLI says the outcome in one line; librdkafka's retries would only bury it."""
+    client_logger().setLevel(logging.CRITICAL + 1)
 
 
 def due_header(delay: float, now: float | None = None) -> tuple[str, bytes]:

@@ -30,6 +30,8 @@ class PartitionTrack:
     def holds(self, offset: int) -> bool:
         """True when a fetched ``offset`` must not run again here: it is running, or it finished
         (committed or not). Only records given back, and records never handed out, run."""
+        if offset >= self.next_offset:
+            return False  # the common case, a new record: every held offset is below next_offset
         if offset in self._returned:
             return False
         return offset in self._open or offset in self._done or offset < self.committed
