@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import Any
 
 from sluiceway import wiring
@@ -10,8 +14,9 @@ from sluiceway.log import configure, get_logger
 from sluiceway.metrics import serve
 from sluiceway.results_redis import ResultWriter
 from sluiceway.settings import SettingsError, from_env
-from sluiceway.transports.base import BrokerUnavailableError
-from sluiceway.worker import ExitCode, Worker, load_function
+from sluiceway.transports import registry
+from sluiceway.transports.base import BrokerUnavailableError, WorkerSide
+from sluiceway.worker import ExitCode, Worker, load_function, outage_backoff
 
 
 def run_worker(overrides: dict[str, Any]) -> int:
@@ -28,10 +33,12 @@ def run_worker(overrides: dict[str, Any]) -> int:
         log.error("cannot load the task function", function=settings.function, error=str(exc))
         return ExitCode.IMPORT
     try:
-        side = wiring.worker_side(settings, settings.effective_worker_id)
+        side = _open_side(settings, log)
     except BrokerUnavailableError as exc:
         log.error("broker not available", broker=settings.broker, error=str(exc))
         return ExitCode.USAGE
+    if side is None:
+        return ExitCode.OK
     try:
         worker = Worker(
             settings,
@@ -59,3 +66,54 @@ def run_worker(overrides: dict[str, Any]) -> int:
         return int(worker.run())
     finally:
         side.close()
+
+
+def _open_side(settings: Any, log: Any) -> WorkerSide | None:
+    """The worker's side, once its broker answers; ``None`` if a stop signal came first.
+
+    A pod may start while its broker is down or still starting (a RabbitMQ node restarting, a
+    Kafka broker electing its coordinator). That is an outage, retried here with the back-off the
+    running worker uses, not a crash: a crash would put the pod in CrashLoopBackOff, whose delay
+    grows to minutes after the broker is back. A wrong scheme or a missing client library is not
+    an outage and still fails at once (:class:`BrokerUnavailableError`)."""
+    mod = registry.module(settings.broker)
+    outages = (*getattr(mod, "outage_errors", ()), *registry.module("redis").outage_errors)
+    stopping = threading.Event()
+    restore: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore[sig] = signal.signal(sig, on_signal)
+    try:
+        failures = 0
+        while True:
+            try:
+                side = wiring.worker_side(settings, settings.effective_worker_id)
+            except outages as exc:
+                failures += 1
+                delay = outage_backoff(failures, draw=random.random())
+                log.warning(
+                    "broker unreachable at start; retrying",
+                    broker=settings.broker,
+                    error=f"{type(exc).__name__}: {exc}",
+                    attempt=failures,
+                    retry_in=round(delay, 2),
+                )
+                if stopping.wait(delay):
+                    log.info("stopped before the broker answered", broker=settings.broker, attempts=failures)
+                    return None
+                continue
+            if stopping.is_set():
+                side.close()
+                return None
+            if failures:
+                log.info(
+                    "the broker is reachable; starting", broker=settings.broker, failed_attempts=failures
+                )
+            return side
+    finally:
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
