@@ -14,7 +14,7 @@ from tests.support.rabbitmq_server import RabbitMQServer
 from tests.support.redis_server import free_port
 from tests.support.workers import FAST, SpawnWorker, counts, wait_for
 
-RETRYING = "broker unreachable at start; retrying"
+RETRYING = "broker or Redis unreachable at start; retrying"
 
 
 def test_a_worker_started_during_a_rabbitmq_outage_waits_then_runs_its_messages(

@@ -96,7 +96,7 @@ def _open_side(settings: Any, log: Any) -> WorkerSide | None:
                 failures += 1
                 delay = outage_backoff(failures, draw=random.random())
                 log.warning(
-                    "broker unreachable at start; retrying",
+                    "broker or Redis unreachable at start; retrying",
                     broker=settings.broker,
                     error=f"{type(exc).__name__}: {exc}",
                     attempt=failures,
