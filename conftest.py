@@ -52,10 +52,9 @@ TIMING_SENSITIVE = (
     "e2e/test_e2e_faults.py::",
     "e2e/test_e2e_kafka.py::",
     "e2e/test_e2e_rabbitmq.py::",
-    # Each demo run starts a control plane of its own under a 90 s readiness deadline; beside
-    # another worker's cluster on a loaded machine the apiserver missed it (measured).
-    "e2e/test_e2e_demo.py::",
-    "e2e/test_e2e_demo_brokers.py::",
+    # Not the demo runs (e2e/test_e2e_demo*.py): they assert no QPS window, no latency-sized
+    # ceiling and no latency bound, only that the run drains, returns to zero and leaves nothing
+    # behind, so they run in phase 2 (docs/development.md, "CI time").
 )
 
 
