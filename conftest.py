@@ -49,14 +49,21 @@ TIMING_SENSITIVE = (
     # Every e2e burst asserts the fleet's worst 1-second window against start_bound(), and its
     # peak replicas against the latency-sized ceiling.
     "e2e/test_e2e_burst.py::",
-    "e2e/test_e2e_faults.py::",
+    "e2e/test_e2e_faults.py::test_worker_killed_with_sigkill_mid_burst_loses_nothing",
+    "e2e/test_e2e_faults.py::test_operator_restart_mid_burst_duplicates_nothing",
+    "e2e/test_e2e_faults.py::test_redis_restart_mid_burst_workers_and_operator_recover",
     "e2e/test_e2e_kafka.py::",
     "e2e/test_e2e_rabbitmq.py::",
-    # Each demo run starts a control plane of its own under a 90 s readiness deadline; beside
-    # another worker's cluster on a loaded machine the apiserver missed it (measured).
-    "e2e/test_e2e_demo.py::",
-    "e2e/test_e2e_demo_brokers.py::",
+    # Not listed, so in phase 2: the faults module's bad-manifest, poison-message and
+    # pod-deleted-while-down tests. They assert no QPS window, no ceiling and no latency bound.
 )
+
+# The cluster demo's own runs (`make demo`, DEMO_RUNS, marked `demo`) assert no QPS window, ceiling
+# or latency either, but each starts a control plane of its own under a 90 s readiness deadline,
+# which the apiserver missed beside phase 2's clusters on a loaded machine (measured twice). They
+# run in a phase of their own on the xdist workers, beside each other only: no session cluster
+# starts there and no timing test runs beside them.
+DEMO_RUNS = ("e2e/test_e2e_demo.py::", "e2e/test_e2e_demo_brokers.py::")
 
 
 def _is_timing_sensitive(nodeid: str) -> bool:
@@ -105,6 +112,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _is_timing_sensitive(item.nodeid):
             item.add_marker(pytest.mark.timing)
+        if item.nodeid.startswith(DEMO_RUNS):
+            item.add_marker(pytest.mark.demo)
         item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
 
 

@@ -26,7 +26,13 @@ from support import ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "e2e"), str(ROOT)])}
+# Without COLUMNS and LINES: pytest-xdist sets them (80 x 24) in its workers, and the demo's
+# console would then wrap its lines at 80 columns whatever the terminal's width, splitting the
+# "run dir" line the tests read (what failed the demo tests on xdist workers).
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "e2e"), str(ROOT)]),
+}
 DEMO = [sys.executable, "-m", "clusterdemo"]
 
 

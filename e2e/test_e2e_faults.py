@@ -46,11 +46,15 @@ from support import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
-QPS = 150
+# The ceiling is sized on the latency the pods measure, and the peak is asserted against the
+# ceiling at the nominal TASK_SECONDS, so the nominal figure sits mid-way in its pod interval: at
+# 120 QPS, 2 pods up to 75.8 ms. At 150 QPS the boundary was 60.6 ms, and a loaded machine
+# measured 61 ms for 50 ms tasks for seconds on end, which by the formula is rightly 3 pods.
+QPS = 120
 PER_POD = 5
 TASK_SECONDS = 0.05
-MESSAGES = 1500  # 10 s at the limit
-CEILING = qps_ceiling(QPS, latency=TASK_SECONDS, per_pod=PER_POD, headroom=0.1)  # 1.65 -> 2 pods
+MESSAGES = 1500  # 12.5 s at the limit
+CEILING = qps_ceiling(QPS, latency=TASK_SECONDS, per_pod=PER_POD, headroom=0.1)  # 1.32 -> 2 pods
 
 
 @dataclass

@@ -4,7 +4,9 @@
 #   1. tests/ on TEST_WORKERS xdist workers, while the Go builds that only e2e/ needs (control
 #      plane, Helm, Argo CD; cached after the first run) run in the background;
 #   2. e2e/ on TEST_WORKERS workers, once those builds are done;
-#   3. the timing-sensitive tests (conftest.py TIMING_SENSITIVE: QPS windows, latency bounds) alone,
+#   3. the demo runs (conftest.py DEMO_RUNS: each starts a control plane of its own) on
+#      TEST_WORKERS workers, beside each other only;
+#   4. the timing-sensitive tests (conftest.py TIMING_SENSITIVE: QPS windows, latency bounds) alone,
 #      one at a time, so nothing heavy runs beside them.
 #
 # Each xdist group (a module, or all of one broker's tests) stays on one worker; see conftest.py.
@@ -45,7 +47,7 @@ phase() {
   summary+=("$(printf '%-40s %5d s  exit %d' "$name" $((SECONDS - t0)) $rc)")
 }
 
-phase "1 tests/ (parallel)" tests -n "$WORKERS" --dist loadgroup -m "not timing"
+phase "1 tests/ (parallel)" tests -n "$WORKERS" --dist loadgroup -m "not timing and not demo"
 
 t0=$SECONDS
 if ! wait "$bins"; then
@@ -57,8 +59,9 @@ trap - INT TERM
 cat "$bins_log"
 summary+=("$(printf '%-40s %5d s' "waiting for the Go builds" $((SECONDS - t0)))")
 
-phase "2 e2e/ (parallel)" e2e -n "$WORKERS" --dist loadgroup -m "not timing"
-phase "3 timing-sensitive (serial)" tests e2e -m timing
+phase "2 e2e/ (parallel)" e2e -n "$WORKERS" --dist loadgroup -m "not timing and not demo"
+phase "3 demo runs (parallel)" e2e -n "$WORKERS" --dist loadgroup -m demo
+phase "4 timing-sensitive (serial)" tests e2e -m timing
 
 echo "[test] phases:"
 printf '  %s\n' "${summary[@]}"

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sluiceway.contract import Heartbeat
 from sluiceway_operator.scaling import (
+    LATENCY_WARMUP_SECONDS,
     Decision,
     LatencySource,
     Observation,
@@ -117,6 +118,41 @@ def test_stale_workers_do_not_count_for_latency() -> None:
     stale = worker("old", busy=8, live=False, latency=100.0, rate=1.0)
     d = decide(obs(backlog=100, workers=(stale,), current=1), POLICY, ScalingState())
     assert d.latency_source is LatencySource.ASSUMED
+
+
+def test_a_young_worker_s_latency_does_not_move_the_qps_ceiling() -> None:
+    """The e2e faults flake (replicas 0 -> 2 -> 3 -> 2): 50 ms tasks at 150 QPS, 5 per pod, read
+    60.6 ms (rounded) from pods about 80 tasks into the burst, and the ceiling went from 2 pods to
+    3, a pod the limit could not use. A worker's latency counts once it has run
+    ``LATENCY_WARMUP_SECONDS``; until then the fleet is sized as before any measurement, and the
+    same figure from warmed-up workers still moves the ceiling."""
+    policy = replace(
+        POLICY, qps=150, per_pod=5, assumed_task_seconds=0.05, max_replicas=6, target_drain_seconds=5
+    )
+    assert qps_ceiling(150, latency=0.061, per_pod=5, headroom=policy.qps_headroom) == 3
+
+    def fleet(uptime: float) -> tuple[WorkerSample, ...]:
+        return tuple(
+            replace(worker(f"w{i}", busy=5, concurrency=5, rate=75.0, latency=0.061), uptime=uptime)
+            for i in range(2)
+        )
+
+    young = decide(obs(backlog=1417, in_flight=10, workers=fleet(2.0), current=2), policy, ScalingState())
+    assert (young.latency_source, young.ceiling, young.desired) == (LatencySource.ASSUMED, 2, 2)
+    warm = decide(
+        obs(backlog=1417, in_flight=10, workers=fleet(LATENCY_WARMUP_SECONDS), current=2),
+        policy,
+        ScalingState(),
+    )
+    assert (warm.latency_source, warm.ceiling, warm.desired) == (LatencySource.MEASURED, 3, 3)
+
+
+def test_a_rollout_s_young_pods_are_sized_on_the_remembered_latency() -> None:
+    policy = replace(POLICY, workload="img f")
+    state = ScalingState(measured=("img f", 0.2))
+    young = tuple(replace(w, uptime=1.0) for w in busy_fleet(2, latency=0.9))
+    d = decide(obs(backlog=100, workers=young, current=2), policy, state)
+    assert (d.latency_source, d.latency_seconds) == (LatencySource.REMEMBERED, 0.2)
 
 
 # --- One test per rule ------------------------------------------------------------------------------
@@ -422,6 +458,11 @@ def test_worker_is_live_within_missed_heartbeats_of_its_own_interval() -> None:
     assert worker_sample(heartbeat(), now=106.0, missed_heartbeats=3).live
     assert not worker_sample(heartbeat(), now=106.1, missed_heartbeats=3).live
     assert worker_sample(heartbeat(interval=10.0), now=129.0, missed_heartbeats=3).live
+
+
+def test_a_worker_s_uptime_is_taken_at_its_heartbeat() -> None:
+    assert worker_sample(heartbeat(started=97.5), now=101.0, missed_heartbeats=3).uptime == 2.5
+    assert worker_sample(heartbeat(started=101.0), now=101.0, missed_heartbeats=3).uptime == 0.0
 
 
 def test_draining_worker_is_not_capacity() -> None:
