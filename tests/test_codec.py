@@ -46,6 +46,28 @@ def test_plain_kwargs_object_is_a_valid_message(kwargs: dict[str, Any]) -> None:
     assert msg.meta == codec.Meta()
 
 
+@given(
+    kwargs_st,
+    st.booleans(),
+    st.sampled_from(["", " ", "\n", "\t "]),
+    st.sampled_from(["", " ", "\r\n", " x", "}", "{}", ","]),
+)
+def test_decoding_agrees_with_json_whatever_surrounds_the_object(
+    kwargs: dict[str, Any], ascii_only: bool, before: str, after: str
+) -> None:
+    """The decoder scans a bare object itself and leaves everything else to json's decode();
+    either way the value, or the error's words, are json's."""
+    text = before + json.dumps(kwargs, ensure_ascii=ascii_only) + after
+    try:
+        expected = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(codec.DecodeError) as info:
+            codec.decode(text.encode())
+        assert (info.value.reason, info.value.detail) == ("invalid_json", str(exc))
+    else:
+        assert codec.decode(text.encode()).kwargs == expected
+
+
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_decode_or_fail_with_a_reason(raw: bytes) -> None:
     try:

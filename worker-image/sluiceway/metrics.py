@@ -44,6 +44,9 @@ class _Histogram:
         return fam
 
 
+_OK = ("ok", "")  # the (outcome, reason) of a message that succeeded
+
+
 class WorkerMetrics:
     def __init__(self, taskqueue: str, queue: str) -> None:
         self.labels = {"taskqueue": taskqueue, "queue": queue}
@@ -61,6 +64,13 @@ class WorkerMetrics:
         self.outcomes[(outcome, reason)] += 1
         if duration is not None:
             self.duration.observe(duration)
+
+    def observe_ok(self, duration: float) -> None:
+        """``observe(duration, "ok")`` in one call: it runs for nearly every message."""
+        self.outcomes[_OK] += 1
+        d = self.duration
+        d.counts[bisect.bisect_left(d.bounds, duration)] += 1
+        d.total += duration
 
     def set_state(self, *, busy: int, in_flight: int) -> None:
         self.busy = busy
