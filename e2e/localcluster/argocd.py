@@ -325,6 +325,10 @@ class GitOps:
             "ARGOCD_PLUGINSOCKFILEPATH": str(data / "plugins"),
             "TMPDIR": str(data / "tmp"),
             "HOSTNAME": "sluiceway-test-controller",
+            # The repo-server's git credential socket is one fixed path in /tmp by default, so two
+            # runs on one machine (two test sessions, or a run beside a developer's) take it from
+            # each other. A socket path must stay under 108 bytes; the run dir may be deeper.
+            "ARGOCD_ASK_PASS_SOCK": _short_socket_path(data / "ask-pass.sock"),
         }
         if self.helm is not None:
             env["PATH"] = f"{self.helm.parent}{os.pathsep}{env.get('PATH', '')}"
@@ -495,3 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _short_socket_path(wanted: Path) -> str:
+    """``wanted``, or a fresh path in the temporary directory if ``wanted`` is too long for a
+    Unix socket (108 bytes with its terminator on Linux)."""
+    if len(os.fsencode(wanted)) < 100:
+        return str(wanted)
+    return str(Path(tempfile.mkdtemp(prefix="sluiceway-argocd-")) / "ask-pass.sock")
