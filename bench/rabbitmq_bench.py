@@ -22,7 +22,7 @@ from pathlib import Path
 import pika
 import redis
 
-from sluiceway.ratelimit import max_in_window
+from bench import report
 from sluiceway.transports.rabbitmq import RabbitMQSink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,11 +197,8 @@ def qps_precision(
             p.terminate()
         for p in procs:
             p.wait()
-    starts = sorted(float(x) for x in client.lrange("bench:starts", 0, -1))
-    t0 = starts[0] + 1.0  # skip the first second: workers are still starting
-    window = [s for s in starts if t0 <= s < t0 + seconds]
     # Leftover messages are not purged by the benchmark: each run uses a fresh queue.
-    return len(window) / seconds / qps, max_in_window(window, 1.0)
+    return report.window_figures([float(x) for x in client.lrange("bench:starts", 0, -1)], qps, seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,16 +251,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"(the loop's msg/s per CPU: {bare[1] / cpu:.1%})"
                 )
         if not args.skip_qps:
-            print(
-                f"QPS precision over {args.qps_seconds:.0f} s (achieved/target, worst 1-s window vs target):"
+            report.qps_table(
+                lambda qps, fleet: qps_precision(rds.url, url, f"q{next(seq)}", qps, fleet, args.qps_seconds),
+                (1, 4, 8),
+                args.qps_seconds,
+                [int(x) for x in args.qps_rates.split(",")],
             )
-            for qps in (int(x) for x in args.qps_rates.split(",")):
-                for fleet in (1, 4, 8):
-                    ratio, worst = qps_precision(rds.url, url, f"q{next(seq)}", qps, fleet, args.qps_seconds)
-                    print(
-                        f"  qps {qps:>4} x {fleet} workers: achieved {ratio:.4f}, worst window {worst} ({worst / qps:.3f})",
-                        flush=True,
-                    )
     finally:
         rds.close()
         rabbit.close()

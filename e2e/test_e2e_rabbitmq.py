@@ -115,8 +115,9 @@ def test_rabbitmq_burst_wakes_from_zero_drains_under_qps_survives_a_kill_and_ret
     assert f.lost == 0 and f.dead == 0 and f.processed == MESSAGES, f.line()
     assert f.worst_window <= start_bound(QPS), f.line()
     assert _ready(rabbitmq_url, "rburst") == 0
-    # Only what the killed process held can run twice: under a QPS limit it holds only started
-    # tasks (it basic_gets what its slots allow), at most its concurrency.
+    # Only what the killed process held can run twice: under a QPS limit it holds only messages
+    # it has slots for (it takes slots first, then consumes with a prefetch of exactly that
+    # many, or basic_gets one or two), each soon to start, at most its concurrency.
     assert f.duplicates <= PER_POD, f.line()
     assert drained >= MESSAGES / QPS * 0.9  # the limit held the fleet back
     c.kubectl("delete", "taskqueue", "rburst", "-n", ns, "--wait=false")

@@ -61,6 +61,37 @@ def test_redeliveries_from_headers() -> None:
     assert topo.redeliveries({"x-delivery-count": True}, False) == 0
 
 
+def test_the_pika_internals_the_transport_uses_are_still_there() -> None:
+    """The transport cancels its consumers with its own basic.cancel (pika's would requeue the
+    deliveries that race the cancel, each a counted redelivery on a quorum queue): it sends it
+    with ``Channel._rpc`` and forgets the consumer with ``_cleanup_consumer_ref``, and relies on
+    pika still handing a consumer's deliveries to its callback until then. None of that is
+    pika's public API: this fails loudly if a pika release moves it."""
+    import inspect
+    import types
+
+    import pika.callback
+    import pika.frame
+    from pika.channel import Channel
+
+    assert list(inspect.signature(Channel._rpc).parameters)[:4] == [
+        "self",
+        "method",
+        "callback",
+        "acceptable_replies",
+    ]
+    assert list(inspect.signature(Channel._cleanup_consumer_ref).parameters) == ["self", "consumer_tag"]
+    ch = Channel(types.SimpleNamespace(callbacks=pika.callback.CallbackManager()), 1, lambda _ch: None)
+    got: list[bytes] = []
+    ch._consumers["c1"] = lambda _ch, _method, _props, body: got.append(body)
+    deliver = pika.frame.Method(1, pika.spec.Basic.Deliver(consumer_tag="c1", delivery_tag=7))
+    header = pika.frame.Header(1, 4, pika.spec.BasicProperties())
+    ch._on_deliver(deliver, header, b"kept")  # sent a cancel, no CancelOk yet: still ours
+    assert got == [b"kept"]
+    ch._cleanup_consumer_ref("c1")
+    assert "c1" not in ch._consumers and "c1" not in ch._cancelled
+
+
 def test_queue_type_is_checked_by_name() -> None:
     with pytest.raises(ValueError, match="queue type 'stream'"):
         topo.work_arguments("q", "stream")

@@ -1,10 +1,14 @@
 """The RabbitMQ transport (pika): durable queues, manual acks after success, retries that wait in
 the broker, a dead-letter queue with reasons, reconnects, and a publisher with confirms.
 
-One I/O thread owns the connection (pika's ``BlockingConnection`` is not thread-safe, and a
-connection whose loop stops turning misses heartbeats and is dropped by the broker). The worker's
-threads talk to it through commands run by ``add_callback_threadsafe``; deliveries arrive in a
-local buffer the worker's ``fetch`` reads.
+Whoever holds ``io_lock`` drives the connection (pika's ``BlockingConnection`` is not
+thread-safe): the worker thread that fetches turns pika's loop itself, so the deliveries it takes
+are parsed in that thread and its acks are written there, with no hand-over to an I/O thread
+(on one core under the GIL, each hand-over cost more than the message). A keeper thread turns
+the loop only when no other thread has for :data:`KEEP_IDLE` (every task long, or the worker
+idle): a connection whose loop stops turning misses heartbeats and is dropped by the broker, and
+a consumer cancelled by the broker, a dropped connection, unflushed acks and stale buffered
+deliveries must be seen during a long task too. The keeper also reconnects, with back-off.
 
 How many messages a worker holds:
 
@@ -49,13 +53,12 @@ import bisect
 import contextlib
 import json
 import logging
-import queue as queue_mod
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pika
@@ -78,6 +81,10 @@ MAX_PREFETCH: Final = 65535
 # per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
 GET_AT_MOST: Final = 2
 IN_FLIGHT_SECONDS: Final = 0.2
+# The keeper turns the connection's loop once no other thread has for this long; a thread that
+# waits for the broker turns it in slices of WAIT_SLICE (async deliveries do not end a turn).
+KEEP_IDLE: Final = 0.02
+WAIT_SLICE: Final = 0.002
 MAX_IN_FLIGHT_AHEAD: Final = 2000
 
 
@@ -97,14 +104,6 @@ def connection_parameters(url: str) -> pika.URLParameters:
     params.connection_attempts = 1
     params.blocked_connection_timeout = params.blocked_connection_timeout or 30.0
     return params
-
-
-@dataclass(slots=True)
-class _Command:
-    run: Callable[[], Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
 
 
 @dataclass(slots=True)
@@ -167,7 +166,6 @@ class RabbitMQTransport:
         self.channel_closed: BaseException | None = None  # why the broker closed self.ch
         self.cancelled = threading.Event()  # set by the broker's CancelOk of the last cancel
         self.cond = threading.Condition()
-        self.waiting = False  # a fetch waits on cond for deliveries
         self.buffer: deque[_Buffered] = deque()
         self.handed: dict[int, _Buffered] = {}  # handed to the worker, unsettled
         self.taken: dict[int, _Buffered] = {}  # scratch for settle, under cond
@@ -175,7 +173,11 @@ class RabbitMQTransport:
         # are dropped lazily from its left), for one multiple-ack; I/O thread only.
         self.unacked: set[int] = set()
         self.order: deque[int] = deque()
-        self.commands: queue_mod.SimpleQueue[_Command] = queue_mod.SimpleQueue()
+        # Whoever holds io_lock drives the connection: the thread that fetches or settles, or the
+        # keeper when none has for KEEP_IDLE. broken: a holder saw the connection fail.
+        self.io_lock = threading.Lock()
+        self.broken = False
+        self.last_driven = 0.0
         self.closing = threading.Event()
         self.connected = threading.Event()
         self.last_error = ""
@@ -206,22 +208,28 @@ class RabbitMQTransport:
                 return got
             return self._fetch_exactly(min(max_count, MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
-        deadline = time.monotonic() + timeout
-        with self.cond:
+        self._check_connected()
+        # The fetching thread reads the connection itself (see the module doc): the deliveries
+        # it takes are parsed here, with no other thread to wake. Another holder of the lock
+        # (a hand-back publishing, the keeper's poll) is waited for at most the fetch's timeout.
+        if not self.io_lock.acquire(timeout=timeout):
+            return []
+        try:
+            deadline = time.monotonic() + timeout
+            self._drive()  # flushes the acks written since, and reads what has arrived
             while not self.buffer:
-                if not self.connected.is_set():
-                    raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                self.waiting = True
-                try:
-                    self.cond.wait(left)
-                finally:
-                    self.waiting = False
-            out = self._hand(max_count)
-            self.handed_total += len(out)
-            return out
+                self._drive(min(left, WAIT_SLICE))
+            if self.buffer[0].at < time.monotonic() - BUFFER_MAX_AGE:
+                self._run(self._expire_buffer)
+            with self.cond:
+                out = self._hand(max_count)
+        finally:
+            self.io_lock.release()
+        self.handed_total += len(out)
+        return out
 
     def _hand(self, max_count: int) -> list[Delivery]:
         """Move up to ``max_count`` buffered deliveries to ``handed``; under ``cond``."""
@@ -239,26 +247,26 @@ class RabbitMQTransport:
         ``count`` deliveries came or ``timeout`` passed, cancelled before this returns. Every
         delivery that came before the broker confirmed the cancel is returned: at most ``count``,
         since the broker sends a consumer no more than its prefetch."""
-        self._call(lambda: self._subscribe(count))
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while len(self.buffer) < count and self.connected.is_set():
+        self._check_connected()
+        if not self.io_lock.acquire(timeout=COMMAND_TIMEOUT):
+            raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
+        try:
+            self._run(lambda: self._subscribe(count))
+            deadline = time.monotonic() + timeout
+            while len(self.buffer) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self.waiting = True
-                try:
-                    self.cond.wait(left)
-                finally:
-                    self.waiting = False
-        self.cancelled.clear()
-        self._call(self._cancel)
-        if not self.cancelled.wait(COMMAND_TIMEOUT):
-            raise RabbitMQUnavailableError(f"RabbitMQ did not confirm a cancel within {COMMAND_TIMEOUT} s")
-        if not self.connected.is_set():
-            raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
-        with self.cond:
-            return self._hand(count)
+                self._drive(min(left, WAIT_SLICE))
+            self._run(self._cancel)
+            if not self._run(lambda: self._wait_cancelled(COMMAND_TIMEOUT)):
+                raise RabbitMQUnavailableError(
+                    f"RabbitMQ did not confirm a cancel within {COMMAND_TIMEOUT} s"
+                )
+            with self.cond:
+                return self._hand(count)
+        finally:
+            self.io_lock.release()
 
     def settle(self, outcomes: Outcomes) -> Settled:
         """Acks go out without waiting for the I/O thread (a lost ack only means a redelivery,
@@ -295,7 +303,8 @@ class RabbitMQTransport:
             self._call(lambda: self._settle_publishing(gen, acks, retries, deads))
         elif acks:
             try:
-                self._submit(lambda: self._ack(gen, acks))
+                # Written, not flushed: the next fetch (or the keeper, soon) sends it.
+                self._call(lambda: self._ack(gen, acks), flush=False)
             except RabbitMQUnavailableError:
                 gone += len(acks)  # the channel is gone: the broker redelivers them
         return Settled(gone=gone)
@@ -340,104 +349,131 @@ class RabbitMQTransport:
             # Stop the consumer first, so nothing new arrives; then unstarted buffered
             # deliveries go back now, not when the connection closes.
             with contextlib.suppress(RabbitMQUnavailableError):
-                self.cancelled.clear()
                 self._call(self._cancel)
-                self.cancelled.wait(5.0)
+                self._call(lambda: self._wait_cancelled(5.0))
             with self.cond:
                 pending = [(self.generation, b.tag) for b in self.buffer]
             if pending:
                 with contextlib.suppress(RabbitMQUnavailableError):
                     self._call(lambda: self._return(pending, counted=False))
         self.closing.set()
-        conn = self.conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.add_callback_threadsafe(lambda: None)
         self.thread.join(15)
 
-    # --- commands ---------------------------------------------------------------------------------
+    # --- driving the connection (whoever holds io_lock) -------------------------------------------
 
-    def _submit(self, fn: Callable[[], Any]) -> _Command:
-        """Queue ``fn`` for the I/O thread; raises if there is no connection to run it on."""
-        conn = self.conn
-        if conn is None or not self.connected.is_set():
+    def _check_connected(self) -> None:
+        if self.conn is None or not self.connected.is_set():
             raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {self.last_error}")
-        cmd = _Command(fn)
-        self.commands.put(cmd)
-        try:
-            conn.add_callback_threadsafe(self._run_commands)
-        except Exception as exc:
-            raise RabbitMQUnavailableError(f"RabbitMQ connection lost: {exc}") from exc
-        return cmd
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        cmd = self._submit(fn)
-        if not cmd.done.wait(COMMAND_TIMEOUT):
+    def _call(self, fn: Callable[[], Any], *, flush: bool = True) -> Any:
+        """Run ``fn`` on the connection in this thread, under ``io_lock``."""
+        self._check_connected()
+        if not self.io_lock.acquire(timeout=COMMAND_TIMEOUT):
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
-        if cmd.error is not None:
-            if isinstance(cmd.error, RabbitMQUnavailableError | pika.exceptions.AMQPError):
-                raise RabbitMQUnavailableError(f"RabbitMQ: {cmd.error!r}") from cmd.error
-            raise cmd.error
-        return cmd.result
+        try:
+            return self._run(fn, flush=flush)
+        finally:
+            self.io_lock.release()
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue_mod.Empty:
-                return
-            try:
-                cmd.result = cmd.run()
-            except BaseException as exc:
-                cmd.error = exc
-                cmd.done.set()
-                if isinstance(exc, pika.exceptions.AMQPError):
-                    raise  # the loop reconnects; later commands fail there
-                continue
-            cmd.done.set()
+    def _run(self, fn: Callable[[], Any], *, flush: bool = True) -> Any:
+        """Under ``io_lock``: ``fn``, then one turn of the loop that sends what it wrote. A
+        failure of the connection marks it broken (the keeper reconnects) and is raised as
+        :class:`RabbitMQUnavailableError`."""
+        self._check_connected()
+        try:
+            result = fn()
+            if flush:
+                self._turn(0.0)
+        except (RabbitMQUnavailableError, pika.exceptions.AMQPError) as exc:
+            # A refusal about these deliveries (their connection is gone) is not a failure of
+            # this one; an AMQP error or a closed channel or connection is.
+            if isinstance(exc, pika.exceptions.AMQPError) or not self._healthy():
+                self._broke(exc)
+            raise RabbitMQUnavailableError(f"RabbitMQ: {exc!r}") from exc
+        return result
 
-    def _fail_commands(self, why: str) -> None:
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue_mod.Empty:
-                return
-            cmd.error = RabbitMQUnavailableError(why)
-            cmd.done.set()
+    def _healthy(self) -> bool:
+        conn, ch = self.conn, self.ch
+        return (
+            self.channel_closed is None
+            and conn is not None
+            and conn.is_open
+            and ch is not None
+            and ch.is_open
+        )
 
-    # --- the I/O thread ---------------------------------------------------------------------------
+    def _drive(self, time_limit: float = 0.0) -> None:
+        """Under ``io_lock``: read and write for up to ``time_limit`` (0: what is there now)."""
+        self._check_connected()
+        try:
+            self._turn(time_limit)
+        except (RabbitMQUnavailableError, pika.exceptions.AMQPError) as exc:
+            self._broke(exc)
+            raise RabbitMQUnavailableError(f"RabbitMQ: {exc!r}") from exc
+
+    def _turn(self, time_limit: float) -> None:
+        assert self.conn is not None
+        self.conn.process_data_events(time_limit=time_limit)
+        self.last_driven = time.monotonic()
+        if self.channel_closed is not None:
+            raise RabbitMQUnavailableError(f"the consuming channel closed: {self.channel_closed}")
+
+    def _broke(self, exc: BaseException) -> None:
+        if not self.broken:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        self.broken = True
+        self.connected.clear()  # the keeper reconnects; until then calls fail fast
+
+    def _wait_cancelled(self, limit: float) -> bool:
+        """Under ``io_lock``: turn the loop until the broker confirmed the last cancel."""
+        end = time.monotonic() + limit
+        while not self.cancelled.is_set():
+            if time.monotonic() > end:
+                return False
+            self._turn(WAIT_SLICE)
+        return True
+
+    # --- the keeper thread ------------------------------------------------------------------------
 
     def _io_main(self) -> None:
         failures = 0
         while not self.closing.is_set():
             try:
-                self._connect()
+                with self.io_lock:
+                    self._connect()
                 failures = 0
-                while not self.closing.is_set():
-                    assert self.conn is not None
-                    self.conn.process_data_events(time_limit=0.05)
-                    if self.channel_closed is not None:
-                        raise RabbitMQUnavailableError(f"the consuming channel closed: {self.channel_closed}")
-                    # A command queued while the connection was changing has no callback of its
-                    # own to run it: run it here rather than let its caller time out.
-                    if not self.commands.empty():
-                        self._run_commands()
-                    self._expire_buffer()
+                self._keep()
             except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                if not self.broken:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
                 if not self.closing.is_set():
                     log.warning("RabbitMQ connection dropped; reconnecting: %s", self.last_error)
             finally:
-                self._disconnect()
+                with self.io_lock:
+                    self._disconnect()
             if self.closing.is_set():
                 break
             failures += 1
-            delay = retry_delay(failures, base=0.2, cap=5.0, draw=random.random())
-            end = time.monotonic() + delay
-            while time.monotonic() < end and not self.closing.is_set():
-                self._fail_commands(f"RabbitMQ connection lost: {self.last_error}")
-                time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        self._fail_commands("the RabbitMQ transport is closed")
+            self.closing.wait(retry_delay(failures, base=0.2, cap=5.0, draw=random.random()))
+
+    def _keep(self) -> None:
+        """Turn the loop whenever no other thread has for :data:`KEEP_IDLE` (every task long,
+        or the worker idle): heartbeats, a consumer cancelled by the broker, a dropped
+        connection, acks left unflushed and stale buffered deliveries are all handled then."""
+        while not self.closing.wait(KEEP_IDLE):
+            if self.broken:
+                raise RabbitMQUnavailableError(self.last_error)
+            if time.monotonic() - self.last_driven < KEEP_IDLE:
+                continue
+            if not self.io_lock.acquire(blocking=False):
+                continue
+            try:
+                if self.broken:
+                    continue
+                self._turn(0.0)
+                self._expire_buffer()
+            finally:
+                self.io_lock.release()
 
     def _connect(self) -> None:
         conn = BlockingConnection(connection_parameters(self.url))
@@ -470,6 +506,7 @@ class RabbitMQTransport:
         if self.generation > 1:
             self.reconnects += 1
             log.warning("RabbitMQ reconnected (generation %d)", self.generation)
+        self.broken = False
         self.connected.set()
 
     def _open_async_channel(self, conn: BlockingConnection) -> Channel:
@@ -503,8 +540,7 @@ class RabbitMQTransport:
             self.buffer.clear()
             self.handed.clear()
             self.cond.notify_all()
-        self.cancelled.set()  # a fetch waiting for a CancelOk finds the connection gone
-        self._fail_commands(f"RabbitMQ connection lost: {self.last_error or 'closed'}")
+        self.cancelled.set()
         if conn is not None and conn.is_open:
             with contextlib.suppress(Exception):
                 # BlockingConnection.close closes only the channels it wrapped (it fails on
@@ -538,6 +574,7 @@ class RabbitMQTransport:
         if tag is None or self.ch is None:
             self.cancelled.set()
             return
+        self.cancelled.clear()
         ch = self.ch
 
         def on_cancel_ok(_frame: Any) -> None:
@@ -561,13 +598,9 @@ class RabbitMQTransport:
         )
         self.unacked.add(tag)
         self.order.append(tag)
-        # deque appends are atomic, and only this thread changes the buffer other than by
-        # popping, so the lock is taken only when a fetch waits (its flag is read without it:
-        # a fetch that just began waiting is woken by the next message or its own timeout).
+        # deque appends are atomic, and only io_lock's holder changes the buffer other than by
+        # popping, so cond (for settle's bookkeeping) is not taken here.
         self.buffer.append(b)
-        if self.waiting:
-            with self.cond:
-                self.cond.notify_all()
 
     def _expire_buffer(self) -> None:
         if not self.buffer or self.buffer[0].at >= time.monotonic() - BUFFER_MAX_AGE:
