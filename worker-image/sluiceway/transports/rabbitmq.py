@@ -190,7 +190,8 @@ class RabbitMQTransport:
         self.delay_declared: dict[int, float] = {}  # delay ms -> monotonic time of the last declare
         self.thread = threading.Thread(target=self._io_main, name="sluiceway-rabbitmq-io", daemon=True)
         self.thread.start()
-        # The first connection is waited for, so a wrong URL or password fails the start clearly.
+        # The first connection is waited for, so a failed start names its cause; the worker's start
+        # (sluiceway/run.py) retries it as an outage.
         if not self.connected.wait(connect_timeout):
             self.closing.set()
             raise RabbitMQUnavailableError(
