@@ -13,8 +13,7 @@ and a partition's commit never passes its lowest open record, so records finish 
 nothing unfinished is ever committed past. Commits are asynchronous after each settle, and
 synchronous on revoke and close.
 
-Partitions are assigned by range, each topic on its own (kafka_common.consumer_config says why),
-an eager protocol: a rebalance revokes every partition. On revoke the poll thread drops the revoked partitions'
+Rebalances are cooperative-sticky. On revoke the poll thread drops the revoked partitions'
 buffered records, waits up to ``drain_seconds`` for their running tasks to settle (the worker's
 other threads settle meanwhile), commits, and forgets them; what did not finish in time is redone
 by the new owner and counted in ``redone_on_revoke``. Lost partitions (the session expired) are

@@ -159,13 +159,9 @@ def consumer_config(url: str, group_id: str, client_id: str) -> dict[str, Any]:
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": AUTO_OFFSET_RESET,
-        # Range assigns each topic's partitions on their own. Cooperative-sticky balances the
-        # count of partitions across the main and the retry topic together, so a member could
-        # hold only retry partitions (nothing to do) while another held three main ones, and the
-        # fleet drained at a third of its pods' rate (docs/brokers/kafka.md, "Assignment").
-        # Range is an eager protocol: a scale event revokes every partition, and each member
-        # drains its running tasks (within the drain time) before the group moves on.
-        "partition.assignment.strategy": "range",
+        # Cooperative rebalancing moves only the partitions that change owner, so a scale event
+        # does not stop the whole group, and on_revoke can drain just those.
+        "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": SESSION_TIMEOUT_MS,
         "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
         # The poll thread polls every ~100 ms even when the worker is full (partitions paused),
