@@ -173,10 +173,15 @@ def test_a_moved_slot_is_followed_and_the_next_exchange_goes_to_its_new_node(
 def test_the_rate_limiter_and_coordination_run_on_a_cluster(redis_cluster_url: str) -> None:
     client = connection.client(redis_cluster_url)
     limiter = RedisLimiter(client, KEYS.ratelimit, qps=10, horizon_seconds=1.0)
+    began = time.monotonic()
     slots = limiter.acquire(20)
     assert slots.count == 11  # now, and one every 100 ms up to the 1-s horizon
     assert limiter.release(slots.lease, 5)
-    assert limiter.acquire(20).count == 5
+    again = limiter.acquire(20).count
+    # The 5 given back, plus one slot per 100 ms that passed since the first grant (a loaded
+    # machine can take that long between two round trips).
+    accrued = int((time.monotonic() - began) / 0.1)
+    assert 5 <= again <= 5 + accrued + 1, (again, accrued)  # +1: a slot on the window's edge
 
     coordinator = RedisCoordinator(client, KEYS, "w1")
     beat = cast(Heartbeat, {"worker": "w1", "in_flight": 2})
