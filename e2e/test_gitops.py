@@ -22,6 +22,7 @@ The story, in one test (each step needs the one before):
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import subprocess
 import time
@@ -238,6 +239,20 @@ def compared_since(c: LocalCluster, g: GitOps, before: str | None) -> bool:
     return not pending and (app.get("status") or {}).get("reconciledAt") != before
 
 
+def last_comparison(c: LocalCluster, g: GitOps) -> str | None:
+    """The Application's ``reconciledAt``, once the wall clock has left its second.
+
+    ``reconciledAt`` has one-second resolution: a comparison made in the same second as the one
+    read here would leave it unchanged, and ``compared_since`` would wait for a change that never
+    comes. Waiting for the next second first makes any later comparison show."""
+    before: str | None = (c.get(app_path(g)).get("status") or {}).get("reconciledAt")
+    if before:
+        stamp = datetime.datetime.fromisoformat(before.replace("Z", "+00:00")).timestamp()
+        while time.time() < stamp + 1.0:
+            time.sleep(0.05)
+    return before
+
+
 def refresh(c: LocalCluster, g: GitOps) -> None:
     # What a Git webhook does: ask for a refresh now instead of at the next resync.
     c.api.merge_patch(app_path(g), {"metadata": {"annotations": {"argocd.argoproj.io/refresh": "normal"}}})
@@ -369,7 +384,7 @@ def test_sync_the_chart_then_health_self_heal_and_a_prune_that_loses_nothing(
         }
     }
     c.api.merge_patch(app_path(gitops), ignoring)
-    before = c.get(app_path(gitops))["status"].get("reconciledAt")
+    before = last_comparison(c, gitops)
     c.kubectl("scale", "taskqueue/orders", "-n", ns, "--replicas=2", check=True)
     refresh(c, gitops)
     waiting(lambda: compared_since(c, gitops, before), 60, "a full comparison after the scale")
@@ -382,7 +397,7 @@ def test_sync_the_chart_then_health_self_heal_and_a_prune_that_loses_nothing(
 
     # kubectl scale on a TaskQueue whose Git manifest leaves spec.replicas out: not a diff, so a full
     # comparison keeps the hand-set pin (docs/gitops.md, "Scaling by hand").
-    before = c.get(app_path(gitops))["status"].get("reconciledAt")
+    before = last_comparison(c, gitops)
     c.kubectl("scale", "taskqueue/keeper", "-n", ns, "--replicas=1", check=True)
     refresh(c, gitops)
     waiting(lambda: compared_since(c, gitops, before), 60, "a full comparison after the scale")
