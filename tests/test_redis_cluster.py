@@ -20,6 +20,7 @@ from sluiceway import connection, fleet, schedule
 from sluiceway.contract import Heartbeat, Keys
 from sluiceway.coordination.redis import RedisCoordinator
 from sluiceway.ratelimit.redis import RedisLimiter
+from sluiceway.run import START_RETRY_EVENT
 from sluiceway.transports.base import DeadLetter, Delivery, Exchanged, Outcomes, Retry
 from sluiceway.transports.redis import AsyncRedisSink, RedisTransport
 from sluiceway_operator.backlog.redis import RedisSource, due_delayed
@@ -247,7 +248,7 @@ def test_a_worker_whose_cluster_is_unreachable_at_start_waits_naming_it(spawn_wo
     w = spawn_worker(
         "-f", "tests.support.call_tasks:echo", "-q", "echo", SLUICEWAY_REDIS_URL="redis+cluster://127.0.0.1:1"
     )
-    wait_for(lambda: "unreachable at start; retrying" in w.output(), 60, what="the worker's retry line")
+    wait_for(lambda: START_RETRY_EVENT in w.output(), 60, what="the worker's retry line")
     assert "Redis Cluster" in w.output()
     w.terminate()
     assert w.wait(60) == 0, w.output()

@@ -10,11 +10,25 @@ from __future__ import annotations
 import redis
 
 import sluiceway
+from sluiceway.run import START_RETRY_EVENT
 from tests.support.rabbitmq_server import RabbitMQServer
 from tests.support.redis_server import free_port
-from tests.support.workers import FAST, SpawnWorker, counts, wait_for
+from tests.support.workers import FAST, SpawnWorker, WorkerProcess, counts, wait_for
 
-RETRYING = "broker or Redis unreachable at start; retrying"
+
+def waiting_worker(spawn_worker: SpawnWorker, url: str, *flags: str) -> WorkerProcess:
+    """A RabbitMQ worker on ``url``, once it has logged that it waits for the broker."""
+    worker = spawn_worker(
+        "--function",
+        "tests.tasks:record",
+        "--queue",
+        "jobs",
+        *flags,
+        SLUICEWAY_BROKER="rabbitmq",
+        SLUICEWAY_BROKER_URL=url,
+    )
+    wait_for(lambda: START_RETRY_EVENT in worker.output(), 60, what="the worker's retry line")
+    return worker
 
 
 def test_a_worker_started_during_a_rabbitmq_outage_waits_then_runs_its_messages(
@@ -22,16 +36,7 @@ def test_a_worker_started_during_a_rabbitmq_outage_waits_then_runs_its_messages(
 ) -> None:
     rabbitmq_server.stop()
     try:
-        worker = spawn_worker(
-            "--function",
-            "tests.tasks:record",
-            "--queue",
-            "jobs",
-            *FAST,
-            SLUICEWAY_BROKER="rabbitmq",
-            SLUICEWAY_BROKER_URL=rabbitmq_url,
-        )
-        wait_for(lambda: RETRYING in worker.output(), 60, what="the worker's retry line")
+        worker = waiting_worker(spawn_worker, rabbitmq_url, *FAST)
         assert worker.proc.poll() is None, worker.output()
     finally:
         rabbitmq_server.start()
@@ -48,15 +53,7 @@ def test_a_stop_signal_while_the_broker_is_unreachable_ends_the_worker_cleanly(
     spawn_worker: SpawnWorker,
 ) -> None:
     closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    worker = spawn_worker(
-        "--function",
-        "tests.tasks:record",
-        "--queue",
-        "jobs",
-        SLUICEWAY_BROKER="rabbitmq",
-        SLUICEWAY_BROKER_URL=closed,
-    )
-    wait_for(lambda: RETRYING in worker.output(), 60, what="the worker's retry line")
+    worker = waiting_worker(spawn_worker, closed)
     worker.terminate()
     assert worker.wait(60) == 0, worker.output()
     assert "Traceback" not in worker.output()

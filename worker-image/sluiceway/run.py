@@ -18,6 +18,9 @@ from sluiceway.transports import registry
 from sluiceway.transports.base import BrokerUnavailableError, WorkerSide
 from sluiceway.worker import ExitCode, Worker, load_function, outage_backoff
 
+# The warning each failed start logs; tests and operators' log searches look for it.
+START_RETRY_EVENT = "broker or Redis unreachable at start; retrying"
+
 
 def run_worker(overrides: dict[str, Any]) -> int:
     try:
@@ -96,7 +99,7 @@ def _open_side(settings: Any, log: Any) -> WorkerSide | None:
                 failures += 1
                 delay = outage_backoff(failures, draw=random.random())
                 log.warning(
-                    "broker or Redis unreachable at start; retrying",
+                    START_RETRY_EVENT,
                     broker=settings.broker,
                     error=f"{type(exc).__name__}: {exc}",
                     attempt=failures,
