@@ -16,6 +16,7 @@ from confluent_kafka import Consumer
 import sluiceway
 from sluiceway.results import Handle
 from sluiceway.transports import kafka_common as kc
+from tests.support.processes import free_port
 from tests.support.workers import SpawnWorker
 
 NS = "default"
@@ -170,18 +171,10 @@ def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_")}
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed once this returns: nothing listens there
-
-
 def test_an_unreachable_broker_is_one_line_not_librdkafkas_retries() -> None:
     """librdkafka retries a refused connection every ~50 ms and logged each try (about 680
     lines in 30 s); the CLI says the outcome in one line and exits 5, as on the other brokers."""
-    url = f"kafka://127.0.0.1:{_closed_port()}"
+    url = f"kafka://127.0.0.1:{free_port()}"  # nothing listens there
     env = {**os.environ, "SLUICEWAY_BROKER": "kafka", "SLUICEWAY_BROKER_URL": url}
     out = subprocess.run(
         [sys.executable, "-m", "sluiceway", "publish", "-q", f"closed-{uuid.uuid4().hex[:6]}", '{"a": 1}'],

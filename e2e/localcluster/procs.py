@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,49 @@ class ClusterError(RuntimeError):
     """A control-plane failure whose message says what to do about it."""
 
 
+# Ports below the kernel's ephemeral range, for servers the harness starts. A port that bind(0)
+# hands out is an ephemeral one, and while a test has its server stopped (a broker restart), any
+# outgoing connection on the machine may be given that port as its local end, the server's own
+# reconnecting clients included (a TCP self-connect to a port nobody listens on); the restart then
+# fails with EADDRINUSE (seen: RabbitMQ, in a cold CI run).
+_LOWEST_PORT = 10000
+_EPHEMERAL_FALLBACK = (32768, 60999)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_FALLBACK
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports outside the ephemeral range, where it leaves room.
+
+    Each is held bound until all are chosen, so none is handed out twice. Random, so parallel test
+    sessions rarely try the same one; a taken one is skipped.
+    """
+    low, _ = _ephemeral_range()
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            port = random.randrange(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 1000 else 0
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def port_free(port: int) -> bool:

@@ -13,17 +13,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The one owner of how the harness picks ports (outside the ephemeral range: see there).
+from localcluster.procs import free_port as free_port
+from localcluster.procs import free_ports as free_ports
 
 
 class ServerProcess:

@@ -9,7 +9,6 @@ collide with another test's server). The slots are split by ``redis-cli --cluste
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,21 +19,9 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.processes import free_ports
+
 MASTERS = 3
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, held open together so the kernel cannot hand one out twice."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _node(port: int) -> Any:
@@ -52,7 +39,7 @@ class RedisClusterServer:
                 "redis-server/redis-cli are not installed: run `make system-deps` (Debian package redis-server)"
             )
         self.binary, self.cli = binary, cli
-        ports = _free_ports(2 * MASTERS)
+        ports = free_ports(2 * MASTERS)
         self.ports, self.bus_ports = ports[:MASTERS], ports[MASTERS:]
         self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-redis-cluster-"))
         self.procs: list[subprocess.Popen[bytes]] = []
