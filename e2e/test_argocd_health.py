@@ -9,7 +9,7 @@ give the same answer on the same object.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,39 @@ from tests.argocd.oracle import evaluate
 from localcluster.argocd import ArgoCD, ensure_argocd, health
 from localcluster.cluster import LocalCluster
 from sluiceway.publish import Publisher
-from support import TQ_PATH, Operator, cond, get_tq, taskqueue, until
+from support import (
+    TQ_PATH,
+    Operator,
+    cond,
+    get_tq,
+    install_crd,
+    install_operator_rbac,
+    start_operator,
+    taskqueue,
+    until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(600)]
+
+
+# The broken TaskQueue below must outlast the start-up grace before it is Degraded; the default 30 s
+# allows for image pulls, which the test kubelet does not do.
+NO_LIVE_WORKERS_GRACE = 5.0
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    install_crd(kube_cluster)
+    namespace = kube_cluster.fresh_namespace("op")
+    kubeconfig = install_operator_rbac(kube_cluster, namespace)
+    op = start_operator(
+        kubeconfig,
+        namespace,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        extra_args=("--no-live-workers-grace", str(NO_LIVE_WORKERS_GRACE)),
+    )
+    yield op
+    op.stop()
 
 
 @pytest.fixture(scope="module")

@@ -372,7 +372,10 @@ class TaskQueueLoop:
     ) -> None:
         old = self.status if self.status is not None else dict(body.get("status") or {})
         # The alarm is normal while new pods start; it is Degraded only once it outlasts a start-up.
-        grace = max(30.0, 3 * spec.liveness.missed_heartbeats * spec.liveness.heartbeat_seconds)
+        grace = max(
+            self.deps.config.no_live_workers_grace,
+            3 * spec.liveness.missed_heartbeats * spec.liveness.heartbeat_seconds,
+        )
         if decision.no_live_workers_alarm and decision.desired > 0:
             self.alarm_since = self.alarm_since or now
         else:

@@ -16,6 +16,10 @@ ENV_PREFIX = "SLUICEWAY_OPERATOR_"
 # How often a TaskQueue's loop re-reads the Secrets it uses (the coordination URL, and the
 # resourceVersions that roll the pods when a Secret changes): a rotation rolls within this.
 SECRET_REFRESH_INTERVAL = 60.0
+# How long a backlog may have no live worker before the TaskQueue turns Degraded (NoLiveWorkers):
+# new pods must pull their image and start first. Clusters whose images start in seconds can
+# shorten it; a TaskQueue whose liveness window is longer gets that instead.
+NO_LIVE_WORKERS_GRACE = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class Config:
     log_level: str = "INFO"
     finalizer_timeout: float = 60.0  # after this, deletion proceeds without the Redis cleanup
     secret_refresh_interval: float = SECRET_REFRESH_INTERVAL
+    no_live_workers_grace: float = NO_LIVE_WORKERS_GRACE
 
     def operator_settings(self) -> OperatorSettings:
         return OperatorSettings(
@@ -103,7 +108,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="re-read the Secrets a TaskQueue uses this often, seconds; a changed one rolls "
         "the pods within it [%(default)s]",
     )
+    p.add_argument(
+        "--no-live-workers-grace",
+        type=float,
+        default=float(_env("NO_LIVE_WORKERS_GRACE", str(NO_LIVE_WORKERS_GRACE))),
+        help="a backlog with no live worker for this long turns the TaskQueue Degraded "
+        "(NoLiveWorkers), seconds; at least 3 missed heartbeats [%(default)s]",
+    )
     a = p.parse_args(argv)
+    if a.no_live_workers_grace < 0:
+        p.error(f"--no-live-workers-grace must be >= 0, got {a.no_live_workers_grace:g}")
     if a.secret_refresh_interval <= 0:
         p.error(f"--secret-refresh-interval must be > 0, got {a.secret_refresh_interval:g}")
     namespaces: tuple[str, ...] = ()
@@ -122,4 +136,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         log_level=a.log_level,
         finalizer_timeout=a.finalizer_timeout,
         secret_refresh_interval=a.secret_refresh_interval,
+        no_live_workers_grace=a.no_live_workers_grace,
     )

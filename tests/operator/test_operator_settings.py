@@ -52,3 +52,17 @@ def test_secret_refresh_interval_defaults_to_60_s_and_rejects_zero(
         parse_args(["--secret-refresh-interval", "0"])
     assert exited.value.code == 2
     assert "--secret-refresh-interval must be > 0" in capsys.readouterr().err
+
+
+def test_no_live_workers_grace_defaults_to_30_s_and_rejects_a_negative(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SLUICEWAY_OPERATOR_NO_LIVE_WORKERS_GRACE", raising=False)
+    assert parse_args([]).no_live_workers_grace == 30.0
+    assert parse_args(["--no-live-workers-grace", "5"]).no_live_workers_grace == 5.0
+    monkeypatch.setenv("SLUICEWAY_OPERATOR_NO_LIVE_WORKERS_GRACE", "12")
+    assert parse_args([]).no_live_workers_grace == 12.0
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--no-live-workers-grace", "-1"])
+    assert exited.value.code == 2
+    assert "--no-live-workers-grace must be >= 0" in capsys.readouterr().err
