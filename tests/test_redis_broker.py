@@ -116,6 +116,18 @@ def test_a_connection_lost_between_round_trips_is_replaced(r: redis.Redis, redis
     assert len(result.batch.deliveries) == 2
 
 
+def test_round_trips_on_a_connection_opened_before_counting_began_are_counted(redis_url: str) -> None:
+    # A cluster client connects while it learns the slot map, before anyone can count; its
+    # requests on that connection must count all the same (they did not, on the node that held
+    # the queue's slot).
+    client = connection.client(redis_url)
+    client.ping()
+    assert client.connection_pool._available_connections, "redis-py's pool internals moved"
+    trips = connection.count_round_trips(client)
+    client.ping()
+    assert trips.count == 1
+
+
 def test_round_trips_are_counted_where_every_request_passes(r: redis.Redis, redis_url: str) -> None:
     client = connection.client(redis_url)
     trips = connection.count_round_trips(client)

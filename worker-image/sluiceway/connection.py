@@ -126,7 +126,8 @@ class RoundTrips:
 def count_round_trips(client: redis.Redis) -> RoundTrips:
     """Count every request ``client`` sends from now on, at the one place all of them pass.
 
-    Call it before the client connects: connections opened earlier are not counted.
+    Connections the client opened already (a cluster client connects while it learns the slot
+    map) are counted from now on too, so the count never depends on which node that was.
     """
     counter = RoundTrips()
     if is_cluster(client):
@@ -136,14 +137,20 @@ def count_round_trips(client: redis.Redis) -> RoundTrips:
         manager = cluster.nodes_manager
         for node in list(manager.nodes_cache.values()):
             if node.redis_connection is not None:
-                pool = node.redis_connection.connection_pool
-                pool.connection_class = _counting(pool.connection_class, counter)
+                _count_pool(node.redis_connection.connection_pool, counter)
         base = manager.connection_kwargs.get("connection_class", redis.Connection)
         manager.connection_kwargs["connection_class"] = _counting(base, counter)
         return counter
-    pool = client.connection_pool
-    pool.connection_class = _counting(pool.connection_class, counter)
+    _count_pool(client.connection_pool, counter)
     return counter
+
+
+def _count_pool(pool: Any, counter: RoundTrips) -> None:
+    pool.connection_class = _counting(pool.connection_class, counter)
+    # redis-py keeps a pool's open connections in these two (private) lists; a test checks they exist.
+    opened = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())]
+    for conn in opened:
+        conn.__class__ = _counting(type(conn), counter)
 
 
 def _counting(base: Any, counter: RoundTrips) -> Any:
