@@ -576,9 +576,15 @@ class KafkaTransport:
                 self.tracks.pop(tp, None)
                 self.paused.discard(tp)
                 self.pause_unknown.add(tp)
+            held = _describe(self.assigned)
+        # Who owns what, when: the timeline of a slow drain starts here (rebalances are rare).
+        self.log.info(
+            "kafka_assigned", partitions=_describe((p.topic, p.partition) for p in partitions), holds=held
+        )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
+        self.log.info("kafka_revoked", partitions=_describe(revoked))
         deadline = time.monotonic() + self.drain_seconds
         with self.cond:
             self.revokes += 1
@@ -601,6 +607,7 @@ class KafkaTransport:
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
+        self.log.warning("kafka_lost", partitions=_describe(lost))
         with self.cond:
             self.lost += 1
             self._drop(lost)
@@ -625,6 +632,14 @@ class KafkaTransport:
         left = self.producer.flush(PRODUCE_TIMEOUT)
         if left:
             raise KafkaOutageError(f"{left} records not acknowledged by Kafka within {PRODUCE_TIMEOUT:.0f} s")
+
+
+def _describe(tps: Any) -> str:
+    """``topic[0,3] topic.retry[1]``: partitions for a log line, grouped by topic."""
+    by_topic: dict[str, list[int]] = {}
+    for t, p in tps:
+        by_topic.setdefault(t, []).append(p)
+    return " ".join(f"{t}[{','.join(map(str, sorted(ps)))}]" for t, ps in sorted(by_topic.items()))
 
 
 # --- construction from settings, and publishing --------------------------------------------------
