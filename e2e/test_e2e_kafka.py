@@ -9,6 +9,7 @@ the operator as its own process, real Redis for coordination, and a real Kafka b
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 
@@ -147,18 +148,36 @@ def timeline(c: LocalCluster, ns: str, r: redis.Redis, burst: Burst, op: Operato
             + " ".join(f"{b}:{buckets[b]}" for b in sorted(buckets))
         )
         for log in sorted(pods[pod].glob("*.log")) if pod in pods else ():
-            for raw in log.read_text(errors="replace").splitlines():
-                try:
-                    e = json.loads(raw)
-                except ValueError:
-                    continue
-                event = str(e.get("event", ""))
+            for e in _events(log.read_text(errors="replace")):
+                event = e.get("event", "")
                 if (event.startswith("kafka_") and event != "kafka_client") or event in LIFECYCLE:
                     when = _seconds(e.get("timestamp", "")) - wall0
-                    what = e.get("partitions", "") or e.get("redone_by_next_owner", "") or e.get("reason", "")
-                    short = str(what).replace(f"sluiceway.{ns}.", "")
-                    lines.append(f"    {when:6.1f}s {e['event']} {short}")
+                    what = e.get("holds", e.get("partitions", "")) or e.get("redone_by_next_owner", "")
+                    short = str(what or e.get("reason", "")).replace(f"sluiceway.{ns}.", "")
+                    lines.append(f"    {when:6.1f}s {event} {short}")
     return "\n".join(lines)
+
+
+# A worker's log line in either format: JSON, or the console renderer's
+# "<iso time> [level    ] <event>   key=value key='a value'".
+_CONSOLE = re.compile(r"^(\S+) \[\s*\w+\s*\] (.+?)(?:\s{2,}|\s*$)(.*)$")
+_PAIR = re.compile(r"(\w+)=('[^']*'|\S+)")
+
+
+def _events(text: str) -> list[dict[str, str]]:
+    out = []
+    for raw in text.splitlines():
+        try:
+            e = json.loads(raw)
+        except ValueError:
+            m = _CONSOLE.match(raw)
+            if m is None:
+                continue
+            e = {"timestamp": m[1], "event": m[2].strip()}
+            e.update({k: v.strip("'") for k, v in _PAIR.findall(m[3])})
+        if isinstance(e, dict):
+            out.append({k: str(v) for k, v in e.items()})
+    return out
 
 
 def _seconds(iso: str) -> float:
