@@ -36,7 +36,11 @@ AUTO_OFFSET_RESET: Final = "earliest"
 # blips without a rebalance (which redoes in-flight work). 10 s is the broker's lowest allowed
 # group.min.session.timeout.ms (6 s) plus margin for a loaded node.
 SESSION_TIMEOUT_MS: Final = 10_000
-HEARTBEAT_INTERVAL_MS: Final = 2_000  # a third of the session timeout or less, as Kafka advises
+# A third of the session timeout or less, as Kafka advises, and short: a member learns that a
+# rebalance began from a heartbeat's answer, and a cooperative rebalance takes two rounds, so a
+# scale event cost up to two intervals without progress on the moved partitions (2 s + 2 s seen
+# in the e2e burst at 2000 ms). A heartbeat is one small request to the coordinator.
+HEARTBEAT_INTERVAL_MS: Final = 500
 
 HEADER_DUE_MS: Final = "sluiceway-due-ms"  # retry topic: wall-clock ms when the record is due
 HEADER_REASON: Final = "sluiceway-reason"  # dead-letter topic: why
