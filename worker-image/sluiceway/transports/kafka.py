@@ -748,14 +748,18 @@ class KafkaSink:
                 self.turn[target] = (turn + keyless) % count
         for i, payload in enumerate(payloads):
             key = keys[i] if keys is not None else None
-            spread: dict[str, int] = {}
+            partition = -1  # librdkafka's partitioner: by the key's hash
             if key is None and count:
-                spread["partition"] = turn
-                turn = (turn + 1) % count
+                partition, turn = turn, (turn + 1) % count
             while True:
                 try:
                     self.producer.produce(
-                        target, value=payload, key=key, headers=headers, on_delivery=delivered, **spread
+                        target,
+                        value=payload,
+                        key=key,
+                        partition=partition,
+                        headers=headers,
+                        on_delivery=delivered,
                     )
                     break
                 except BufferError:  # the local queue is full: let deliveries drain
