@@ -62,6 +62,20 @@ def record(n: int, sleep: float = 0.0) -> None:
     record_done("test", n)
 
 
+def record_traced(n: int, sleep: float = 0.0) -> None:
+    """:func:`record`, plus ``"<time> <pod> <n>"`` in ``test:trace``: which pod ran what, when (the
+    e2e Kafka burst prints that timeline; HOSTNAME is the pod's name under the test kubelet)."""
+    pipe = _r().pipeline(transaction=False)
+    now = time.time()
+    pipe.rpush("test:starts", f"{now:.6f}")
+    pipe.hincrby("test:seen", str(n), 1)
+    pipe.rpush("test:trace", f"{now:.3f} {os.environ.get('HOSTNAME', os.getpid())} {n}")
+    pipe.execute()
+    if sleep:
+        time.sleep(sleep)
+    record_done("test", n)
+
+
 async def record_async(n: int, sleep: float = 0.0) -> None:
     record_start("test", n)
     if sleep:

@@ -227,3 +227,25 @@ def test_repeated_client_lines_are_folded() -> None:
     r = line(refused.format(7))
     assert fold.filter(r)
     assert "(and 599 more like it in the last 60 s)" in r.getMessage()
+
+
+def test_keyless_records_spread_evenly_over_the_partitions(kafka_url: str) -> None:
+    """A burst without keys lands in equal shares, whether it is one batch or single publishes: a
+    group drains no faster than its fullest partition (librdkafka's sticky choice once put 999 of
+    1000 on one partition of 6)."""
+    queue = f"s{uuid.uuid4().hex[:8]}"
+    make_topics(kafka_url, queue, 6)
+    pub = sluiceway.Publisher(kafka_url)
+    try:
+        pub.publish_batch(queue, [{"n": i} for i in range(600)])
+        for i in range(600, 612):
+            pub.publish(queue, {"n": i})
+        pub.publish_batch(queue, [{"n": i} for i in range(612, 624)], keys=["k", None] * 6)
+    finally:
+        pub.close()
+    got = records(kafka_url, queue, 624)
+    keyless = [p for key, p in got if key is None]
+    assert len(got) == 624 and len(keyless) == 618
+    counts = [keyless.count(p) for p in range(6)]
+    assert counts == [103] * 6, counts
+    assert len({p for key, p in got if key == b"k"}) == 1

@@ -4,8 +4,8 @@
   ``spec.broker.kafka.partitions`` partitions; an existing topic keeps its own count.
 - ``ready`` is the group's lag on the work topic, summed over partitions, under the workers'
   offset-reset policy (:mod:`.kafka_lag`), so a partition that never committed counts in full,
-  not as 1 (KEDA's 52 for a true 250). ``delayed`` is the lag on the retry topic: retries and
-  delayed publishes, which a worker holds until due. ``dead`` is the dead-letter topic's size.
+  not as 1 (KEDA's 52 for a true 250). ``delayed`` is the retry group's lag on the retry topic:
+  retries and delayed publishes, which a worker holds until due. ``dead`` is the dead-letter topic's size.
 - In-flight is not a broker figure on Kafka (offsets say nothing of what runs): the operator sums
   the workers' heartbeats, as it does for every broker.
 - ``max_useful_replicas`` is the work topic's partition count: a group never gives one partition
@@ -51,21 +51,26 @@ class KafkaSource:
         self.retry_topic = kc.retry_topic(namespace, queue)
         self.dead_topic = kc.dead_topic(namespace, queue)
         self.group = kc.group(namespace, queue)
+        self.retry_group = kc.retry_group(namespace, queue)
         self.partitions = partitions  # for creating the work topic; -1 = the broker's default
         self.bootstrap = kc.bootstrap(url)
         kc.route_to_structlog()
         self.admin = AdminClient(kc.admin_config(url))
-        # Never subscribes: with the group's id it may read the group's committed offsets only.
-        self.consumer = Consumer(
+        # Never subscribe: with a group's id each may read that group's committed offsets only.
+        self.consumer = self._reader(self.group)
+        self.retry_consumer = self._reader(self.retry_group)
+        self.partition_count: int | None = None
+        self.ensured = False
+
+    def _reader(self, group: str) -> Consumer:
+        return Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
-                "group.id": self.group,
+                "group.id": group,
                 "enable.auto.commit": False,
                 **kc.client_logging(),
             }
         )
-        self.partition_count: int | None = None
-        self.ensured = False
 
     def ensure_topics(self) -> list[str]:
         created = kc.ensure_topics(
@@ -93,10 +98,12 @@ class KafkaSource:
         return int(low), int(high)
 
     def offsets(self, topic: str) -> list[PartitionOffsets]:
-        """Watermarks and the group's committed offsets of every partition of ``topic``."""
+        """Watermarks and the committed offsets of every partition of ``topic``, by the group that
+        consumes it."""
         parts = self._partitions(topic)
         tps = [TopicPartition(topic, p) for p in parts]
-        committed = _retrying(lambda: self.consumer.committed(tps, timeout=TIMEOUT))
+        reader = self.retry_consumer if topic == self.retry_topic else self.consumer
+        committed = _retrying(lambda: reader.committed(tps, timeout=TIMEOUT))
         out = []
         for tp in committed:
             if tp.error is not None:
@@ -131,9 +138,9 @@ class KafkaSource:
         return 0  # a deleted pod leaves the group; its uncommitted records go to the next owner
 
     def purge(self) -> int:
-        """Delete the group and the three topics; returns how many of those existed."""
+        """Delete the groups and the three topics; returns how many of those existed."""
         gone = 0
-        futures = self.admin.delete_consumer_groups([self.group], request_timeout=TIMEOUT)
+        futures = self.admin.delete_consumer_groups([self.group, self.retry_group], request_timeout=TIMEOUT)
         for f in futures.values():
             try:
                 f.result(TIMEOUT)
@@ -156,6 +163,7 @@ class KafkaSource:
             "broker": "kafka",
             "topics": [t for t in (self.topic, self.retry_topic, self.dead_topic) if t in existing],
             "group": self.group,
+            "retryGroup": self.retry_group,
         }
         if self.topic in existing:
             work = self.offsets(self.topic)
@@ -165,6 +173,7 @@ class KafkaSource:
 
     def close(self) -> None:
         self.consumer.close()
+        self.retry_consumer.close()
 
 
 def _retrying(call: Callable[[], T]) -> T:

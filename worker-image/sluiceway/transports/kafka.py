@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import heapq
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -104,8 +105,16 @@ class KafkaTransport:
             admin = AdminClient(kc.admin_config(url))
             kc.ensure_topics(admin, {self.topic: -1, self.retry_topic: -1, self.dead_topic: -1})
         self.producer = Producer(kc.producer_config(url, worker_id))
+        # One consumer per topic, each in its own group (kafka_common.retry_group says why): the
+        # work topic's partitions spread over every worker whatever the retry topic holds.
         self.consumer = Consumer(
             {**kc.consumer_config(url, kc.group(namespace, queue), worker_id), "on_commit": self._on_commit}
+        )
+        self.retry_consumer = Consumer(
+            {
+                **kc.consumer_config(url, kc.retry_group(namespace, queue), worker_id),
+                "on_commit": self._on_commit,
+            }
         )
 
         self.cond = threading.Condition()  # guards everything below; settle notifies it
@@ -128,12 +137,10 @@ class KafkaTransport:
         self.commit_failures = 0  # asynchronous commits the broker refused (each sent again)
         self.errors: deque[str] = deque(maxlen=50)
 
-        self.consumer.subscribe(
-            [self.topic, self.retry_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        for consumer, topic in ((self.consumer, self.topic), (self.retry_consumer, self.retry_topic)):
+            consumer.subscribe(
+                [topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
         self.thread = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
         self.thread.start()
 
@@ -331,10 +338,11 @@ class KafkaTransport:
         with self.cond:
             self.buffer.clear()
             offsets = self._committable(self.tracks.keys())
-        if offsets:
-            self._commit_now(self.consumer, offsets, "kafka_final_commit_failed")
-        with contextlib.suppress(KafkaException, RuntimeError):
-            self.consumer.close()  # leaves the group now: no session timeout to wait for
+        for consumer, some in self._by_consumer(offsets):
+            self._commit_now(consumer, some, "kafka_final_commit_failed")
+        for consumer in (self.consumer, self.retry_consumer):
+            with contextlib.suppress(KafkaException, RuntimeError):
+                consumer.close()  # leaves the group now: no session timeout to wait for
         self.producer.flush(PRODUCE_TIMEOUT)
 
     # --- the poll thread -------------------------------------------------------------------------
@@ -385,8 +393,8 @@ class KafkaTransport:
                     full_since = 0.0
                 room = self.buffer_limit - n
             try:
-                if commits:
-                    self.consumer.commit(offsets=commits, asynchronous=True)
+                for consumer, some in self._by_consumer(commits):
+                    consumer.commit(offsets=some, asynchronous=True)
                 # The producer's log lines (and delivery reports) are served only by a poll; the
                 # worker produces only retries and dead letters, so a broker outage would pile
                 # its reconnect logs up unseen.
@@ -398,6 +406,13 @@ class KafkaTransport:
                     msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
                 else:
                     msgs = self.consumer.consume(num_messages=1, timeout=POLL_TIMEOUT)
+                # The retry consumer never blocks: the wait above paces the loop for both (a
+                # retry is due after its back-off anyway), and its consume() serves its group.
+                retries = self.retry_consumer.consume(
+                    num_messages=max(1, min(room - len(msgs), CONSUME_MAX)), timeout=0
+                )
+                if retries:
+                    msgs = msgs + retries if msgs else retries
                 had_records = bool(msgs)
             except KafkaException as exc:
                 self.errors.append(str(exc))
@@ -492,6 +507,12 @@ class KafkaTransport:
         self.to_commit.clear()
         return offsets
 
+    def _by_consumer(self, tps: list[TopicPartition]) -> list[tuple[Any, list[TopicPartition]]]:
+        """``tps`` split by the consumer (the group) that owns their topic, empty parts left out."""
+        work = [tp for tp in tps if tp.topic != self.retry_topic]
+        retry = [tp for tp in tps if tp.topic == self.retry_topic]
+        return [(c, some) for c, some in ((self.consumer, work), (self.retry_consumer, retry)) if some]
+
     def _commit_now(self, consumer: Any, offsets: list[TopicPartition], event: str) -> None:
         """A synchronous commit (revoke, close), tried again for COMMIT_RETRY_SECONDS while the
         broker answers with a retriable error (a restart, NOT_COORDINATOR just after one): what
@@ -551,10 +572,10 @@ class KafkaTransport:
             to_pause = (want - self.paused) | (want & unsure)
             to_resume = ((self.paused - want) & self.assigned) | (unsure - want)
         try:
-            if to_pause:
-                self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
-            if to_resume:
-                self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+            for consumer, some in self._by_consumer([TopicPartition(t, p) for t, p in to_pause]):
+                consumer.pause(some)
+            for consumer, some in self._by_consumer([TopicPartition(t, p) for t, p in to_resume]):
+                consumer.resume(some)
         except KafkaException as exc:
             # Never skip the consume() after this: it serves the rebalance that makes the
             # partitions valid again. The next loop says their state again.
@@ -576,9 +597,15 @@ class KafkaTransport:
                 self.tracks.pop(tp, None)
                 self.paused.discard(tp)
                 self.pause_unknown.add(tp)
+            held = _describe(self.assigned)
+        # Who owns what, when: the timeline of a slow drain starts here (rebalances are rare).
+        self.log.info(
+            "kafka_assigned", partitions=_describe((p.topic, p.partition) for p in partitions), holds=held
+        )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
+        self.log.info("kafka_revoked", partitions=_describe(revoked))
         deadline = time.monotonic() + self.drain_seconds
         with self.cond:
             self.revokes += 1
@@ -601,6 +628,7 @@ class KafkaTransport:
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(p.topic, p.partition) for p in partitions}
+        self.log.warning("kafka_lost", partitions=_describe(lost))
         with self.cond:
             self.lost += 1
             self._drop(lost)
@@ -627,6 +655,14 @@ class KafkaTransport:
             raise KafkaOutageError(f"{left} records not acknowledged by Kafka within {PRODUCE_TIMEOUT:.0f} s")
 
 
+def _describe(tps: Any) -> str:
+    """``topic[0,3] topic.retry[1]``: partitions for a log line, grouped by topic."""
+    by_topic: dict[str, list[int]] = {}
+    for t, p in tps:
+        by_topic.setdefault(t, []).append(p)
+    return " ".join(f"{t}[{','.join(map(str, sorted(ps)))}]" for t, ps in sorted(by_topic.items()))
+
+
 # --- construction from settings, and publishing --------------------------------------------------
 
 
@@ -645,7 +681,14 @@ class KafkaSink:
     """Publishes with acks=all and idempotence; ``send`` returns once Kafka acknowledged every
     record, or raises :class:`KafkaOutageError` naming how many it did not. ``keys`` are the
     records' keys: Kafka's default partitioner puts one key's records on one partition, in order,
-    which ``ordering: key`` relies on."""
+    which ``ordering: key`` relies on.
+
+    A record without a key goes to the next partition in turn (per topic, across sends), so a
+    burst spreads evenly and every partition's consumer gets its share. librdkafka's own choice
+    for keyless records is sticky (one partition for a few ms at a time) and put whole bursts on
+    one partition here: 999 of 1000 records on partition 0 of 6 once, when they were produced
+    before the producer had the topic's metadata; a group drains no faster than its fullest
+    partition, at one worker's speed."""
 
     takes_keys = True  # sluiceway.publish passes key= only to sinks that say this
 
@@ -653,6 +696,8 @@ class KafkaSink:
         self.url = url
         self.producer = Producer(kc.producer_config(url, "sluiceway-publish"))
         self.ready: set[tuple[str, str]] = set()
+        self.partitions: dict[str, int] = {}  # topic -> partition count, read once per sink
+        self.turn: dict[str, int] = {}  # topic -> the partition the next keyless record goes to
         self.lock = threading.Lock()  # the producer is thread-safe; the failure list is per send
 
     def _ensure(self, namespace: str, queue: str) -> None:
@@ -667,6 +712,11 @@ class KafkaSink:
                 kc.dead_topic(namespace, queue): -1,
             },
         )
+        for name in (kc.topic(namespace, queue), kc.retry_topic(namespace, queue)):
+            md = self.producer.list_topics(name, timeout=PRODUCE_TIMEOUT).topics.get(name)
+            if md is not None and md.error is None and md.partitions:
+                self.partitions[name] = len(md.partitions)
+                self.turn[name] = random.randrange(len(md.partitions))  # publishers don't all start at 0
         self.ready.add((namespace, queue))
 
     def send(
@@ -690,12 +740,26 @@ class KafkaSink:
             if err is not None:
                 failures.append(str(err))
 
+        count = self.partitions.get(target, 0)
+        keyless = len(payloads) if keys is None else sum(1 for k in keys if k is None)
+        with self.lock:  # this send's turns, taken at once: sends from several threads interleave
+            turn = self.turn.get(target, 0)
+            if count:
+                self.turn[target] = (turn + keyless) % count
         for i, payload in enumerate(payloads):
             key = keys[i] if keys is not None else None
+            partition = -1  # librdkafka's partitioner: by the key's hash
+            if key is None and count:
+                partition, turn = turn, (turn + 1) % count
             while True:
                 try:
                     self.producer.produce(
-                        target, value=payload, key=key, headers=headers, on_delivery=delivered
+                        target,
+                        value=payload,
+                        key=key,
+                        partition=partition,
+                        headers=headers,
+                        on_delivery=delivered,
                     )
                     break
                 except BufferError:  # the local queue is full: let deliveries drain

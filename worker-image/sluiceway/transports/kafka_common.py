@@ -1,17 +1,18 @@
 """What the Kafka worker, publisher and operator agree on: topic and group names, headers, client
 settings, and creating topics. The one owner of each; no client library is imported at module load.
 
-A TaskQueue ``<namespace>/<queue>`` on Kafka is three topics and one consumer group:
+A TaskQueue ``<namespace>/<queue>`` on Kafka is three topics and two consumer groups:
 
 - ``sluiceway.<namespace>.<queue>``: the work; its partition count caps the useful replicas
   (a '.' or '_' in the queue is escaped, see :func:`topic`, so no two queues' topics collide);
 - ``<work>.retry``: retries and delayed publishes, each record carrying the wall-clock time it is
-  due in the ``sluiceway-due-ms`` header. Workers of the same group consume it along with the work
-  topic and hold a record in memory (uncommitted) until it is due, so a retry survives the death
-  of the worker that scheduled it;
+  due in the ``sluiceway-due-ms`` header. Every worker consumes it too, in a group of its own, and
+  holds a record in memory (uncommitted) until it is due, so a retry survives the death of the
+  worker that scheduled it;
 - ``<work>.dead``: dead letters; the value is the dead-letter record (:mod:`sluiceway.deadletter`)
   and the headers repeat the reason and where the record came from;
-- the group ``sluiceway.<namespace>.<queue>`` consumes the first two.
+- the group ``sluiceway.<namespace>.<queue>`` consumes the work topic, and the group
+  ``<work>.retry`` the retry topic (see :func:`retry_group` for why two).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ AUTO_OFFSET_RESET: Final = "earliest"
 # blips without a rebalance (which redoes in-flight work). 10 s is the broker's lowest allowed
 # group.min.session.timeout.ms (6 s) plus margin for a loaded node.
 SESSION_TIMEOUT_MS: Final = 10_000
-HEARTBEAT_INTERVAL_MS: Final = 2_000  # a third of the session timeout or less, as Kafka advises
+# A third of the session timeout or less, as Kafka advises, and short: a member learns that a
+# rebalance began from a heartbeat's answer, and a cooperative rebalance takes two rounds, so a
+# scale event cost up to two intervals without progress on the moved partitions (2 s + 2 s seen
+# in the e2e burst at 2000 ms). A heartbeat is one small request to the coordinator.
+HEARTBEAT_INTERVAL_MS: Final = 500
 
 HEADER_DUE_MS: Final = "sluiceway-due-ms"  # retry topic: wall-clock ms when the record is due
 HEADER_REASON: Final = "sluiceway-reason"  # dead-letter topic: why
@@ -135,7 +140,17 @@ def parse_topic(name: str) -> tuple[str, str, str]:
 
 
 def group(namespace: str, queue: str) -> str:
+    """The work topic's consumer group."""
     return topic(namespace, queue)
+
+
+def retry_group(namespace: str, queue: str) -> str:
+    """The retry topic's consumer group: the same workers, a group of their own. In one group with
+    the work topic, the sticky assignor balances the *count* of partitions over both topics (12 for
+    6 + 6), so a worker could hold only retry partitions and run nothing while another held several
+    work partitions; a group per topic spreads each topic over every worker. Named after the topic
+    it consumes, so it is as collision-free as the topic names."""
+    return retry_topic(namespace, queue)
 
 
 def bootstrap(url: str) -> str:
