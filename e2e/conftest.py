@@ -9,23 +9,17 @@ import pytest
 from localcluster.cluster import LocalCluster
 from support import (
     Operator,
-    install_crd,
-    install_operator_rbac,
+    module_operator,
     redis_secret,
     retire_namespace,
-    start_operator,
 )
 
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     """The operator as its own process, with the shipped least-privilege RBAC, one per test module."""
-    install_crd(kube_cluster)
-    namespace = kube_cluster.fresh_namespace("op")
-    kubeconfig = install_operator_rbac(kube_cluster, namespace)
-    op = start_operator(kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log")
-    yield op
-    op.stop()
+    with module_operator(kube_cluster, tmp_path_factory.mktemp("operator")) as op:
+        yield op
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ time to drain, time to zero).
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
 import subprocess
@@ -78,6 +79,20 @@ def install_operator_rbac(c: LocalCluster, namespace: str) -> Path:
     """Apply the shipped RBAC for a ServiceAccount in ``namespace``; return its kubeconfig."""
     c.apply(operator_rbac(namespace))
     return c.serviceaccount_kubeconfig(namespace, OPERATOR_SA)
+
+
+@contextlib.contextmanager
+def module_operator(c: LocalCluster, log_dir: Path, *extra_args: str) -> Iterator[Operator]:
+    """The operator an e2e module shares: the CRD, the shipped least-privilege RBAC in a namespace
+    of its own, and the operator as its own process with ``extra_args``; stopped on exit."""
+    install_crd(c)
+    namespace = c.fresh_namespace("op")
+    kubeconfig = install_operator_rbac(c, namespace)
+    op = start_operator(kubeconfig, namespace, log_dir / "operator.log", extra_args=extra_args)
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 def start_operator(

@@ -25,9 +25,7 @@ from support import (
     Operator,
     cond,
     get_tq,
-    install_crd,
-    install_operator_rbac,
-    start_operator,
+    module_operator,
     taskqueue,
     until,
 )
@@ -42,17 +40,13 @@ NO_LIVE_WORKERS_GRACE = 5.0
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    namespace = kube_cluster.fresh_namespace("op")
-    kubeconfig = install_operator_rbac(kube_cluster, namespace)
-    op = start_operator(
-        kubeconfig,
-        namespace,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        extra_args=("--no-live-workers-grace", str(NO_LIVE_WORKERS_GRACE)),
-    )
-    yield op
-    op.stop()
+    with module_operator(
+        kube_cluster,
+        tmp_path_factory.mktemp("operator"),
+        "--no-live-workers-grace",
+        str(NO_LIVE_WORKERS_GRACE),
+    ) as op:
+        yield op
 
 
 @pytest.fixture(scope="module")

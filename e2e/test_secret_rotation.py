@@ -31,10 +31,8 @@ from support import (
     cond,
     get_dep,
     get_tq,
-    install_crd,
-    install_operator_rbac,
+    module_operator,
     redis_secret,
-    start_operator,
     taskqueue,
     until,
 )
@@ -46,17 +44,15 @@ FINALIZER_TIMEOUT = 6.0
 
 @pytest.fixture(scope="module")
 def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    namespace = kube_cluster.fresh_namespace("op")
-    kubeconfig = install_operator_rbac(kube_cluster, namespace)
-    op = start_operator(
-        kubeconfig,
-        namespace,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        extra_args=("--secret-refresh-interval", "2", "--finalizer-timeout", str(FINALIZER_TIMEOUT)),
-    )
-    yield op
-    op.stop()
+    with module_operator(
+        kube_cluster,
+        tmp_path_factory.mktemp("operator"),
+        "--secret-refresh-interval",
+        "2",
+        "--finalizer-timeout",
+        str(FINALIZER_TIMEOUT),
+    ) as op:
+        yield op
 
 
 def _events(c: LocalCluster, ns: str, reason: str) -> list[dict[str, Any]]:
