@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_build_backend_of_the_dev_venv_is_the_one_the_images_build_with() -> None:
+    # The wheel test below builds without isolation, so it is only as true as this agreement.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dev = pyproject["project"]["optional-dependencies"]["dev"]
+    assert set(pyproject["build-system"]["requires"]) <= set(dev)
+
+
 def test_wheel_carries_lua_scripts_and_rbac(tmp_path: Path) -> None:
+    # The same backend as the images' `pip wheel`, from this venv (the test above keeps the two
+    # in step): an isolated build would first install setuptools into a fresh venv.
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(tmp_path), str(REPO)],
+        [*pip_wheel, "--wheel-dir", str(tmp_path), str(REPO)],
         check=True,
         capture_output=True,
         timeout=300,
