@@ -264,9 +264,7 @@ def main() -> None:
     redis.start()
     with running_cluster(binaries=ensure_binaries()) as c:
         c.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "taskqueue.yaml"), check=True)
-        c.kubectl(
-            "wait", "--for=condition=Established", "crd/taskqueues.sluiceway.dev", "--timeout=60s", check=True
-        )
+        c.wait_established("taskqueues.sluiceway.dev")
         op_ns = c.fresh_namespace("op")
         c.apply(operator_rbac(op_ns))
         kubeconfig = c.serviceaccount_kubeconfig(op_ns, "sluiceway-operator")

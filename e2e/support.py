@@ -70,9 +70,7 @@ class Operator:
 
 def install_crd(c: LocalCluster) -> None:
     c.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
-    c.kubectl(
-        "wait", "--for=condition=Established", "crd/taskqueues.sluiceway.dev", "--timeout=60s", check=True
-    )
+    c.wait_established("taskqueues.sluiceway.dev")
 
 
 def install_operator_rbac(c: LocalCluster, namespace: str) -> Path:

@@ -180,9 +180,7 @@ def test_crd_cel_rule_rejects_a_bad_object_naming_the_field(
 ) -> None:
     c, ns = kube_cluster, kube_namespace
     c.apply(CRD)
-    c.kubectl(
-        "wait", "--for=condition=Established", "crd/widgets.e2e.sluiceway.dev", "--timeout=30s", check=True
-    )
+    c.wait_established("widgets.e2e.sluiceway.dev", 30)
 
     good = c.kubectl("apply", "-n", ns, "-f", "-", input=widget("good", 1, 3))
     assert good.returncode == 0, good.stderr

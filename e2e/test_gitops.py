@@ -135,20 +135,13 @@ def gitops(
     for crd in argocd.crds:
         c.kubectl("apply", "--server-side", "-f", str(crd), check=True)
     for name in ("applications.argoproj.io", "appprojects.argoproj.io"):
-        # `kubectl wait` fails outright while a just-created CRD has no status yet; poll instead.
-        c.wait_for(lambda n=name: established(c, n), 60, f"CRD {name} established")
+        c.wait_established(name)
     namespace = c.fresh_namespace("argocd")
     c.apply(bootstrap_objects(namespace, application_health=True))
     g = GitOps(argocd, c.kubeconfig, namespace, tmp_path_factory.mktemp("argocd"), helm=ensure_helm())
     g.start()
     yield g
     g.stop()
-
-
-def established(c: LocalCluster, name: str) -> bool:
-    crd = c.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-    conds = (crd.get("status") or {}).get("conditions") or []
-    return any(x.get("type") == "Established" and x.get("status") == "True" for x in conds)
 
 
 def application(

@@ -25,7 +25,7 @@ from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.publish import Publisher
 from sluiceway_operator.manifests import CONFIG_HASH_ANNOTATION, deployment_name, operator_rbac
-from support import CRD, MaxReplicas, Operator, cond, get_dep, get_tq, taskqueue, until, wait_ticks
+from support import MaxReplicas, Operator, cond, get_dep, get_tq, install_crd, taskqueue, until, wait_ticks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
 
@@ -33,10 +33,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def operator(kube_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     c = kube_cluster
-    c.kubectl("apply", "--server-side", "-f", str(CRD), check=True)
-    c.kubectl(
-        "wait", "--for=condition=Established", "crd/taskqueues.sluiceway.dev", "--timeout=60s", check=True
-    )
+    install_crd(c)
     ns = c.fresh_namespace("op")
     c.apply(operator_rbac(ns))
     kubeconfig = c.serviceaccount_kubeconfig(ns, "sluiceway-operator")

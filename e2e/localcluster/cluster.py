@@ -434,6 +434,20 @@ class LocalCluster:
     def wait_for(self, check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> None:
         wait_until(lambda: bool(check()), timeout, what, interval=0.2)
 
+    def crd_established(self, name: str) -> bool:
+        crd = self.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return any(x.get("type") == "Established" and x.get("status") == "True" for x in conditions)
+
+    def wait_established(self, name: str, timeout: float = 60) -> None:
+        """Until the CRD ``name`` serves its resource.
+
+        Not `kubectl wait --for=condition=Established`: read while the apiserver has not yet
+        written the CRD's first status, ``status.conditions`` is null, and kubectl then fails at
+        once ("accessor error: <nil>") instead of waiting (seen on a loaded CI run).
+        """
+        self.wait_for(lambda: self.crd_established(name), timeout, f"CRD {name} established")
+
     # ------------------------------------------------------------------ state for `make cluster-up`
 
     def write_state(self, supervisor_pid: int) -> Path:
