@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from tests.support.terminal import PtyProcess
 
+from clusterdemo import RUNS_ENV
 from localcluster.procs import started_processes, survivors
 from support import ROOT
 
@@ -29,11 +30,18 @@ pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.m
 # Without COLUMNS and LINES: pytest-xdist sets them (80 x 24) in its workers, and the demo's
 # console would then wrap its lines at 80 columns whatever the terminal's width, splitting the
 # "run dir" line the tests read (what failed the demo tests on xdist workers).
-ENV = {
+_ENV = {
     **{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
     "PYTHONPATH": os.pathsep.join([str(ROOT / "e2e"), str(ROOT)]),
 }
 DEMO = [sys.executable, "-m", "clusterdemo"]
+
+
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a test's demo runs: a runs directory of the test's own. A demo's start
+    sweeps every ended run in its directory, which took a test's run from under it while that test
+    still read it, when the demo tests shared ``.run/demo`` beside each other (seen in CI)."""
+    return {**_ENV, RUNS_ENV: str(tmp_path / "demo-runs")}
 
 
 def _run_dir(out: str) -> Path:
@@ -56,13 +64,13 @@ def _pods_started(run_dir: Path) -> bool:
     return any(str(e["name"]).startswith("pod ") for e in started_processes(run_dir))
 
 
-def test_demo_drains_to_zero_and_leaves_nothing_running() -> None:
+def test_demo_drains_to_zero_and_leaves_nothing_running(tmp_path: Path) -> None:
     """Also: a user's `tail -F` of the operator log the demo points to names the run directory
     on its command line; it is not the demo's, so it is neither blamed nor killed."""
     proc = subprocess.Popen(
         [*DEMO, "--messages", "300"],
         cwd=ROOT,
-        env=ENV,
+        env=demo_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -95,7 +103,7 @@ def test_ctrl_c_through_a_pipe_in_a_terminal_tears_everything_down(tmp_path: Pat
     fails; the teardown must not depend on them."""
     log = tmp_path / "demo.log"
     cmd = f"{' '.join(DEMO)} --messages 100000 2>&1 | tee {log}"
-    term = PtyProcess(["/bin/bash", "-c", cmd], ENV, ROOT)
+    term = PtyProcess(["/bin/bash", "-c", cmd], demo_env(tmp_path), ROOT)
     try:
         term.wait_for(lambda: "run dir" in term.text, 60, "the run directory")
         run_dir = _run_dir(term.text)
@@ -110,10 +118,11 @@ def test_ctrl_c_through_a_pipe_in_a_terminal_tears_everything_down(tmp_path: Pat
     _assert_no_strays(started_processes(run_dir) or started)
 
 
-def test_a_killed_run_is_swept_by_the_next_one() -> None:
+def test_a_killed_run_is_swept_by_the_next_one(tmp_path: Path) -> None:
     """kill -9 of the demo leaves its processes running; the next run finds and ends them, and a
     Ctrl-C during that run's start-up still leaves nothing behind."""
-    first = PtyProcess([*DEMO, "--messages", "100000"], ENV, ROOT)
+    env = demo_env(tmp_path)
+    first = PtyProcess([*DEMO, "--messages", "100000"], env, ROOT)
     try:
         first.wait_for(lambda: "run dir" in first.text, 60, "the run directory")
         run_dir = _run_dir(first.text)
@@ -125,7 +134,7 @@ def test_a_killed_run_is_swept_by_the_next_one() -> None:
     left = started_processes(run_dir)
     assert survivors(left), "killing the demo should have left its processes running"
 
-    second = PtyProcess([*DEMO, "--messages", "10"], ENV, ROOT)
+    second = PtyProcess([*DEMO, "--messages", "10"], env, ROOT)
     try:
         second.wait_for(lambda: "Starting etcd" in second.text, 60, "the next run's start-up")
         assert "killing leftover" in second.text
@@ -140,8 +149,9 @@ def test_a_killed_run_is_swept_by_the_next_one() -> None:
     _assert_no_strays(started_processes(second_dir))
 
 
-def test_keep_leaves_the_cluster_up_to_explore_until_ctrl_c() -> None:
-    term = PtyProcess([*DEMO, "--messages", "40", "--keep"], ENV, ROOT)
+def test_keep_leaves_the_cluster_up_to_explore_until_ctrl_c(tmp_path: Path) -> None:
+    env = demo_env(tmp_path)
+    term = PtyProcess([*DEMO, "--messages", "40", "--keep"], env, ROOT)
     try:
         term.wait_for(lambda: "run dir" in term.text, 60, "the run directory")
         run_dir = _run_dir(term.text)
@@ -154,7 +164,7 @@ def test_keep_leaves_the_cluster_up_to_explore_until_ctrl_c() -> None:
         # Still there after the drain: the TaskQueue can be inspected with the printed commands.
         got = subprocess.run(
             [kubectl.group(1), "get", "tq", "thumbnails", "-n", "sluiceway-demo", "-o", "name"],
-            env={**ENV, "KUBECONFIG": m.group(1)},
+            env={**env, "KUBECONFIG": m.group(1)},
             capture_output=True,
             text=True,
             timeout=30,

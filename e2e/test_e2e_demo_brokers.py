@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from localcluster.procs import started_processes
 from support import ROOT
-from test_e2e_demo import DEMO, ENV, _assert_no_strays, _run_dir
+from test_e2e_demo import DEMO, _assert_no_strays, _run_dir, demo_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -22,11 +23,13 @@ MESSAGES = 250  # one of them not a PNG (POISON_EVERY): one dead letter
 
 
 @pytest.mark.parametrize("broker", [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq), "kafka"])
-def test_the_demo_on_another_broker_drains_to_zero_and_leaves_nothing_running(broker: str) -> None:
+def test_the_demo_on_another_broker_drains_to_zero_and_leaves_nothing_running(
+    broker: str, tmp_path: Path
+) -> None:
     done = subprocess.run(
         [*DEMO, "--broker", broker, "--messages", str(MESSAGES)],
         cwd=ROOT,
-        env=ENV,
+        env=demo_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -77,6 +77,7 @@ EXAMPLE = ROOT / "examples" / "taskqueue.yaml"
 NAMESPACE = "sluiceway-demo"
 OPERATOR_NAMESPACE = "sluiceway-system"
 RUNS = ROOT / ".run" / "demo"
+RUNS_ENV = "SLUICEWAY_DEMO_RUNS"  # another directory for the runs, each with its own sweep
 POISON_EVERY = 250  # one message in this many is not a PNG: it is dead-lettered with its reason
 BROKERS = ("redis", "rabbitmq", "kafka")
 BROKER_SECRET = "sluiceway-broker"
@@ -230,10 +231,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _new_run(console: Console) -> Path:
-    RUNS.mkdir(parents=True, exist_ok=True)
+    # The tests' demos run beside each other, and one's sweep would take another's ended run.
+    runs = Path(os.environ.get(RUNS_ENV) or RUNS)
+    runs.mkdir(parents=True, exist_ok=True)
     # Runs whose owner died (kill -9, a closed terminal) left processes: end them, drop their dirs.
-    sweep_stale(RUNS, lambda m: console.print(f"[dim]{m}[/]"))
-    run_dir = RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    sweep_stale(runs, lambda m: console.print(f"[dim]{m}[/]"))
+    run_dir = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir()
     return run_dir
 
