@@ -166,7 +166,15 @@ class KafkaSource:
             "retryGroup": self.retry_group,
         }
         if self.topic in existing:
-            work = self.offsets(self.topic)
+            try:
+                work = self.offsets(self.topic)
+            except KafkaException as exc:
+                # Deleted between the listing and this read (a purge, another TaskQueue's
+                # finalizer): the cluster-wide listing still showed it for a moment.
+                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise
+                info["topics"].remove(self.topic)
+                return info
             info["partitions"] = len(work)
             info["lag"] = total_lag(work, kc.AUTO_OFFSET_RESET)
         return info
