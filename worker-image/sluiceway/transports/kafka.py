@@ -703,7 +703,11 @@ class KafkaSink:
     def _ensure(self, namespace: str, queue: str) -> None:
         if (namespace, queue) in self.ready:
             return
-        admin = AdminClient(kc.admin_config(self.url))
+        # Until this sink has reached the cluster once, no broker answering fails the call in
+        # seconds (a wrong URL, a port nothing listens on) instead of the metadata timeout;
+        # after that, a broker down is a restart to wait for (kafka_common.cluster_metadata).
+        reach = None if self.ready else kc.Reachability()
+        admin = AdminClient(kc.admin_config(self.url, reach))
         kc.ensure_topics(
             admin,
             {
@@ -711,6 +715,7 @@ class KafkaSink:
                 kc.retry_topic(namespace, queue): -1,
                 kc.dead_topic(namespace, queue): -1,
             },
+            reachability=reach,
         )
         for name in (kc.topic(namespace, queue), kc.retry_topic(namespace, queue)):
             md = self.producer.list_topics(name, timeout=PRODUCE_TIMEOUT).topics.get(name)
