@@ -5,7 +5,7 @@ ratio to a reference measured in the same run, on the same broker.
   to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
   (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch), and against
   the floor loop: the same loop doing per record what any correct per-message worker must
-  (decode the JSON, check it is an object, call a no-op with it, track the offset);
+  (decode the JSON with orjson, check it is an object, call a no-op with it, track the offset);
 - rebalance cost: records redone and the longest time without progress while consumers scale
   1 -> 3 -> 1 during a burst;
 - QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "e2e"))  # the test servers pick ports through localcluster.procs
 
+import orjson  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from tests.support.kafka_server import KafkaServer  # noqa: E402
@@ -77,7 +77,7 @@ def _noop(**kwargs: object) -> None:
 
 def bare_loop(url: str, queue: str, n: int, *, floor: bool = False) -> float:
     """The bare loop; with ``floor``, it also does per record what any correct per-message
-    worker must: decode the JSON value, check it is an object, call a no-op with its keyword
+    worker must: decode the JSON value (orjson), check it is an object, call a no-op with its keyword
     arguments, and track the offset to commit. No threads, no settle protocol, no metrics: the
     least a per-message Python worker can cost on top of the client."""
     c = Consumer(
@@ -100,7 +100,8 @@ def bare_loop(url: str, queue: str, n: int, *, floor: bool = False) -> float:
             for m in msgs:
                 if m.error() is not None:
                     continue
-                kwargs = json.loads(m.value() or b"")
+                # orjson, the fastest decode there is here and the worker's own (sluiceway.codec).
+                kwargs = orjson.loads(m.value() or b"")
                 if not isinstance(kwargs, dict):
                     raise TypeError("not an object")
                 _noop(**kwargs)
