@@ -11,7 +11,8 @@ ratio to a reference measured in the same run, on the same broker.
 - QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
   the worst 1-second window, at 10/100/1000 QPS with 1 and 4 workers.
 
-``python -m bench.kafka_bench [--messages N] [--rounds N] [--skip-qps] [--skip-rebalance] [--only-qps]``
+``python -m bench.kafka_bench [--messages N] [--rounds N] [--skip-qps] [--skip-rebalance] [--only-qps]
+[--only-rebalance N]``
 """
 
 from __future__ import annotations
@@ -366,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-qps", action="store_true")
     parser.add_argument("--skip-rebalance", action="store_true")
     parser.add_argument("--only-qps", action="store_true", help="run only the QPS precision cases")
+    parser.add_argument(
+        "--only-rebalance", type=int, default=0, metavar="N", help="run only the rebalance cost, N times"
+    )
     args = parser.parse_args(args_in)
     server = KafkaServer()
     server.start()
@@ -375,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     redis_server.start()
     try:
         print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
+        if args.only_rebalance:
+            for _ in range(args.only_rebalance):
+                rebalance_cost(server.url, min(args.messages, 20_000))
+            return
         if not args.only_qps:
             throughput(server.url, redis_server.url, args.messages, args.rounds)
             if not args.skip_rebalance:
