@@ -5,20 +5,20 @@ ratio to a reference measured in the same run, on the same broker.
   to 1000, ack each record, commit the finished prefix) against a bare confluent-kafka loop
   (``consume(num_messages=1000)`` then one ``commit(asynchronous=False)`` per batch), and against
   the floor loop: the same loop doing per record what any correct per-message worker must
-  (decode the JSON, check it is an object, call a no-op with it, track the offset);
+  (decode the JSON with orjson, check it is an object, call a no-op with it, track the offset);
 - rebalance cost: records redone and the longest time without progress while consumers scale
   1 -> 3 -> 1 during a burst;
 - QPS precision: ``sluiceway worker`` processes on Kafka under ``--qps``, achieved / target and
   the worst 1-second window, at 10/100/1000 QPS with 1 and 4 workers.
 
-``python -m bench.kafka_bench [--messages N] [--rounds N] [--skip-qps] [--skip-rebalance] [--only-qps]``
+``python -m bench.kafka_bench [--messages N] [--rounds N] [--skip-qps] [--skip-rebalance] [--only-qps]
+[--only-rebalance N]``
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import signal
 import subprocess
@@ -31,7 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "e2e"))  # the test servers pick ports through localcluster.procs
 
+import orjson  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 from tests.support.kafka_server import KafkaServer  # noqa: E402
@@ -76,7 +78,7 @@ def _noop(**kwargs: object) -> None:
 
 def bare_loop(url: str, queue: str, n: int, *, floor: bool = False) -> float:
     """The bare loop; with ``floor``, it also does per record what any correct per-message
-    worker must: decode the JSON value, check it is an object, call a no-op with its keyword
+    worker must: decode the JSON value (orjson), check it is an object, call a no-op with its keyword
     arguments, and track the offset to commit. No threads, no settle protocol, no metrics: the
     least a per-message Python worker can cost on top of the client."""
     c = Consumer(
@@ -99,7 +101,8 @@ def bare_loop(url: str, queue: str, n: int, *, floor: bool = False) -> float:
             for m in msgs:
                 if m.error() is not None:
                     continue
-                kwargs = json.loads(m.value() or b"")
+                # orjson, the fastest decode there is here and the worker's own (sluiceway.codec).
+                kwargs = orjson.loads(m.value() or b"")
                 if not isinstance(kwargs, dict):
                     raise TypeError("not an object")
                 _noop(**kwargs)
@@ -364,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-qps", action="store_true")
     parser.add_argument("--skip-rebalance", action="store_true")
     parser.add_argument("--only-qps", action="store_true", help="run only the QPS precision cases")
+    parser.add_argument(
+        "--only-rebalance", type=int, default=0, metavar="N", help="run only the rebalance cost, N times"
+    )
     args = parser.parse_args(args_in)
     server = KafkaServer()
     server.start()
@@ -373,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     redis_server.start()
     try:
         print(f"Kafka {server.version} on {server.bootstrap}", flush=True)
+        if args.only_rebalance:
+            for _ in range(args.only_rebalance):
+                rebalance_cost(server.url, min(args.messages, 20_000))
+            return
         if not args.only_qps:
             throughput(server.url, redis_server.url, args.messages, args.rounds)
             if not args.skip_rebalance:

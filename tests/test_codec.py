@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -120,3 +122,93 @@ def test_next_attempt_counts_up_and_keeps_recent_errors(kwargs: dict[str, Any], 
     assert len(msg.meta.errors) == min(len(errors), codec.MAX_ERRORS_KEPT)
     assert msg.meta.errors[-1] == errors[-1][:500]
     assert codec.decode(codec.encode(msg.kwargs, msg.meta)) == msg
+
+
+# --- orjson's fast path agrees with the stdlib's decode -------------------------------------------
+
+# What orjson might read differently: integers of any size (orjson turns those past 64 bits into
+# floats), floats with extreme exponents, lone surrogate escapes, duplicate keys, odd spacing.
+wide_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 3, max_value=2**64 + 3)
+    | st.integers(min_value=-(2**64) - 3, max_value=-(2**63) + 3)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+    | st.sampled_from(["\ud800", "a\udfff", "9" * 19, "1" * 25])
+)
+wide_values = st.recursive(
+    wide_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+raw_numbers = st.sampled_from(["1e400", "-1e400", "1E-400", "-0", "-0.0", "0.1e1", "18446744073709551616"])
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every number tagged by its type: 1 and 1.0 compare equal, and must not."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, repr(value))
+
+
+def _refuse(payload: bytes) -> Any:
+    raise orjson.JSONDecodeError("refused by the test", "", 0)
+
+
+def _stdlib_outcome(payload: bytes) -> Any:
+    """What decode() says with orjson refusing everything: the stdlib's decode alone."""
+    with mock.patch.object(codec, "_orjson_loads", _refuse):
+        return _outcome(payload)
+
+
+def _outcome(payload: bytes) -> Any:
+    try:
+        msg = codec.decode(payload)
+    except codec.DecodeError as exc:
+        return (exc.reason, exc.detail)
+    return _typed(msg.kwargs)
+
+
+@given(
+    st.dictionaries(st.text(max_size=8).filter(lambda k: k != META_KEY), wide_values, max_size=6),
+    st.booleans(),
+    st.sampled_from(["", " ", "\n", "\r\n\t"]),
+    st.sampled_from(["", " ", "\n", " x", ","]),
+    st.none() | raw_numbers,
+)
+def test_the_fast_path_decodes_what_the_stdlib_decodes(
+    kwargs: dict[str, Any], ascii_only: bool, before: str, after: str, raw: str | None
+) -> None:
+    text = json.dumps(kwargs, ensure_ascii=ascii_only)
+    if raw is not None:  # a number literal json.dumps never writes, as the last argument
+        text = text[:-1] + ("," if kwargs else "") + f'"raw":{raw}}}'
+    payload = (before + text + after).encode("utf-8", "surrogatepass")
+    assert _outcome(payload) == _stdlib_outcome(payload)
+
+
+@given(st.binary(max_size=64))
+def test_the_fast_path_fails_as_the_stdlib_does(raw: bytes) -> None:
+    assert _outcome(raw) == _stdlib_outcome(raw)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"n": 123456789012345678901234567890}', 123456789012345678901234567890),
+        (b'{"n": 18446744073709551615}', 2**64 - 1),
+        (b'{"n": -9223372036854775808}', -(2**63)),
+        (b'{"n": 1e400}', float("inf")),
+        (b'{"n": "\\ud800"}', "\ud800"),
+        (b'{"n": 1, "n": 2}', 2),  # the last one wins, as in json
+    ],
+    ids=lambda v: repr(v)[:30],
+)
+def test_values_orjson_alone_would_read_otherwise(payload: bytes, expected: Any) -> None:
+    got = codec.decode(payload).kwargs["n"]
+    assert (type(got), got) == (type(expected), expected)

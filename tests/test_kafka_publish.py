@@ -187,6 +187,67 @@ def test_an_unreachable_broker_is_one_line_not_librdkafkas_retries() -> None:
     assert out.returncode == 5, out.stderr
     assert len(lines) == 1, f"{len(lines)} lines on stderr: {lines[:5]}"
     assert lines[0].startswith(f"sluiceway publish: cannot reach kafka at {url}"), lines
+    # librdkafka's "all brokers down" ended it, not the 30-s metadata timeout (_TRANSPORT).
+    assert "_ALL_BROKERS_DOWN" in lines[0], lines
+    assert "Connection refused" in lines[0], lines
+
+
+def test_the_sdk_fails_fast_on_a_broker_it_never_reached() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    pub = sluiceway.Publisher(f"kafka://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(KafkaException) as caught:
+            pub.publish(f"closed-{uuid.uuid4().hex[:6]}", {"a": 1})
+    finally:
+        pub.close()
+    assert caught.value.args[0].code() == KafkaError._ALL_BROKERS_DOWN
+
+
+def test_one_bootstrap_address_down_does_not_fail_the_publish(kafka_url: str) -> None:
+    queue = f"half-{uuid.uuid4().hex[:6]}"
+    url = f"kafka://127.0.0.1:{free_port()},{kc.bootstrap(kafka_url)}"  # the first one refuses
+    pub = sluiceway.Publisher(url)
+    try:
+        pub.publish(queue, {"a": 1})
+    finally:
+        pub.close()
+    assert len(records(kafka_url, queue, 1)) == 1
+
+
+def test_all_brokers_down_is_final_only_after_its_grace() -> None:
+    from confluent_kafka import KafkaError
+
+    now = [100.0]
+    reach = kc.Reachability(clock=lambda: now[0])
+    reach.on_error(KafkaError(KafkaError._TRANSPORT, "b:1/bootstrap: Connect to b:1 failed: refused"))
+    assert not reach.unreachable()  # one broker's failure says nothing of the others
+    reach.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "0/1 brokers are down"))
+    now[0] += kc.UNREACHABLE_GRACE - 0.01
+    assert not reach.unreachable()  # another address of the name, or a broker starting
+    reach.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "0/1 brokers are down"))  # again: same start
+    now[0] += 0.01
+    assert reach.unreachable()
+    error = reach.error().args[0]
+    assert error.code() == KafkaError._ALL_BROKERS_DOWN
+    assert "Connect to b:1 failed: refused" in error.str()
+
+
+def test_without_reachability_a_down_broker_is_waited_for() -> None:
+    """The worker's path (no Reachability): its metadata call is one call with the whole
+    timeout, so a broker that restarts is waited for, never failed fast."""
+    calls: list[float] = []
+
+    class Admin:
+        def list_topics(self, timeout: float) -> object:
+            calls.append(timeout)
+            return "metadata"
+
+        def poll(self, timeout: float) -> int:
+            raise AssertionError("no callback is read without a Reachability")
+
+    assert kc.cluster_metadata(Admin(), 30.0) == "metadata"
+    assert calls == [30.0]
 
 
 def test_a_healthy_publish_and_worker_log_nothing_from_the_client(kafka_url: str) -> None:

@@ -98,6 +98,54 @@ def test_never_commits_past_an_unfinished_record(steps: list[tuple[str, int]]) -
             assert t.holds(o)
 
 
+batch_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["fetch", "finish", "give_back", "commit"]), st.integers(0, 50), st.integers(1, 8)
+    )
+)
+
+
+@given(batch_ops)
+def test_the_bulk_calls_are_the_per_record_calls(steps: list[tuple[str, int, int]]) -> None:
+    """start_new / finish_open (the transport's batch path) leave a track exactly as start /
+    finish one record at a time would, across give-backs and commits."""
+    one, bulk = PartitionTrack(committed=7), PartitionTrack(committed=7)
+    handed: list[int] = []
+    returned: list[int] = []
+    for op, n, k in steps:
+        if op == "fetch" and returned:
+            o = returned.pop(0)  # a re-fetched record: never a run of new ones
+            one.start(o)
+            bulk.start(o)
+            handed.append(o)
+        elif op == "fetch":
+            run = list(range(one.next_offset, one.next_offset + k))
+            for o in run:
+                one.start(o)
+            bulk.start_new(run)
+            handed += run
+        elif op == "finish" and handed:
+            some = sorted(handed)[n % len(handed) :][:k]
+            for o in some:
+                assert one.finish(o)
+                handed.remove(o)
+            bulk.finish_open(some)
+        elif op == "give_back" and handed:
+            o = sorted(handed)[n % len(handed)]
+            assert one.give_back(o) and bulk.give_back(o)
+            handed.remove(o)
+            returned.append(o)
+        elif op == "commit":
+            one.mark_committed(one.committable())
+            bulk.mark_committed(bulk.committable())
+        assert (one.committable(), one.next_offset, one.unfinished) == (
+            bulk.committable(),
+            bulk.next_offset,
+            bulk.unfinished,
+        )
+        assert all(one.holds(o) == bulk.holds(o) for o in range(0, one.next_offset + 2))
+
+
 # --- the backlog: group lag ----------------------------------------------------------------------
 
 

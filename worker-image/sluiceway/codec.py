@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import orjson
+
 from sluiceway.contract import META_KEY, REPLY_PREFIX, reply_channel_of
 
 
@@ -77,6 +79,29 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
 
 def decode(payload: bytes | str) -> Message:
     """Parse wire bytes into a :class:`Message` or raise :class:`DecodeError` with the reason."""
+    # orjson first, for the bytes a broker delivers: it parses a message in a third of the
+    # stdlib's time or less, and what it accepts the stdlib decodes to the same value, except
+    # integers past 64 bits, which orjson turns into floats: a payload with a run of 19 digits
+    # (such an integer, or a long digit string) goes to the stdlib. So does whatever orjson
+    # refuses: the stdlib decodes what it can (1e400 as inf, a lone surrogate escape) and
+    # words every error as it always did.
+    if type(payload) is bytes and (len(payload) < _DIGIT_RUN or _RUN not in payload.translate(_DIGITS)):
+        try:
+            body = _orjson_loads(payload)
+        except _OrjsonError:
+            body = _decode_stdlib(payload)
+    else:
+        body = _decode_stdlib(payload)
+    if type(body) is not dict:
+        raise DecodeError(
+            "not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}"
+        )
+    raw_meta = body.pop(META_KEY, None)
+    return _new_message(body, _meta_from_json(raw_meta) if raw_meta is not None else _NO_META)
+
+
+def _decode_stdlib(payload: bytes | str) -> Any:
+    """The stdlib's parse of ``payload``, or DecodeError with the reason and json's words."""
     if type(payload) is bytes or isinstance(payload, bytes | bytearray):
         # JSON on the wire is UTF-8 (RFC 8259); json.loads would guess UTF-16/32 from the bytes.
         try:
@@ -95,12 +120,7 @@ def decode(payload: bytes | str) -> Message:
             end = -1
     if end != len(payload):
         body = _decode_json(payload)
-    if not isinstance(body, dict):
-        raise DecodeError(
-            "not_an_object", f"expected a JSON object of keyword arguments, got {type(body).__name__}"
-        )
-    raw_meta = body.pop(META_KEY, None)
-    return _new_message(body, _meta_from_json(raw_meta) if raw_meta is not None else _NO_META)
+    return body
 
 
 def _decode_json(text: str) -> Any:
@@ -128,6 +148,17 @@ def next_attempt(message: Message, error: str, *, assign_id: bool = True) -> Mes
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_orjson_loads = orjson.loads
+_OrjsonError = orjson.JSONDecodeError
+# orjson keeps integers from -2**63 to 2**64 - 1 exact: 18 digits always fit, 19 may not
+# (-9223372036854775809, found by the codec's tests). The check is translate + a substring
+# search, both in C: a regular expression for a digit run took 9 µs on a 1-KB payload, more
+# than the parse it guards.
+_DIGIT_RUN = 19
+_DIGITS = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
+_RUN = b"0" * _DIGIT_RUN
 
 
 # One decoder for every message: json.loads with options builds a new decoder per call.

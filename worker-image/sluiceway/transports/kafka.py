@@ -35,7 +35,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from functools import partial
+from itertools import groupby, repeat
+from operator import attrgetter, itemgetter
+from typing import Any, NamedTuple, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -62,8 +65,8 @@ COMMIT_RETRY_SECONDS = 5.0  # a revoke's or close's commit, tried again on retri
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
 
-# Tuples, not dataclasses: one of each is made per record on the hot path, where a frozen
-# dataclass costs over twice as much to build and to hash.
+# A tuple, not a dataclass: one is made per record on the hot path, where a frozen dataclass
+# costs over twice as much to build and to hash.
 class KafkaToken(NamedTuple):
     topic: str
     partition: int
@@ -71,10 +74,18 @@ class KafkaToken(NamedTuple):
     generation: int  # of this partition's assignment; a settle from an older one is gone
 
 
-class _Held(NamedTuple):
-    delivery: Delivery
-    tp: TP
-    offset: int
+# The per-record path builds tokens with tuple.__new__ itself: a NamedTuple's own constructor is
+# a Python function (about 2.5x the cost). Buffered and handed-out records are the Deliveries
+# themselves, keyed by their token, which carries the partition, offset and generation.
+_new_token = partial(tuple.__new__, KafkaToken)
+_tp_of = itemgetter(0, 1)
+_offset_of = itemgetter(2)
+_token_of = attrgetter("token")
+
+
+def _tp(d: Delivery) -> TP:
+    t: KafkaToken = d.token  # type: ignore[assignment]
+    return (t[0], t[1])
 
 
 class KafkaTransport:
@@ -121,10 +132,12 @@ class KafkaTransport:
         self.tracks: dict[TP, PartitionTrack] = {}
         self.generation: dict[TP, int] = {}
         self.assigned: set[TP] = set()
-        self.buffer: deque[_Held] = deque()
-        self.delayed: list[tuple[int, int, _Held]] = []  # (due ms, seq, record) heap
+        self.buffer: deque[Delivery] = deque()
+        self.delayed: list[tuple[int, int, Delivery]] = []  # (due ms, seq, record) heap
         self.delayed_seq = 0
-        self.out: dict[TP, dict[int, Delivery]] = {}  # handed to the worker, not settled
+        # Handed to the worker, not settled, by token: a token of an older assignment of the
+        # partition (another generation) is simply not there, so it settles as gone.
+        self.out: dict[KafkaToken, Delivery] = {}
         self.keys_busy: dict[bytes, int] = {}  # ordering=key: running records per key
         self.to_commit: dict[TP, int] = {}
         self.paused: set[TP] = set()
@@ -158,14 +171,14 @@ class KafkaTransport:
             if self.by_key:
                 self._take_by_key(max_count, out)
             else:
-                buffer, out_of, append = self.buffer, self.out, out.append
-                for _ in range(min(max_count, len(buffer))):
-                    held = buffer.popleft()
-                    by_offset = out_of.get(held.tp)
-                    if by_offset is None:
-                        by_offset = out_of[held.tp] = {}
-                    by_offset[held.offset] = held.delivery
-                    append(held.delivery)
+                buffer = self.buffer
+                if max_count >= len(buffer):
+                    out = list(buffer)
+                    buffer.clear()
+                else:
+                    popleft = buffer.popleft
+                    out = [popleft() for _ in range(max_count)]
+                self.out.update(zip(map(_token_of, out), out, strict=True))
             self.cond.notify_all()  # room in the buffer for the poll thread
             return out
 
@@ -181,19 +194,19 @@ class KafkaTransport:
                 self.cond.wait(left)
             return len(self.buffer)
 
-    def _hand_out(self, held: _Held, out: list[Delivery]) -> None:
-        self.out.setdefault(held.tp, {})[held.offset] = held.delivery
-        key = held.delivery.key
+    def _hand_out(self, held: Delivery, out: list[Delivery]) -> None:
+        self.out[cast(KafkaToken, held.token)] = held
+        key = held.key
         if self.by_key and key is not None:
             self.keys_busy[key] = self.keys_busy.get(key, 0) + 1
-        out.append(held.delivery)
+        out.append(held)
 
     def _take_by_key(self, max_count: int, out: list[Delivery]) -> None:
         blocked = set(self.keys_busy)
-        keep: deque[_Held] = deque()
+        keep: deque[Delivery] = deque()
         while self.buffer:
             held = self.buffer.popleft()
-            key = held.delivery.key
+            key = held.key
             if len(out) >= max_count or (key is not None and key in blocked):
                 keep.append(held)
                 if key is not None:
@@ -240,30 +253,32 @@ class KafkaTransport:
             return Settled(error=f"kafka produce failed: {exc}")
         if failures:
             return Settled(error=f"kafka produce failed: {failures[0]}")
-        gone = 0
-        touched: set[TP] = set()
-        # _settled inlined: this loop runs once per record.
-        generation, out_of, tracks, by_key = self.generation, self.out, self.tracks, self.by_key
+        any_tokens = list(outcomes.acks)
+        if outcomes.retries or outcomes.deads:
+            any_tokens += [r.token for r in outcomes.retries]
+            any_tokens += [d.token for d in outcomes.deads]
+        if not set(map(type, any_tokens)) <= {KafkaToken}:
+            for foreign in any_tokens:
+                self._token(foreign)  # raises, naming the foreign token
+        tokens = cast(list[KafkaToken], any_tokens)
+        # Once per record, so in C: pop every token from the handed-out set, then finish the
+        # found offsets partition by partition (a batch's tokens come in runs of one partition).
         with self.cond:
-            for any_token in (
-                *outcomes.acks,
-                *(r.token for r in outcomes.retries),
-                *(d.token for d in outcomes.deads),
-            ):
-                token = any_token if type(any_token) is KafkaToken else self._token(any_token)
-                tp = (token[0], token[1])
-                by_offset = out_of.get(tp) if generation.get(tp) == token[3] else None
-                held = by_offset.pop(token[2], None) if by_offset is not None else None
-                if held is None:
-                    gone += 1
-                    continue
-                if by_key:
-                    self._release_key(held.key)
-                tracks[tp].finish(token[2])
+            popped = list(map(self.out.pop, tokens, repeat(None)))
+            gone = popped.count(None)
+            if gone:
+                tokens = [t for t, d in zip(tokens, popped, strict=True) if d is not None]
+            if self.by_key:
+                for held in popped:
+                    if held is not None:
+                        self._release_key(held.key)
+            tracks, touched = self.tracks, set()
+            for tp, run in groupby(tokens, _tp_of):
+                tracks[tp].finish_open(list(map(_offset_of, run)))
                 touched.add(tp)
             # The commit point once per partition and settle, not once per record.
             for tp in touched:
-                track = self.tracks[tp]
+                track = tracks[tp]
                 point = track.committable()
                 if point > track.committed:
                     self.to_commit[tp] = point
@@ -272,7 +287,7 @@ class KafkaTransport:
 
     def _key_of(self, t: KafkaToken) -> bytes | None:
         with self.cond:
-            d = self.out.get((t.topic, t.partition), {}).get(t.offset)
+            d = self.out.get(t)
         return d.key if d is not None else None
 
     @staticmethod
@@ -283,11 +298,7 @@ class KafkaTransport:
 
     def _settled(self, t: KafkaToken) -> Delivery | None:
         """Take ``t``'s delivery out of the handed-out set; None when its assignment is gone."""
-        tp = (t.topic, t.partition)
-        if self.generation.get(tp) != t.generation:
-            return None
-        by_offset = self.out.get(tp)
-        d = by_offset.pop(t.offset, None) if by_offset is not None else None
+        d = self.out.pop(t, None)
         if d is not None and self.by_key:
             self._release_key(d.key)
         return d
@@ -310,14 +321,13 @@ class KafkaTransport:
         Kafka and a record that keeps killing its worker is redone until ``maxAttempts`` of the
         function's own failures, never by a count of deaths."""
         del redelivered
-        back: list[_Held] = []
+        back: list[Delivery] = []
         with self.cond:
             for token in tokens:
-                t = self._token(token)
-                d = self._settled(t)
+                d = self._settled(self._token(token))
                 if d is not None:
-                    back.append(_Held(d, (t.topic, t.partition), t.offset))
-            back.sort(key=lambda h: (h.tp, h.offset))
+                    back.append(d)
+            back.sort(key=_token_of)  # by partition, then offset
             self.buffer.extendleft(reversed(back))
             self.cond.notify_all()
         return len(back)
@@ -435,7 +445,9 @@ class KafkaTransport:
         now_ms = int(time.time() * 1000)
         # The per-record path of every message: names bound locally, no call that can be spared,
         # and the partition's lookups (assignment, track, generation) made once per run of
-        # records from one partition, which is how consume() returns them.
+        # records from one partition, which is how consume() returns them. A run's new offsets
+        # are started in one call (PartitionTrack.start_new); only a record below the track's
+        # next offset (fetched again) goes through holds() and start() on its own.
         assigned, tracks, generation, retry_topic = (
             self.assigned,
             self.tracks,
@@ -443,9 +455,11 @@ class KafkaTransport:
             self.retry_topic,
         )
         partition_eof = KafkaError._PARTITION_EOF
-        run_key: tuple[str | None, int | None] = (None, None)
-        tp: TP = ("", -1)
+        run_topic: str | None = None
+        run_partition: int | None = -1
         track: PartitionTrack | None = None
+        started: list[int] = []  # the run's new offsets, not yet started in the track
+        next_new = 0
         gen = 0
         retry = False
         with self.cond:
@@ -457,8 +471,11 @@ class KafkaTransport:
                         self.errors.append(str(err))
                     continue
                 topic, partition, offset = m.topic(), m.partition(), m.offset()
-                if (topic, partition) != run_key:
-                    run_key = (topic, partition)
+                if partition != run_partition or topic != run_topic:
+                    if track is not None:
+                        track.start_new(started)
+                    started = []
+                    run_topic, run_partition = topic, partition
                     track = None
                     if topic is not None and partition is not None and (topic, partition) in assigned:
                         tp = (topic, partition)
@@ -467,34 +484,40 @@ class KafkaTransport:
                             track = tracks[tp] = PartitionTrack(committed=offset)
                         gen = generation[tp]
                         retry = topic == retry_topic
+                        next_new = track.next_offset if track is not None else 0
                 if track is None or offset is None:
                     continue  # revoked while in flight to us
-                if track.holds(offset):
-                    continue
-                track.start(offset)
-                held = _Held(
-                    Delivery(m.value() or b"", KafkaToken(tp[0], tp[1], offset, gen), key=m.key()), tp, offset
-                )
+                if offset >= next_new:
+                    started.append(offset)
+                    next_new = offset + 1
+                else:
+                    track.start_new(started)
+                    started = []
+                    if track.holds(offset):
+                        continue
+                    track.start(offset)
+                    next_new = track.next_offset
+                d = Delivery(m.value() or b"", _new_token((topic, partition, offset, gen)), 0.0, 0, m.key())
                 if not retry:
-                    append(held)
+                    append(d)
                     continue
                 due = kc.header(m.headers(), kc.HEADER_DUE_MS)
                 due_ms = int(due) if due and due.isdigit() else 0
                 if due_ms > now_ms:
                     self.delayed_seq += 1
-                    heapq.heappush(self.delayed, (due_ms, self.delayed_seq, held))
+                    heapq.heappush(self.delayed, (due_ms, self.delayed_seq, d))
                     continue
-                append(held)
+                append(d)
+            if track is not None:
+                track.start_new(started)
             self.cond.notify_all()
 
     def _release_due(self) -> None:
         now_ms = int(time.time() * 1000)
         while self.delayed and self.delayed[0][0] <= now_ms:
             _, _, held = heapq.heappop(self.delayed)
-            if (
-                held.tp in self.assigned
-                and self.generation.get(held.tp) == self._token(held.delivery.token).generation
-            ):
+            tp = _tp(held)
+            if tp in self.assigned and self.generation.get(tp) == self._token(held.token).generation:
                 self.buffer.append(held)
 
     def _take_commits(self) -> list[TopicPartition]:
@@ -590,6 +613,12 @@ class KafkaTransport:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         with self.cond:
+            # Whatever is still held of an earlier assignment of these partitions (a revoke or a
+            # loss always forgets it first; this makes sure) must settle as gone, not finish
+            # offsets in the new assignment's track: records are keyed by token alone.
+            again = {(p.topic, p.partition) for p in partitions}
+            self._drop(again)
+            self._release_out(again)
             for p in partitions:
                 tp = (p.topic, p.partition)
                 self.generation[tp] = self.generation.get(tp, 0) + 1
@@ -611,12 +640,12 @@ class KafkaTransport:
             self.revokes += 1
             self._drop(revoked)
             # Let the revoked partitions' running tasks finish (other threads settle them).
-            while any(self.out.get(tp) for tp in revoked) and not self.closing:
+            while self._running_on(revoked) and not self.closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.cond.wait(min(left, POLL_TIMEOUT))
-            unfinished = sum(len(self.out.get(tp, ())) for tp in revoked)
+            unfinished = self._running_on(revoked)
             self.redone_on_revoke += unfinished
             offsets = self._committable(revoked)
         if offsets:
@@ -634,9 +663,13 @@ class KafkaTransport:
             self._drop(lost)
             self._forget(lost)  # another member owns them now: committing would move its offsets
 
+    def _running_on(self, tps: set[TP]) -> int:
+        """Records of ``tps`` handed to the worker and not settled (a scan: rebalances are rare)."""
+        return len([t for t in self.out if (t[0], t[1]) in tps])
+
     def _drop(self, tps: set[TP]) -> None:
-        self.buffer = deque(h for h in self.buffer if h.tp not in tps)
-        self.delayed = [d for d in self.delayed if d[2].tp not in tps]
+        self.buffer = deque(d for d in self.buffer if _tp(d) not in tps)
+        self.delayed = [e for e in self.delayed if _tp(e[2]) not in tps]
         heapq.heapify(self.delayed)
 
     def _forget(self, tps: set[TP]) -> None:
@@ -645,9 +678,13 @@ class KafkaTransport:
             self.tracks.pop(tp, None)
             self.to_commit.pop(tp, None)
             self.paused.discard(tp)
-            for d in self.out.pop(tp, {}).values():
-                self._release_key(d.key)
+        self._release_out(tps)
         self.cond.notify_all()
+
+    def _release_out(self, tps: set[TP]) -> None:
+        """Forget the handed-out records of ``tps``: their settles count as gone."""
+        for t in [t for t in self.out if (t[0], t[1]) in tps]:
+            self._release_key(self.out.pop(t).key)
 
     def _flush(self) -> None:
         left = self.producer.flush(PRODUCE_TIMEOUT)
@@ -703,7 +740,11 @@ class KafkaSink:
     def _ensure(self, namespace: str, queue: str) -> None:
         if (namespace, queue) in self.ready:
             return
-        admin = AdminClient(kc.admin_config(self.url))
+        # Until this sink has reached the cluster once, no broker answering fails the call in
+        # seconds (a wrong URL, a port nothing listens on) instead of the metadata timeout;
+        # after that, a broker down is a restart to wait for (kafka_common.cluster_metadata).
+        reach = None if self.ready else kc.Reachability()
+        admin = AdminClient(kc.admin_config(self.url, reach))
         kc.ensure_topics(
             admin,
             {
@@ -711,6 +752,7 @@ class KafkaSink:
                 kc.retry_topic(namespace, queue): -1,
                 kc.dead_topic(namespace, queue): -1,
             },
+            reachability=reach,
         )
         for name in (kc.topic(namespace, queue), kc.retry_topic(namespace, queue)):
             md = self.producer.list_topics(name, timeout=PRODUCE_TIMEOUT).topics.get(name)

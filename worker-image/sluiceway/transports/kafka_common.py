@@ -188,8 +188,10 @@ def consumer_config(url: str, group_id: str, client_id: str) -> dict[str, Any]:
     }
 
 
-def admin_config(url: str) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap(url), **client_logging()}
+def admin_config(url: str, reachability: Reachability | None = None) -> dict[str, Any]:
+    """``reachability``: an admin client of a caller that fails fast (see :class:`Reachability`)."""
+    extra = {"error_cb": reachability.on_error} if reachability is not None else {}
+    return {"bootstrap.servers": bootstrap(url), **client_logging(), **extra}
 
 
 def producer_config(url: str, client_id: str = "sluiceway") -> dict[str, Any]:
@@ -300,13 +302,82 @@ def header(headers: Any, name: str) -> bytes | None:
     return None
 
 
-def ensure_topics(admin: Any, partitions: Mapping[str, int], timeout: float = 30.0) -> list[str]:
+# A client that has never reached the cluster learns that every bootstrap broker is down from
+# librdkafka's error callback (ERR__ALL_BROKERS_DOWN) within milliseconds of a refused
+# connection, while a metadata request waits out its whole timeout (30 s) for a broker that may
+# yet come up. A caller that must answer quickly (the publishing CLI and SDK, on their first
+# contact) gives up UNREACHABLE_GRACE after that report: the grace lets librdkafka try the
+# other addresses of a name (localhost is ::1, then 127.0.0.1) and a broker that is starting.
+UNREACHABLE_GRACE: Final = 2.0
+METADATA_STEP: Final = 0.25  # the metadata request is cut in steps of this, to read the callback
+
+
+class Reachability:
+    """What librdkafka's error callback said about the brokers, for :func:`ensure_topics`: when
+    it first reported them all down, and the last connection error (the one line to show)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self.down_since: float | None = None
+        self.last_error = ""
+
+    def on_error(self, err: Any) -> None:
+        from confluent_kafka import KafkaError
+
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self.down_since is None:
+                self.down_since = self.clock()
+        else:
+            self.last_error = err.str()
+
+    def unreachable(self) -> bool:
+        """True once every broker has been down for UNREACHABLE_GRACE without an answer."""
+        return self.down_since is not None and self.clock() - self.down_since >= UNREACHABLE_GRACE
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError, KafkaException
+
+        why = self.last_error or "no connection"
+        return KafkaException(
+            KafkaError(KafkaError._ALL_BROKERS_DOWN, f"no broker reachable ({why})", fatal=False)
+        )
+
+
+def cluster_metadata(admin: Any, timeout: float, reachability: Reachability | None = None) -> Any:
+    """``admin.list_topics()``; with ``reachability`` (the admin client made with it, see
+    :func:`admin_config`), it raises once librdkafka says no broker can be reached instead of
+    waiting out ``timeout``. Without it, a broker down is waited for up to ``timeout``: a
+    running worker retries an outage, it never fails fast on one."""
+    from confluent_kafka import KafkaException
+
+    if reachability is None:
+        return admin.list_topics(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return admin.list_topics(timeout=max(0.001, min(METADATA_STEP, left)))
+        except KafkaException:
+            if left <= METADATA_STEP:
+                raise
+        admin.poll(0)  # serves the error callback
+        if reachability.unreachable():
+            raise reachability.error()
+
+
+def ensure_topics(
+    admin: Any,
+    partitions: Mapping[str, int],
+    timeout: float = 30.0,
+    reachability: Reachability | None = None,
+) -> list[str]:
     """Create the topics that are missing (``-1`` partitions: the broker's default); returns the
-    names it created. An existing topic is left as it is, whatever its partition count."""
+    names it created. An existing topic is left as it is, whatever its partition count.
+    ``reachability``: fail fast when no broker can be reached (:func:`cluster_metadata`)."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.cimpl import NewTopic
 
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    existing = set(cluster_metadata(admin, timeout, reachability).topics)
     missing = [name for name in partitions if name not in existing]
     if not missing:
         return []
