@@ -14,8 +14,9 @@ How many messages a worker holds:
 
 - **Without a rate limit** it consumes (``basic_consume``) with a prefetch that follows the
   worker's free capacity: each ``fetch(n)`` says the worker has room for ``n`` beyond what it
-  holds, and the consumer is re-subscribed with a new ``basic_qos`` when that figure grows, or
-  shrinks by more than half (at most every :data:`REQOS_INTERVAL`). A delivery that waits in the local buffer
+  holds, and the consumer is re-subscribed with a new ``basic_qos`` by the rule of
+  :func:`~sluiceway.transports.rabbitmq_topology.new_prefetch` (a large growth at once, small
+  changes and shrinking at most once a second). A delivery that waits in the local buffer
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
 - **With a rate limit** the worker takes its slots from the fleet limiter first
@@ -74,18 +75,15 @@ from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, Retry, Set
 log = logging.getLogger("sluiceway.rabbitmq")
 
 BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the local buffer
-REQOS_INTERVAL: Final = 1.0
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
-MAX_PREFETCH: Final = 65535
+RATE_INTERVAL: Final = 0.5  # seconds over which the delivery rate (for the prefetch) is measured
 # Under a rate limit, up to this many granted slots are filled with basic_get (one Raft command
 # per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
 GET_AT_MOST: Final = 2
-IN_FLIGHT_SECONDS: Final = 0.2
 # The keeper turns the connection's loop once no other thread has for this long; a thread that
 # waits for the broker turns it in slices of WAIT_SLICE (async deliveries do not end a turn).
 KEEP_IDLE: Final = 0.02
 WAIT_SLICE: Final = 0.002
-MAX_IN_FLIGHT_AHEAD: Final = 2000
 
 
 class RabbitMQUnavailableError(ConnectionError):
@@ -155,7 +153,7 @@ class RabbitMQTransport:
         self.queue_type = topo.check_queue_type(queue_type)
         # False under a rate limit: each fetch takes exactly the granted count (see the module doc).
         self.consume = consume
-        self.prefetch = max(1, min(initial_prefetch, MAX_PREFETCH))
+        self.prefetch = max(1, min(initial_prefetch, topo.MAX_PREFETCH))
         self.qos = 0  # the prefetch last sent with basic_qos on this channel; I/O thread only
         self.generation = 0
         self.conn: BlockingConnection | None = None
@@ -207,7 +205,7 @@ class RabbitMQTransport:
             if max_count <= GET_AT_MOST:
                 got: list[Delivery] = self._call(lambda: self._get(max_count))
                 return got
-            return self._fetch_exactly(min(max_count, MAX_PREFETCH), timeout)
+            return self._fetch_exactly(min(max_count, topo.MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
         self._check_connected()
         # The fetching thread reads the connection itself (see the module doc): the deliveries
@@ -615,23 +613,17 @@ class RabbitMQTransport:
             log.warning("returned %d deliveries that waited %s s unstarted", n, BUFFER_MAX_AGE)
 
     def _maybe_reqos(self, room: int) -> None:
-        """Follow the worker's capacity: what it holds plus the room it reports, plus what is
-        handed out in :data:`IN_FLIGHT_SECONDS` at the measured rate. That last part covers
-        the round trip from an ack to the next delivery, so a fast queue streams instead of
-        stalling once per window; a slow task's rate is low, so it adds nothing there."""
+        """Follow the worker's capacity (see :func:`~sluiceway.transports.rabbitmq_topology.prefetch_target`)."""
         now = time.monotonic()
-        if now - self.rate_at >= 0.5:
+        if now - self.rate_at >= RATE_INTERVAL:
             self.rate = self.handed_total / (now - self.rate_at)
             self.handed_total = 0
             self.rate_at = now
-        ahead = min(MAX_IN_FLIGHT_AHEAD, int(self.rate * IN_FLIGHT_SECONDS))
-        with self.cond:
-            want = max(1, min(MAX_PREFETCH, len(self.handed) + len(self.buffer) + room + ahead))
-        # Grow at once (the worker has room the broker will not fill); shrink only by half.
-        if (want > self.prefetch or want < self.prefetch / 2) and (
-            time.monotonic() - self.last_reqos >= REQOS_INTERVAL
-        ):
-            self.last_reqos = time.monotonic()
+        want = topo.new_prefetch(
+            self.prefetch, topo.prefetch_target(len(self.handed), room, self.rate), now - self.last_reqos
+        )
+        if want is not None:
+            self.last_reqos = now
             # An outage is reported by the fetch that follows.
             with contextlib.suppress(RabbitMQUnavailableError):
                 self._call(lambda: self._subscribe(want))
