@@ -90,6 +90,16 @@ def test_the_pika_internals_the_transport_uses_are_still_there() -> None:
     assert got == [b"kept"]
     ch._cleanup_consumer_ref("c1")
     assert "c1" not in ch._consumers and "c1" not in ch._cancelled
+    # The delivery fast path replaces the connection's _on_data_available, which the adapter
+    # looks up on the instance for every read, and calls these for the frames it leaves to pika.
+    from pika.adapters.base_connection import BaseConnection
+    from pika.connection import Connection
+
+    assert "self._on_data_available(data)" in inspect.getsource(BaseConnection._proto_data_received)
+    for name in ("_read_frame", "_trim_frame_buffer", "_process_frame"):
+        assert callable(getattr(Connection, name))
+    assert "self.bytes_received += byte_count" in inspect.getsource(Connection._trim_frame_buffer)
+    assert ch._content_assembler._method_frame is None and isinstance(ch._cancelled, set)
 
 
 def test_queue_type_is_checked_by_name() -> None:
@@ -140,6 +150,32 @@ def test_publish_fetch_ack_roundtrip(rabbitmq_url: str, queue_type: str) -> None
         tr.close()
         sink.close()
     print(f"[figures] {queue_type}: published 500 with confirms in {publish_s:.2f} s")
+
+
+@pytest.mark.rabbitmq
+def test_deliveries_skip_pikas_frame_objects_and_keep_their_headers(rabbitmq_url: str) -> None:
+    """Deliveries are read by rabbitmq_frames, not by pika's per-frame decoding (which counts
+    each frame it processes), and the headers they carry still count."""
+    tr = RabbitMQTransport(rabbitmq_url, "fast")
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        ch = conn.channel()
+        plain = pika.BasicProperties(delivery_mode=2)
+        counted = pika.BasicProperties(delivery_mode=2, headers=topo.returned_headers(3))
+        for i in range(200):
+            ch.basic_publish("", "fast", b'{"i": %d}' % i, counted if i % 2 else plain)
+        assert tr.conn is not None
+        frames_before = tr.conn._impl.frames_received
+        got = _fetch_all(tr, 200)
+        assert [d.payload for d in got] == [b'{"i": %d}' % i for i in range(200)]
+        assert [d.redeliveries for d in got] == [3 if i % 2 else 0 for i in range(200)]
+        assert tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
+        # A consume and a qos answered, heartbeats: a few frames, not three per delivery.
+        assert tr.conn._impl.frames_received - frames_before < 50
+        wait_for(lambda: _ready(rabbitmq_url, "fast") == 0, 10, what="queue empty")
+    finally:
+        conn.close()
+        tr.close()
 
 
 @pytest.mark.rabbitmq
