@@ -80,7 +80,7 @@ log = logging.getLogger("sluiceway.rabbitmq")
 
 BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the local buffer
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
-RATE_INTERVAL: Final = 0.5  # seconds over which the delivery rate (for the prefetch) is measured
+RATE_INTERVAL: Final = 0.1  # seconds per estimate of the delivery rate (for the prefetch)
 # Under a rate limit, up to this many granted slots are filled with basic_get (one Raft command
 # per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
 GET_AT_MOST: Final = 2
@@ -187,7 +187,7 @@ class RabbitMQTransport:
         self.given_back = 0  # unstarted deliveries republished with their count (see give_back)
         self.last_reqos = 0.0
         self.rate = 0.0  # deliveries handed to the worker per second, for the prefetch
-        self.rate_at = time.monotonic()
+        self.rate_at = 0.0  # monotonic start of the current rate window; 0 before the first fetch
         self.handed_total = 0
         self.delay_declared: dict[int, float] = {}  # delay ms -> monotonic time of the last declare
         self.thread = threading.Thread(target=self._io_main, name="sluiceway-rabbitmq-io", daemon=True)
@@ -669,8 +669,13 @@ class RabbitMQTransport:
     def _maybe_reqos(self, room: int) -> None:
         """Follow the worker's capacity (see :func:`~sluiceway.transports.rabbitmq_topology.prefetch_target`)."""
         now = time.monotonic()
-        if now - self.rate_at >= RATE_INTERVAL:
-            self.rate = self.handed_total / (now - self.rate_at)
+        if not self.rate_at:
+            self.rate_at = now  # the first window starts with the first fetch, not the connect
+        elif now - self.rate_at >= RATE_INTERVAL:
+            measured = self.handed_total / (now - self.rate_at)
+            # The first figure is taken whole: a worker starting on a backlog needs its window
+            # within a fraction of a second, not after several estimates.
+            self.rate = measured if not self.rate else 0.5 * self.rate + 0.5 * measured
             self.handed_total = 0
             self.rate_at = now
         want = topo.new_prefetch(

@@ -192,7 +192,7 @@ MAX_PREFETCH: Final = 65535  # basic.qos prefetch-count is a short
 IN_FLIGHT_SECONDS: Final = 0.2
 MAX_IN_FLIGHT_AHEAD: Final = 2000
 # Growth by more than this fraction re-subscribes at once; smaller changes wait REQOS_INTERVAL.
-REQOS_GROWTH: Final = 1 / 8
+REQOS_GROWTH: Final = 1 / 4
 REQOS_INTERVAL: Final = 1.0
 
 
