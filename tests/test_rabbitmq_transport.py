@@ -297,6 +297,8 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
         wait_for(lambda: _ready(rabbitmq_url, "lim") == 7, 10, what="7 ready")
         time.sleep(0.3)  # a delivery pushed after the acks would show as 6 ready by now
         assert _ready(rabbitmq_url, "lim") == 7
+        tr._call(lambda: tr._drive(0.05))
+        assert not tr.buffer  # nor did one reach this transport
         two = tr.fetch(2, 0.1)  # one or two slots: basic_get, not a consumer
         assert len(two) == 2
         wait_for(lambda: _ready(rabbitmq_url, "lim") == 5, 10, what="5 ready")
@@ -305,6 +307,24 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
         assert all(d.redeliveries == 0 for d in first + rest)  # nothing went back and forth
         tr.settle(Outcomes(acks=[d.token for d in rest]))
         assert tr.fetch(5, 0.1) == []
+    finally:
+        tr.close()
+
+
+@pytest.mark.rabbitmq
+def test_a_filled_grant_acked_at_once_lets_nothing_else_through(rabbitmq_url: str) -> None:
+    """A fetch that got all its granted count returns without waiting for the cancel's
+    CancelOk; the acks that follow at once must still not let a delivery through."""
+    RabbitMQSink(rabbitmq_url).send("default", "lim2", _bodies(200))
+    tr = RabbitMQTransport(rabbitmq_url, "lim2", consume=False)
+    try:
+        for round_ in range(20):
+            got = tr.fetch(5, 1.0)
+            assert len(got) == 5
+            tr.settle(Outcomes(acks=[d.token for d in got]))
+            tr._call(lambda: tr._drive(0.02))
+            assert not tr.buffer, f"a delivery without a slot arrived in round {round_}"
+        wait_for(lambda: _ready(rabbitmq_url, "lim2") == 100, 10, what="100 ready")
     finally:
         tr.close()
 
