@@ -248,8 +248,8 @@ class RabbitMQTransport:
     def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
         """Under a rate limit: a consumer with prefetch ``count`` (the granted slots), open until
         ``count`` deliveries came or ``timeout`` passed, cancelled before this returns. Every
-        delivery that came before the broker confirmed the cancel is returned: at most ``count``,
-        since the broker sends a consumer no more than its prefetch."""
+        delivery that came before the cancel took effect is returned: at most ``count``, since
+        the broker sends a consumer no more than its prefetch."""
         self._check_connected()
         if not self.io_lock.acquire(timeout=COMMAND_TIMEOUT):
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
