@@ -313,8 +313,8 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
 
 @pytest.mark.rabbitmq
 def test_a_filled_grant_acked_at_once_lets_nothing_else_through(rabbitmq_url: str) -> None:
-    """A fetch that got all its granted count returns without waiting for the cancel's
-    CancelOk; the acks that follow at once must still not let a delivery through."""
+    """Grant after grant, acked as soon as the fetch returns: no delivery beyond the granted
+    count reaches the transport (the consumer is gone before the acks free its credit)."""
     RabbitMQSink(rabbitmq_url).send("default", "lim2", _bodies(200))
     tr = RabbitMQTransport(rabbitmq_url, "lim2", consume=False)
     try:

@@ -248,8 +248,8 @@ class RabbitMQTransport:
     def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
         """Under a rate limit: a consumer with prefetch ``count`` (the granted slots), open until
         ``count`` deliveries came or ``timeout`` passed, cancelled before this returns. Every
-        delivery that came before the cancel took effect is returned: at most ``count``, since
-        the broker sends a consumer no more than its prefetch."""
+        delivery that came before the broker confirmed the cancel is returned: at most ``count``,
+        since the broker sends a consumer no more than its prefetch."""
         self._check_connected()
         if not self.io_lock.acquire(timeout=COMMAND_TIMEOUT):
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
@@ -262,11 +262,7 @@ class RabbitMQTransport:
                     break
                 self._drive(min(left, WAIT_SLICE))
             self._run(self._cancel)
-            # With all ``count`` here the consumer has no credit left, and the broker takes the
-            # cancel before any ack written after it, so nothing more can come: no need to wait
-            # for the CancelOk (a round trip that made every grant's first slots late). With
-            # fewer, more may be in flight; those are waited for (and within the count).
-            if len(self.buffer) < count and not self._run(lambda: self._wait_cancelled(COMMAND_TIMEOUT)):
+            if not self._run(lambda: self._wait_cancelled(COMMAND_TIMEOUT)):
                 raise RabbitMQUnavailableError(
                     f"RabbitMQ did not confirm a cancel within {COMMAND_TIMEOUT} s"
                 )
