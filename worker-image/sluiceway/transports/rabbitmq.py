@@ -242,7 +242,8 @@ class RabbitMQTransport:
         while buffer and len(out) < max_count:
             b = buffer.popleft()
             handed[b.tag] = b
-            out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+            # Positional: keyword arguments cost a dataclass's __init__ more, once per message.
+            out.append(Delivery(b.body, (gen, b.tag), 0.0, b.redeliveries))
         return out
 
     def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
@@ -553,17 +554,18 @@ class RabbitMQTransport:
         def on_data(data_in: bytes) -> None:
             buf = impl._frame_buffer + data_in if impl._frame_buffer else data_in
             pos = read = 0
+            at = time.monotonic()  # one reading for what one socket read brought
             while pos < len(buf):
                 got: frames.Deliver | int = frames.NOT_A_DELIVERY
                 if ch._content_assembler._method_frame is None and impl._channels.get(number) is ch:
                     got = parse(buf, pos, number)
-                if isinstance(got, frames.Deliver):
-                    tag = got.consumer_tag
-                    if tag in ch._consumers and tag not in ch._cancelled:
-                        read += got.end - pos
-                        pos = got.end
-                        headers = None if got.headers is None else decode_table(got.headers, 0)[0]
-                        arrived(got.delivery_tag, got.redelivered, headers, got.body)
+                if isinstance(got, tuple):
+                    consumer, tag, redelivered, table, body, end = got
+                    if consumer in ch._consumers and consumer not in ch._cancelled:
+                        read += end - pos
+                        pos = end
+                        headers = None if table is None else decode_table(table, 0)[0]
+                        arrived(tag, redelivered, headers, body, at)
                         continue
                 elif got == frames.INCOMPLETE:
                     break
@@ -639,16 +641,14 @@ class RabbitMQTransport:
         )
 
     def _on_message(self, _ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        self._arrived(method.delivery_tag, method.redelivered, props.headers, body)
+        self._arrived(method.delivery_tag, method.redelivered, props.headers, body, time.monotonic())
 
-    def _arrived(self, tag: int, redelivered: bool, headers: dict[str, Any] | None, body: bytes) -> None:
-        """A delivery of our consumer, from pika's dispatch or from :meth:`_read_deliveries_first`."""
-        b = _Buffered(
-            tag,
-            body,
-            topo.redeliveries(headers, redelivered) if headers or redelivered else 0,
-            time.monotonic(),
-        )
+    def _arrived(
+        self, tag: int, redelivered: bool, headers: dict[str, Any] | None, body: bytes, at: float
+    ) -> None:
+        """A delivery of our consumer, from pika's dispatch or from :meth:`_read_deliveries_first`;
+        ``at``: the monotonic time it arrived."""
+        b = _Buffered(tag, body, topo.redeliveries(headers, redelivered) if headers or redelivered else 0, at)
         self.unacked.add(tag)
         self.order.append(tag)
         # deque appends are atomic, and only io_lock's holder changes the buffer other than by

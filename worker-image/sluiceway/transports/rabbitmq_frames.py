@@ -15,7 +15,7 @@ pika's own table decoder.
 from __future__ import annotations
 
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 FRAME_METHOD: Final = 1
 FRAME_HEADER: Final = 2
@@ -39,13 +39,10 @@ _TAG = struct.Struct(">QB")  # delivery tag, redelivered
 _U32 = struct.Struct(">I")
 
 
-class Deliver(NamedTuple):
-    consumer_tag: str
-    delivery_tag: int
-    redelivered: bool
-    headers: bytes | None  # the encoded headers table (its 4-byte length first), if any
-    body: bytes
-    end: int  # the position after its last frame
+# (consumer tag, delivery tag, redelivered, the encoded headers table with its 4-byte length
+# first or None, body, the position after its last frame). A plain tuple: a NamedTuple's
+# constructor is a Python function call, per message.
+Deliver = tuple[str, int, bool, bytes | None, bytes, int]
 
 
 def parse_delivery(buf: bytes, pos: int, channel: int) -> Deliver | int:
@@ -89,7 +86,7 @@ def parse_delivery(buf: bytes, pos: int, channel: int) -> Deliver | int:
 
     b = h_end + 1
     if body_size == 0:
-        return Deliver(consumer_tag, delivery_tag, bool(redelivered), headers, b"", b)
+        return (consumer_tag, delivery_tag, bool(redelivered), headers, b"", b)
     if n - b < 7:
         return INCOMPLETE
     ftype, ch, size = _FRAME.unpack_from(buf, b)
@@ -100,4 +97,4 @@ def parse_delivery(buf: bytes, pos: int, channel: int) -> Deliver | int:
         return INCOMPLETE
     if buf[b_end] != FRAME_END:
         return NOT_A_DELIVERY
-    return Deliver(consumer_tag, delivery_tag, bool(redelivered), headers, buf[b + 7 : b_end], b_end + 1)
+    return (consumer_tag, delivery_tag, bool(redelivered), headers, buf[b + 7 : b_end], b_end + 1)
