@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qps-rates", default="10,100,1000", help="comma-separated QPS limits [%(default)s]")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    # The test servers' port helpers live in the e2e package (tests/support imports them).
+    sys.path[:0] = [str(REPO / "e2e"), str(REPO)]
     from tests.support.rabbitmq_server import RabbitMQServer
     from tests.support.redis_server import RedisServer
 

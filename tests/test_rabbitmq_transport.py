@@ -90,6 +90,16 @@ def test_the_pika_internals_the_transport_uses_are_still_there() -> None:
     assert got == [b"kept"]
     ch._cleanup_consumer_ref("c1")
     assert "c1" not in ch._consumers and "c1" not in ch._cancelled
+    # The delivery fast path replaces the connection's _on_data_available, which the adapter
+    # looks up on the instance for every read, and calls these for the frames it leaves to pika.
+    from pika.adapters.base_connection import BaseConnection
+    from pika.connection import Connection
+
+    assert "self._on_data_available(data)" in inspect.getsource(BaseConnection._proto_data_received)
+    for name in ("_read_frame", "_trim_frame_buffer", "_process_frame"):
+        assert callable(getattr(Connection, name))
+    assert "self.bytes_received += byte_count" in inspect.getsource(Connection._trim_frame_buffer)
+    assert ch._content_assembler._method_frame is None and isinstance(ch._cancelled, set)
 
 
 def test_queue_type_is_checked_by_name() -> None:
@@ -140,6 +150,32 @@ def test_publish_fetch_ack_roundtrip(rabbitmq_url: str, queue_type: str) -> None
         tr.close()
         sink.close()
     print(f"[figures] {queue_type}: published 500 with confirms in {publish_s:.2f} s")
+
+
+@pytest.mark.rabbitmq
+def test_deliveries_skip_pikas_frame_objects_and_keep_their_headers(rabbitmq_url: str) -> None:
+    """Deliveries are read by rabbitmq_frames, not by pika's per-frame decoding (which counts
+    each frame it processes), and the headers they carry still count."""
+    tr = RabbitMQTransport(rabbitmq_url, "fast")
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        ch = conn.channel()
+        plain = pika.BasicProperties(delivery_mode=2)
+        counted = pika.BasicProperties(delivery_mode=2, headers=topo.returned_headers(3))
+        for i in range(200):
+            ch.basic_publish("", "fast", b'{"i": %d}' % i, counted if i % 2 else plain)
+        assert tr.conn is not None
+        frames_before = tr.conn._impl.frames_received
+        got = _fetch_all(tr, 200)
+        assert [d.payload for d in got] == [b'{"i": %d}' % i for i in range(200)]
+        assert [d.redeliveries for d in got] == [3 if i % 2 else 0 for i in range(200)]
+        assert tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
+        # A consume and a qos answered, heartbeats: a few frames, not three per delivery.
+        assert tr.conn._impl.frames_received - frames_before < 50
+        wait_for(lambda: _ready(rabbitmq_url, "fast") == 0, 10, what="queue empty")
+    finally:
+        conn.close()
+        tr.close()
 
 
 @pytest.mark.rabbitmq
@@ -261,6 +297,8 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
         wait_for(lambda: _ready(rabbitmq_url, "lim") == 7, 10, what="7 ready")
         time.sleep(0.3)  # a delivery pushed after the acks would show as 6 ready by now
         assert _ready(rabbitmq_url, "lim") == 7
+        tr._call(lambda: tr._drive(0.05))
+        assert not tr.buffer  # nor did one reach this transport
         two = tr.fetch(2, 0.1)  # one or two slots: basic_get, not a consumer
         assert len(two) == 2
         wait_for(lambda: _ready(rabbitmq_url, "lim") == 5, 10, what="5 ready")
@@ -269,6 +307,24 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
         assert all(d.redeliveries == 0 for d in first + rest)  # nothing went back and forth
         tr.settle(Outcomes(acks=[d.token for d in rest]))
         assert tr.fetch(5, 0.1) == []
+    finally:
+        tr.close()
+
+
+@pytest.mark.rabbitmq
+def test_a_filled_grant_acked_at_once_lets_nothing_else_through(rabbitmq_url: str) -> None:
+    """Grant after grant, acked as soon as the fetch returns: no delivery beyond the granted
+    count reaches the transport (the consumer is gone before the acks free its credit)."""
+    RabbitMQSink(rabbitmq_url).send("default", "lim2", _bodies(200))
+    tr = RabbitMQTransport(rabbitmq_url, "lim2", consume=False)
+    try:
+        for round_ in range(20):
+            got = tr.fetch(5, 1.0)
+            assert len(got) == 5
+            tr.settle(Outcomes(acks=[d.token for d in got]))
+            tr._call(lambda: tr._drive(0.02))
+            assert not tr.buffer, f"a delivery without a slot arrived in round {round_}"
+        wait_for(lambda: _ready(rabbitmq_url, "lim2") == 100, 10, what="100 ready")
     finally:
         tr.close()
 

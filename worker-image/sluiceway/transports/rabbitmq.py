@@ -14,8 +14,9 @@ How many messages a worker holds:
 
 - **Without a rate limit** it consumes (``basic_consume``) with a prefetch that follows the
   worker's free capacity: each ``fetch(n)`` says the worker has room for ``n`` beyond what it
-  holds, and the consumer is re-subscribed with a new ``basic_qos`` when that figure grows, or
-  shrinks by more than half (at most every :data:`REQOS_INTERVAL`). A delivery that waits in the local buffer
+  holds, and the consumer is re-subscribed with a new ``basic_qos`` by the rule of
+  :func:`~sluiceway.transports.rabbitmq_topology.new_prefetch` (a large growth at once, small
+  changes and shrinking at most once a second). A delivery that waits in the local buffer
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
 - **With a rate limit** the worker takes its slots from the fleet limiter first
@@ -40,7 +41,9 @@ counts.
 Consuming and acking go through a channel of pika's asynchronous layer underneath the blocking
 connection: a delivery reaches our callback straight from the frame parser, without the
 blocking adapter's per-message event objects and dispatch queue, and an ack is written without
-spinning the I/O loop until it is flushed.
+spinning the I/O loop until it is flushed. Below that, the bytes the connection receives are read
+for whole deliveries first (:mod:`~sluiceway.transports.rabbitmq_frames`), which halved the
+worker's CPU per message; every other frame is still pika's.
 
 Tokens are ``(generation, delivery_tag)``. A delivery tag belongs to its channel: after a
 reconnect (a new generation) old tags are forgotten, settling them counts as ``gone``, and the
@@ -62,30 +65,29 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pika
+import pika.data
 import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.channel import Channel
 
 from sluiceway.backoff import retry_delay
+from sluiceway.transports import rabbitmq_frames as frames
 from sluiceway.transports import rabbitmq_topology as topo
 from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, Retry, Settled, Token
 
 log = logging.getLogger("sluiceway.rabbitmq")
 
 BUFFER_MAX_AGE: Final = 60.0  # seconds a delivery may wait, unstarted, in the local buffer
-REQOS_INTERVAL: Final = 1.0
 COMMAND_TIMEOUT: Final = 30.0  # a command the I/O thread never answered counts as an outage
-MAX_PREFETCH: Final = 65535
+RATE_INTERVAL: Final = 0.1  # seconds per estimate of the delivery rate (for the prefetch)
 # Under a rate limit, up to this many granted slots are filled with basic_get (one Raft command
 # per message on a quorum queue) rather than a consumer (a consume and a cancel: two, plus a qos).
 GET_AT_MOST: Final = 2
-IN_FLIGHT_SECONDS: Final = 0.2
 # The keeper turns the connection's loop once no other thread has for this long; a thread that
 # waits for the broker turns it in slices of WAIT_SLICE (async deliveries do not end a turn).
 KEEP_IDLE: Final = 0.02
 WAIT_SLICE: Final = 0.002
-MAX_IN_FLIGHT_AHEAD: Final = 2000
 
 
 class RabbitMQUnavailableError(ConnectionError):
@@ -155,7 +157,7 @@ class RabbitMQTransport:
         self.queue_type = topo.check_queue_type(queue_type)
         # False under a rate limit: each fetch takes exactly the granted count (see the module doc).
         self.consume = consume
-        self.prefetch = max(1, min(initial_prefetch, MAX_PREFETCH))
+        self.prefetch = max(1, min(initial_prefetch, topo.MAX_PREFETCH))
         self.qos = 0  # the prefetch last sent with basic_qos on this channel; I/O thread only
         self.generation = 0
         self.conn: BlockingConnection | None = None
@@ -185,7 +187,7 @@ class RabbitMQTransport:
         self.given_back = 0  # unstarted deliveries republished with their count (see give_back)
         self.last_reqos = 0.0
         self.rate = 0.0  # deliveries handed to the worker per second, for the prefetch
-        self.rate_at = time.monotonic()
+        self.rate_at = 0.0  # monotonic start of the current rate window; 0 before the first fetch
         self.handed_total = 0
         self.delay_declared: dict[int, float] = {}  # delay ms -> monotonic time of the last declare
         self.thread = threading.Thread(target=self._io_main, name="sluiceway-rabbitmq-io", daemon=True)
@@ -207,7 +209,7 @@ class RabbitMQTransport:
             if max_count <= GET_AT_MOST:
                 got: list[Delivery] = self._call(lambda: self._get(max_count))
                 return got
-            return self._fetch_exactly(min(max_count, MAX_PREFETCH), timeout)
+            return self._fetch_exactly(min(max_count, topo.MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
         self._check_connected()
         # The fetching thread reads the connection itself (see the module doc): the deliveries
@@ -240,7 +242,8 @@ class RabbitMQTransport:
         while buffer and len(out) < max_count:
             b = buffer.popleft()
             handed[b.tag] = b
-            out.append(Delivery(payload=b.body, token=(gen, b.tag), redeliveries=b.redeliveries))
+            # Positional: keyword arguments cost a dataclass's __init__ more, once per message.
+            out.append(Delivery(b.body, (gen, b.tag), 0.0, b.redeliveries))
         return out
 
     def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
@@ -529,7 +532,56 @@ class RabbitMQTransport:
 
         ch.add_on_close_callback(on_close)
         self.channel_closed = None
+        self._read_deliveries_first(conn._impl, ch)
         return ch
+
+    def _read_deliveries_first(self, impl: Any, ch: Channel) -> None:
+        """Read the bytes pika receives on ``impl`` for whole deliveries to ``ch`` first
+        (:mod:`~sluiceway.transports.rabbitmq_frames`) and hand every other frame to pika.
+
+        pika's own reading decodes each delivery into three frame objects, a method and a
+        properties object and routes them through its callback manager and content assembler:
+        most of a consuming worker's CPU per message. A delivery read here reaches
+        :meth:`_arrived` exactly as pika's dispatch would bring it (the same consumer check),
+        and the connection's received-byte count, which its heartbeat checker reads, counts it.
+        A delivery pika already started assembling stays pika's, as does any frame this does
+        not read, one at a time, after which this reads on."""
+        number = ch.channel_number
+        parse = frames.parse_delivery
+        arrived = self._arrived
+        decode_table = pika.data.decode_table
+
+        def on_data(data_in: bytes) -> None:
+            buf = impl._frame_buffer + data_in if impl._frame_buffer else data_in
+            pos = read = 0
+            at = time.monotonic()  # one reading for what one socket read brought
+            while pos < len(buf):
+                got: frames.Deliver | int = frames.NOT_A_DELIVERY
+                if ch._content_assembler._method_frame is None and impl._channels.get(number) is ch:
+                    got = parse(buf, pos, number)
+                if isinstance(got, tuple):
+                    consumer, tag, redelivered, table, body, end = got
+                    if consumer in ch._consumers and consumer not in ch._cancelled:
+                        read += end - pos
+                        pos = end
+                        headers = None if table is None else decode_table(table, 0)[0]
+                        arrived(tag, redelivered, headers, body, at)
+                        continue
+                elif got == frames.INCOMPLETE:
+                    break
+                # One frame the way pika's own loop reads it; the buffer is pika's meanwhile.
+                impl._frame_buffer = buf[pos:]
+                consumed, value = impl._read_frame()
+                if not value:
+                    impl.bytes_received += read
+                    return  # a partial frame: pika's buffer keeps it for the next bytes
+                impl._trim_frame_buffer(consumed)
+                impl._process_frame(value)
+                buf, pos = impl._frame_buffer, 0
+            impl._frame_buffer = buf[pos:] if pos else buf
+            impl.bytes_received += read
+
+        impl._on_data_available = on_data
 
     def _disconnect(self) -> None:
         self.connected.clear()
@@ -589,14 +641,14 @@ class RabbitMQTransport:
         )
 
     def _on_message(self, _ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        tag = method.delivery_tag
-        headers = props.headers
-        b = _Buffered(
-            tag,
-            body,
-            topo.redeliveries(headers, method.redelivered) if headers or method.redelivered else 0,
-            time.monotonic(),
-        )
+        self._arrived(method.delivery_tag, method.redelivered, props.headers, body, time.monotonic())
+
+    def _arrived(
+        self, tag: int, redelivered: bool, headers: dict[str, Any] | None, body: bytes, at: float
+    ) -> None:
+        """A delivery of our consumer, from pika's dispatch or from :meth:`_read_deliveries_first`;
+        ``at``: the monotonic time it arrived."""
+        b = _Buffered(tag, body, topo.redeliveries(headers, redelivered) if headers or redelivered else 0, at)
         self.unacked.add(tag)
         self.order.append(tag)
         # deque appends are atomic, and only io_lock's holder changes the buffer other than by
@@ -615,23 +667,22 @@ class RabbitMQTransport:
             log.warning("returned %d deliveries that waited %s s unstarted", n, BUFFER_MAX_AGE)
 
     def _maybe_reqos(self, room: int) -> None:
-        """Follow the worker's capacity: what it holds plus the room it reports, plus what is
-        handed out in :data:`IN_FLIGHT_SECONDS` at the measured rate. That last part covers
-        the round trip from an ack to the next delivery, so a fast queue streams instead of
-        stalling once per window; a slow task's rate is low, so it adds nothing there."""
+        """Follow the worker's capacity (see :func:`~sluiceway.transports.rabbitmq_topology.prefetch_target`)."""
         now = time.monotonic()
-        if now - self.rate_at >= 0.5:
-            self.rate = self.handed_total / (now - self.rate_at)
+        if not self.rate_at:
+            self.rate_at = now  # the first window starts with the first fetch, not the connect
+        elif now - self.rate_at >= RATE_INTERVAL:
+            measured = self.handed_total / (now - self.rate_at)
+            # The first figure is taken whole: a worker starting on a backlog needs its window
+            # within a fraction of a second, not after several estimates.
+            self.rate = measured if not self.rate else 0.5 * self.rate + 0.5 * measured
             self.handed_total = 0
             self.rate_at = now
-        ahead = min(MAX_IN_FLIGHT_AHEAD, int(self.rate * IN_FLIGHT_SECONDS))
-        with self.cond:
-            want = max(1, min(MAX_PREFETCH, len(self.handed) + len(self.buffer) + room + ahead))
-        # Grow at once (the worker has room the broker will not fill); shrink only by half.
-        if (want > self.prefetch or want < self.prefetch / 2) and (
-            time.monotonic() - self.last_reqos >= REQOS_INTERVAL
-        ):
-            self.last_reqos = time.monotonic()
+        want = topo.new_prefetch(
+            self.prefetch, topo.prefetch_target(len(self.handed), room, self.rate), now - self.last_reqos
+        )
+        if want is not None:
+            self.last_reqos = now
             # An outage is reported by the fetch that follows.
             with contextlib.suppress(RabbitMQUnavailableError):
                 self._call(lambda: self._subscribe(want))

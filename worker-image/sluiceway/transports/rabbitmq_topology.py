@@ -1,4 +1,5 @@
-"""RabbitMQ queues of one Sluiceway queue: their names, their arguments, and the header codec.
+"""RabbitMQ queues of one Sluiceway queue: their names, their arguments, the header codec, and
+the rule that sizes a worker's consumer prefetch.
 
 Pure (no pika, no I/O), so the worker, the publishing SDK and the operator declare exactly the
 same queues, and the rules are tested with examples and hypothesis.
@@ -181,3 +182,43 @@ def record_of(headers: Mapping[str, Any] | None, body: bytes) -> dict[str, Any]:
         rec["reason"] = reason
     rec.update(payload_fields(body))
     return rec
+
+
+# --- the consumer's prefetch (unlimited workers) ---------------------------------------------------
+
+MAX_PREFETCH: Final = 65535  # basic.qos prefetch-count is a short
+# Deliveries kept in flight beyond the worker's capacity: this many seconds at the measured rate
+# (at most MAX_IN_FLIGHT_AHEAD), to cover the round trip from an ack to the next delivery.
+IN_FLIGHT_SECONDS: Final = 0.2
+MAX_IN_FLIGHT_AHEAD: Final = 2000
+# Growth by more than this fraction re-subscribes at once; smaller changes wait REQOS_INTERVAL.
+REQOS_GROWTH: Final = 1 / 4
+REQOS_INTERVAL: Final = 1.0
+
+
+def prefetch_target(held: int, room: int, rate: float) -> int:
+    """The prefetch a consumer should have: the deliveries the worker holds (handed to it and not
+    settled), the room it reports, and :data:`IN_FLIGHT_SECONDS` at ``rate`` deliveries/s.
+
+    Deliveries that arrived and wait in the transport's buffer are not counted: they are the
+    in-flight part the rate term provides for. Counting them as well made the prefetch grow with
+    every delivery the broker sent, up to the whole queue."""
+    ahead = min(MAX_IN_FLIGHT_AHEAD, int(rate * IN_FLIGHT_SECONDS))
+    return max(1, min(MAX_PREFETCH, held + room + ahead))
+
+
+def new_prefetch(current: int, target: int, since_last: float) -> int | None:
+    """The prefetch to re-subscribe with, or None to keep ``current``.
+
+    Each re-subscription costs a cancel, a qos and a consume (commands of the queue's Raft log
+    on a quorum queue), so small changes wait :data:`REQOS_INTERVAL`. A large growth does not
+    wait: a worker whose broker window is too small idles while the queue is full, and a worker
+    starting on a full queue grows its window in a few steps within its first fraction of a
+    second instead of one step a second. Shrinking waits, and only below half."""
+    if target > current:
+        if target > current * (1 + REQOS_GROWTH) or since_last >= REQOS_INTERVAL:
+            return target
+        return None
+    if target < current / 2 and since_last >= REQOS_INTERVAL:
+        return target
+    return None

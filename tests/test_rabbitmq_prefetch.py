@@ -1,0 +1,64 @@
+"""The rule that sizes an unlimited worker's consumer prefetch (pure; no broker)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sluiceway.transports import rabbitmq_topology as topo
+
+counts = st.integers(min_value=0, max_value=100_000)
+rates = st.floats(min_value=0, max_value=1e6, allow_nan=False)
+
+
+@given(counts, counts, rates)
+def test_the_target_is_what_the_worker_holds_plus_its_room_plus_the_in_flight_part(
+    held: int, room: int, rate: float
+) -> None:
+    target = topo.prefetch_target(held, room, rate)
+    ahead = min(topo.MAX_IN_FLIGHT_AHEAD, int(rate * topo.IN_FLIGHT_SECONDS))
+    assert target == max(1, min(topo.MAX_PREFETCH, held + room + ahead))
+
+
+def test_a_slow_worker_gets_no_extra_window() -> None:
+    # 8 tasks of a second each: 8 held, 8 of room, 8 deliveries/s measured.
+    assert topo.prefetch_target(8, 8, 8.0) == 17
+
+
+def test_a_full_buffer_does_not_feed_the_prefetch() -> None:
+    """What the broker already sent is not in the target: a worker whose buffer is full keeps
+    its prefetch. (Counting it once grew a -c 1 worker's window to 12,000 in ten seconds.)"""
+    prefetch, held, room, rate = 2_257, 128, 129, 20_000.0
+    for _ in range(100):
+        # The broker fills the window; the worker's own figures do not change.
+        nxt = topo.new_prefetch(prefetch, topo.prefetch_target(held, room, rate), since_last=10.0)
+        prefetch = nxt if nxt is not None else prefetch
+    assert prefetch == held + room + topo.MAX_IN_FLIGHT_AHEAD
+
+
+@given(st.integers(min_value=1, max_value=60_000), st.integers(min_value=1, max_value=65_535))
+def test_a_large_growth_resubscribes_at_once(current: int, target: int) -> None:
+    got = topo.new_prefetch(current, target, since_last=0.0)
+    if target > current * (1 + topo.REQOS_GROWTH):
+        assert got == target
+    elif target >= current / 2:
+        assert got is None  # small changes and no change wait for the interval
+
+
+@given(st.integers(min_value=1, max_value=60_000), st.integers(min_value=1, max_value=65_535))
+def test_after_the_interval_any_growth_and_a_halving_resubscribe(current: int, target: int) -> None:
+    got = topo.new_prefetch(current, target, since_last=topo.REQOS_INTERVAL)
+    if target > current or target < current / 2:
+        assert got == target
+    else:
+        assert got is None
+
+
+@given(st.integers(min_value=1, max_value=60_000), st.floats(min_value=0, max_value=0.999))
+def test_shrinking_waits_for_the_interval(current: int, since: float) -> None:
+    assert topo.new_prefetch(current, 1, since_last=since * topo.REQOS_INTERVAL) is None
+
+
+def test_a_worker_starting_on_a_full_queue_reaches_its_window_in_one_step() -> None:
+    # -c 1 starts with a prefetch of 2; once its engine reports room for 256, one re-subscription.
+    assert topo.new_prefetch(2, topo.prefetch_target(1, 256, 0.0), since_last=0.01) == 257
