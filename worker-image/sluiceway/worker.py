@@ -38,6 +38,7 @@ from sluiceway.errors import Reject, RetryLater
 from sluiceway.loading import load_function
 from sluiceway.log import get_logger
 from sluiceway.metrics import WorkerMetrics
+from sluiceway.ratemeter import RateMeter
 from sluiceway.settings import WorkerSettings
 from sluiceway.transports.base import (
     DeadLetter,
@@ -102,7 +103,7 @@ SEND_AHEAD_MIN_PREFETCH = 16
 SETTLE_BATCH = 1000  # outcomes per round trip at most, so one round trip stays short
 REFILL_POLL = 0.005  # seconds to wait for a refill another thread is making
 RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the prefetch
-RECENT = 4096  # task durations the heartbeat's latency and rate are taken from, at most
+RECENT = 4096  # task durations the heartbeat's latency quantiles are taken from, at most
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
 
@@ -186,6 +187,8 @@ class Worker:
         self.failed = 0
         self.dead_lettered = 0
         self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT)  # (finished, duration)
+        self.ran = 0  # tasks that ran and finished, either way: the heartbeat's rate counts them
+        self.rate_meter = RateMeter(self.started_mono)
         # Durations of successes not yet in `metrics` and `recent`, appended under `lock`; folded
         # in per round trip, since doing it per message was a fifth of the CPU of a no-op task in a
         # profile.
@@ -1007,6 +1010,8 @@ class Worker:
                 self.uncounted.append(duration)
             else:
                 self.failed += 1
+                if task.started:
+                    self.ran += 1
                 if settlement.outcome is Outcome.DEAD:
                     self.dead_lettered += 1
             self.unsettled.append(settlement)
@@ -1069,6 +1074,7 @@ class Worker:
             return
         with self.lock:
             durations, self.uncounted = self.uncounted, []
+            self.ran += len(durations)
         self.metrics.observe_ok(durations)
         self.recent.extend(zip(repeat(time.monotonic()), durations[-RECENT:]))
 
@@ -1076,10 +1082,10 @@ class Worker:
         now = time.monotonic()
         window = [(t, d) for t, d in list(self.recent) if now - t <= 10.0]
         durations = sorted(d for _, d in window)
-        span = max(min(10.0, now - self.started_mono), 0.001)
         with self.lock:
             busy = len(self.running)
             in_flight = len(self.held)
+            rate = self.rate_meter.rate(now, self.ran)
         return Heartbeat(
             worker=self.worker_id,
             pod=self.s.pod_name,
@@ -1093,7 +1099,7 @@ class Worker:
             processed=self.processed,
             failed=self.failed,
             dead_lettered=self.dead_lettered,
-            rate=len(window) / span,
+            rate=rate,
             latency_p50=_quantile(durations, 0.50),
             latency_p95=_quantile(durations, 0.95),
             latency_p99=_quantile(durations, 0.99),
