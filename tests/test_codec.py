@@ -212,3 +212,19 @@ def test_the_fast_path_fails_as_the_stdlib_does(raw: bytes) -> None:
 def test_values_orjson_alone_would_read_otherwise(payload: bytes, expected: Any) -> None:
     got = codec.decode(payload).kwargs["n"]
     assert (type(got), got) == (type(expected), expected)
+
+
+@pytest.mark.parametrize("depth", [1000, 1020])
+def test_nesting_past_what_the_stdlib_reads_is_invalid_json_as_before_orjson(depth: int) -> None:
+    """orjson would read up to 1,024 levels; such a message could not be encoded again for a
+    retry (RecursionError), so it is refused at decode as it was before orjson."""
+    payload = b'{"n": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode(payload)
+    assert err.value.reason == "invalid_json"
+
+
+def test_every_decoded_nesting_encodes_again_for_its_retry() -> None:
+    for depth in (400, 600, 900, 950):
+        message = codec.decode(b'{"n": ' + b"[" * depth + b"]" * depth + b"}")
+        assert codec.decode(codec.encode(message.kwargs, message.meta)) == message

@@ -84,8 +84,15 @@ def decode(payload: bytes | str) -> Message:
     # integers past 64 bits, which orjson turns into floats: a payload with a run of 19 digits
     # (such an integer, or a long digit string) goes to the stdlib. So does whatever orjson
     # refuses: the stdlib decodes what it can (1e400 as inf, a lone surrogate escape) and
-    # words every error as it always did.
-    if type(payload) is bytes and (len(payload) < _DIGIT_RUN or _RUN not in payload.translate(_DIGITS)):
+    # words every error as it always did. A deeply nested payload goes to the stdlib too: orjson
+    # reads 1,024 levels, the stdlib about 1,000, and a message read past what the stdlib reads
+    # could not be encoded again for its retry (RecursionError), where it used to be dead-lettered
+    # as invalid_json at once.
+    if (
+        type(payload) is bytes
+        and (len(payload) < _DIGIT_RUN or _RUN not in payload.translate(_DIGITS))
+        and (len(payload) < 2 * _DEEP or payload.count(b"[") + payload.count(b"{") < _DEEP)
+    ):
         try:
             body = _orjson_loads(payload)
         except _OrjsonError:
@@ -157,6 +164,8 @@ _OrjsonError = orjson.JSONDecodeError
 # search, both in C: a regular expression for a digit run took 9 µs on a 1-KB payload, more
 # than the parse it guards.
 _DIGIT_RUN = 19
+# Nesting this deep needs at least twice as many bytes, so a shorter payload is not counted.
+_DEEP = 512
 _DIGITS = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
 _RUN = b"0" * _DIGIT_RUN
 
