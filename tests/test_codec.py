@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 from unittest import mock
 
@@ -225,6 +226,54 @@ def test_nesting_past_what_the_stdlib_reads_is_invalid_json_as_before_orjson(dep
 
 
 def test_every_decoded_nesting_encodes_again_for_its_retry() -> None:
-    for depth in (100, 400):
+    for depth in (100, codec.MAX_DEPTH - 1):  # with its object, MAX_DEPTH levels: the bound
         message = codec.decode(b'{"n": ' + b"[" * depth + b"]" * depth + b"}")
         assert codec.decode(codec.encode(message.kwargs, message.meta)) == message
+
+
+# --- one nesting bound, at decode and at encode ---------------------------------------------------
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A kwargs object ``levels`` deep, counting itself as level 1, built without recursion."""
+    value: Any = []
+    for _ in range(levels - 2):
+        value = [value]
+    return {"n": value}
+
+
+@pytest.mark.parametrize("levels", [codec.MAX_DEPTH - 1, codec.MAX_DEPTH])
+def test_nesting_up_to_the_bound_decodes_and_encodes(levels: int) -> None:
+    payload = json.dumps(_nested(levels)).encode()
+    assert codec.decode(payload).kwargs == _nested(levels)
+    assert codec.decode(codec.encode(_nested(levels))).kwargs == _nested(levels)
+
+
+def test_nesting_past_the_bound_is_refused_at_decode_and_encode() -> None:
+    levels = codec.MAX_DEPTH + 1
+    for payload in (json.dumps(_nested(levels)).encode(), json.dumps(_nested(levels))):
+        with pytest.raises(codec.DecodeError) as err:
+            codec.decode(payload)
+        assert err.value.reason == "invalid_json"
+        assert "nesting depth limit" in err.value.detail and str(codec.MAX_DEPTH) in err.value.detail
+    with pytest.raises(ValueError, match=f"nesting depth limit.*{codec.MAX_DEPTH}"):
+        codec.encode(_nested(levels))
+
+
+@given(st.integers(min_value=0, max_value=3 * codec.MAX_DEPTH), st.sampled_from(['\\"', "\\\\", "x"]))
+def test_brackets_inside_strings_do_not_count(brackets: int, escape: str) -> None:
+    kwargs = {"s": ("[{" + escape) * brackets, "n": [[1]]}
+    assert codec.decode(json.dumps(kwargs).encode()).kwargs == kwargs
+
+
+def test_a_message_at_the_bound_is_encoded_again_for_its_retry_from_a_deep_stack() -> None:
+    message = codec.decode(json.dumps(_nested(codec.MAX_DEPTH)).encode())
+
+    def retry_at(depth: int) -> bytes:
+        if depth:
+            return retry_at(depth - 1)
+        nxt = codec.next_attempt(message, "boom")
+        return codec.encode(nxt.kwargs, nxt.meta)
+
+    payload = retry_at(sys.getrecursionlimit() // 2)
+    assert codec.decode(payload).kwargs == message.kwargs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -50,6 +51,13 @@ class Message:
 
 MAX_ERRORS_KEPT = 5
 
+# The deepest nesting a message may have, counting its own object as level 1, the same at decode
+# and encode. The stdlib's encoder recurses once per level and gives out below ~1,000 levels when
+# the caller's stack is already deep (950 failed on an xdist worker): it needs a frame of the
+# recursion limit (1,000 by default) per level. 512 fails from a stack 500 frames deep; at 256 a
+# decoded message is encoded again for its retry from a stack of half the limit with room left.
+MAX_DEPTH = 256
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -65,6 +73,10 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
     if META_KEY in kwargs:
         raise ValueError(f"{META_KEY!r} is reserved for metadata")
     body: dict[str, Any] = dict(kwargs)
+    # Before json.dumps recurses: past the bound it would fail by the caller's stack depth
+    # (RecursionError), and decode() refuses such a message anyway.
+    if _too_deep(body):
+        raise ValueError(f"nesting depth limit: the message is nested deeper than {MAX_DEPTH} levels")
     if meta is not None:
         body[META_KEY] = _meta_to_json(meta)
     # allow_nan=False: NaN/Infinity are not JSON, and other languages' decoders would reject them.
@@ -84,15 +96,16 @@ def decode(payload: bytes | str) -> Message:
     # integers past 64 bits, which orjson turns into floats: a payload with a run of 19 digits
     # (such an integer, or a long digit string) goes to the stdlib. So does whatever orjson
     # refuses: the stdlib decodes what it can (1e400 as inf, a lone surrogate escape) and
-    # words every error as it always did. A deeply nested payload goes to the stdlib too: orjson
-    # reads 1,024 levels, the stdlib about 1,000, and a message read past what the stdlib reads
-    # could not be encoded again for its retry (RecursionError), where it used to be dead-lettered
-    # as invalid_json at once.
-    if (
-        type(payload) is bytes
-        and (len(payload) < _DIGIT_RUN or _RUN not in payload.translate(_DIGITS))
-        and (len(payload) < 2 * _DEEP or payload.count(b"[") + payload.count(b"{") < _DEEP)
-    ):
+    # words every error as it always did. Nesting past MAX_DEPTH is refused before either parser
+    # runs, so neither one's own limit (orjson 1,024, the stdlib's by the stack) decides.
+    # Depth is measured here, not left to a parser's recursion, so the caller's stack never
+    # decides. Nesting MAX_DEPTH deep needs MAX_DEPTH opening brackets and twice as many bytes,
+    # so a small message pays one length comparison.
+    if len(payload) >= 2 * MAX_DEPTH and _depth_of(payload) > MAX_DEPTH:
+        raise DecodeError(
+            "invalid_json", f"nesting depth limit: the message is nested deeper than {MAX_DEPTH} levels"
+        )
+    if type(payload) is bytes and (len(payload) < _DIGIT_RUN or _RUN not in payload.translate(_DIGITS)):
         try:
             body = _orjson_loads(payload)
         except _OrjsonError:
@@ -164,10 +177,52 @@ _OrjsonError = orjson.JSONDecodeError
 # search, both in C: a regular expression for a digit run took 9 µs on a 1-KB payload, more
 # than the parse it guards.
 _DIGIT_RUN = 19
-# Nesting this deep needs at least twice as many bytes, so a shorter payload is not counted.
-_DEEP = 512
 _DIGITS = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(" ") for i in range(256))
 _RUN = b"0" * _DIGIT_RUN
+
+
+# A JSON string, escapes included: brackets inside one are not nesting.
+_STRING_B = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRING_S = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(i for i in range(256) if i not in b"[]{}")
+
+
+def _depth_of(payload: bytes | str) -> int:
+    """The deepest bracket nesting of ``payload``, strings skipped; a lower bound of it when the
+    payload has fewer than MAX_DEPTH opening brackets (then it cannot be too deep)."""
+    if isinstance(payload, str):
+        if payload.count("[") + payload.count("{") < MAX_DEPTH:
+            return 0
+        brackets = _STRING_S.sub("", payload).encode("utf-8", "surrogatepass")
+    else:
+        if payload.count(b"[") + payload.count(b"{") < MAX_DEPTH:
+            return 0
+        brackets = _STRING_B.sub(b"", payload)
+    # Only the brackets are left to walk, in C up to here; a mismatch is the parser's to word.
+    level = deepest = 0
+    for c in brackets.translate(None, _NOT_BRACKET):
+        if c == 91 or c == 123:  # [ {
+            level += 1
+            if level > deepest:
+                deepest = level
+        else:
+            level -= 1
+    return deepest
+
+
+def _too_deep(body: dict[str, Any]) -> bool:
+    """Whether ``body`` nests deeper than MAX_DEPTH, counting itself as level 1; iterative, so it
+    holds at any stack depth."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, level + 1))
+    return False
 
 
 # One decoder for every message: json.loads with options builds a new decoder per call.
