@@ -61,6 +61,7 @@ PAUSE_AFTER = 0.5  # a buffer full this long pauses the partitions (see _poll_lo
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
 CONSUME_MAX = 500  # records per consume() call, at most
+CONSUMER_CLOSE_SECONDS = 10.0  # the most a stopping worker waits for its consumers to leave
 COMMIT_RETRY_SECONDS = 5.0  # a revoke's or close's commit, tried again on retriable errors
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
@@ -350,10 +351,25 @@ class KafkaTransport:
             offsets = self._committable(self.tracks.keys())
         for consumer, some in self._by_consumer(offsets):
             self._commit_now(consumer, some, "kafka_final_commit_failed")
+        # close() leaves the group now, so nobody waits out a session timeout. After a broker
+        # restart fenced this member (its partitions lost and never given back) it was seen to
+        # block for minutes, waiting on a group it is no longer in; a worker told to stop must
+        # stop, so it gets CONSUMER_CLOSE_SECONDS in its own thread. What it did not commit is
+        # redone by the next owner.
+        closer = threading.Thread(target=self._close_consumers, name="sluiceway-kafka-close", daemon=True)
+        closer.start()
+        closer.join(CONSUMER_CLOSE_SECONDS)
+        if closer.is_alive():
+            self.log.warning(
+                "kafka_close_timeout",
+                waited_s=CONSUMER_CLOSE_SECONDS,
+            )
+        self.producer.flush(PRODUCE_TIMEOUT)
+
+    def _close_consumers(self) -> None:
         for consumer in (self.consumer, self.retry_consumer):
             with contextlib.suppress(KafkaException, RuntimeError):
-                consumer.close()  # leaves the group now: no session timeout to wait for
-        self.producer.flush(PRODUCE_TIMEOUT)
+                consumer.close()
 
     # --- the poll thread -------------------------------------------------------------------------
 
