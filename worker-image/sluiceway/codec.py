@@ -98,8 +98,7 @@ def decode(payload: bytes | str) -> Message:
     # refuses: the stdlib decodes what it can (1e400 as inf, a lone surrogate escape) and
     # words every error as it always did. Nesting past MAX_DEPTH is refused before either parser
     # runs, so neither one's own limit (orjson 1,024, the stdlib's by the stack) decides.
-    # Depth is measured here, not left to a parser's recursion, so the caller's stack never
-    # decides. Nesting MAX_DEPTH deep needs MAX_DEPTH opening brackets and twice as many bytes,
+    # Nesting MAX_DEPTH deep needs MAX_DEPTH opening brackets and twice as many bytes,
     # so a small message pays one length comparison.
     if len(payload) >= 2 * MAX_DEPTH and _depth_of(payload) > MAX_DEPTH:
         raise DecodeError(
