@@ -277,3 +277,110 @@ def test_a_message_at_the_bound_is_encoded_again_for_its_retry_from_a_deep_stack
 
     payload = retry_at(sys.getrecursionlimit() // 2)
     assert codec.decode(payload).kwargs == message.kwargs
+
+
+# --- the bound's fast checks agree with an exact count --------------------------------------------
+
+
+def _reference_depth(text: str) -> int:
+    """The nesting of JSON ``text`` by a scan that follows its strings character by character."""
+    level = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            level += 1
+            deepest = max(deepest, level)
+        elif ch in "]}":
+            level -= 1
+    return deepest
+
+
+# Strings full of what could fool a bracket count: brackets, escaped quotes, backslashes.
+tricky_text = st.text(alphabet='[]{}"\\x0:,é', max_size=12)
+
+
+@st.composite
+def nested_kwargs(draw: st.DrawFn) -> dict[str, Any]:
+    """kwargs nested near the bound (counting the object as level 1), brackets in their strings."""
+    levels = draw(
+        st.sampled_from([1, 2, 50])
+        | st.integers(min_value=codec.MAX_DEPTH - 3, max_value=codec.MAX_DEPTH + 3)
+    )
+    kinds = draw(st.lists(st.sampled_from(["list", "dict", "pair"]), min_size=1, max_size=8))
+    texts = draw(st.lists(tricky_text, min_size=1, max_size=4))
+    # KBs of brackets inside strings: the opening-bracket count alone is past the bound.
+    filler = draw(st.sampled_from(["", "[{" * codec.MAX_DEPTH, '\\"[' * 3 * codec.MAX_DEPTH]))
+    value: Any = draw(st.sampled_from([[], {}, 7, "leaf", filler]))
+    for i in range(levels - 1):
+        kind, text = kinds[i % len(kinds)], texts[i % len(texts)]
+        if kind == "list":
+            value = [value]
+        elif kind == "dict":
+            value = {text: value}
+        else:
+            value = [text, value, {"]": text}]
+    if levels == 1:
+        return {"s": filler}
+    return {"n": value, "s": filler} if isinstance(value, list) else value | {"s": filler}
+
+
+@given(nested_kwargs(), st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans())
+def test_the_fast_checks_agree_with_the_exact_count(
+    kwargs: dict[str, Any], separators: tuple[str, str], ascii_only: bool
+) -> None:
+    text = json.dumps(kwargs, separators=separators, ensure_ascii=ascii_only)
+    depth = _reference_depth(text)
+    payload = text.encode()
+    assert codec._depth_of(payload) == codec._depth_of(text) == depth
+    for raw in (payload, text):
+        if depth > codec.MAX_DEPTH:
+            with pytest.raises(codec.DecodeError, match="nesting depth limit"):
+                codec.decode(raw)
+        else:
+            assert codec.decode(raw).kwargs == json.loads(text)
+    # encode() checks its output by decode()'s test; the walk of the value is the reference,
+    # and it agrees with the text: what decodes encodes again and the other way round.
+    assert codec._too_deep(kwargs) == (depth > codec.MAX_DEPTH)
+    if depth > codec.MAX_DEPTH:
+        with pytest.raises(ValueError, match="nesting depth limit"):
+            codec.encode(kwargs)
+    else:
+        assert codec.decode(codec.encode(kwargs)).kwargs == kwargs
+
+
+def test_openers_only_inside_strings_do_not_refuse_a_shallow_message() -> None:
+    for s in ("[" * (codec.MAX_DEPTH + 1), '\\"{' * 2 * codec.MAX_DEPTH, "\\\\[" * 2 * codec.MAX_DEPTH):
+        payload = b'{"s": "' + s.encode() + b'", "n": [[1]]}'
+        assert codec.decode(payload).kwargs == json.loads(payload)
+
+
+def test_a_digit_run_joined_by_a_deleted_bracket_decodes_as_the_stdlib_does() -> None:
+    """The guard's translate deletes opening brackets, so "123456789[0123456789" reads as a
+    19-digit run: the payload goes to the stdlib, which decodes it to the same value."""
+    payload = b'{"s": "123456789[0123456789", "t": "1{2", "n": 5}'
+    assert _outcome(payload) == _stdlib_outcome(payload) == _typed(json.loads(payload))
+
+
+def test_encode_refuses_nesting_far_past_what_json_recurses_into() -> None:
+    value: Any = []
+    for _ in range(20 * sys.getrecursionlimit()):
+        value = [value]
+    with pytest.raises(ValueError, match="nesting depth limit"):
+        codec.encode({"n": value})
+
+
+def test_encode_refuses_a_message_nested_past_the_bound_by_its_metadata_too() -> None:
+    """The check reads the encoded bytes, metadata included, as decode() will."""
+    kwargs = _nested(codec.MAX_DEPTH)
+    assert codec.decode(codec.encode(kwargs, codec.Meta(errors=("boom",)))).kwargs == kwargs
+    with pytest.raises(ValueError, match="nesting depth limit"):
+        codec.encode(_nested(codec.MAX_DEPTH + 1), codec.Meta(id="x"))
