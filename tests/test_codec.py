@@ -111,6 +111,10 @@ def test_encode_refuses_what_json_cannot_carry() -> None:
         codec.encode({"x": object()})
     with pytest.raises(TypeError, match="dict"):
         codec.encode([1, 2])  # type: ignore[arg-type]
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        codec.encode({"x": loop})
 
 
 @given(kwargs_st, st.lists(st.text(max_size=600), min_size=1, max_size=10))
