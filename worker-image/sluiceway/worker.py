@@ -5,9 +5,12 @@ Threads, each with one job:
   (threads, or one asyncio loop fed by a pump thread for ``async def``). The executor that finds
   no message waiting makes the worker's round trip to the broker: it settles everything finished
   since the last one and leases the next batch with its rate-limit slots, in one pipeline. No
-  thread exists only to move messages, so a fast task pays for no hand-off between threads;
+  thread exists only to move messages, so a fast task pays for no hand-off between threads.
+  Without a rate limit, thread executors take a batch in runs (a few per executor) and finish a
+  run's successes together: one hand-off and one lock per run instead of per message;
 - the supervisor renews leases, writes heartbeats, returns expired leases of dead workers,
-  enforces task timeouts, and settles finished work when no executor came by to do it.
+  enforces task timeouts, settles finished work when no executor came by to do it, and moves the
+  rest of a run stuck behind a long task back to the queue for idle executors.
 The main thread waits for a signal and then drains.
 """
 
@@ -26,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import repeat
 from typing import Any
@@ -106,6 +109,23 @@ RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the
 RECENT = 4096  # task durations the heartbeat's latency quantiles are taken from, at most
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
+# Runs a batch is cut into per executor: enough that one slow run leaves work for the others, few
+# enough that a run's hand-off and settle lock are shared by many fast tasks.
+RUNS_PER_EXECUTOR = 2
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One thread executor's run in progress, shared with the supervisor: it may finish the
+    run's successes and take back its unstarted tasks while the executor is inside a long task.
+    Both sides only ``popleft`` and ``append``, which are atomic, so each task is taken once."""
+
+    # Held by the executor while it clears its `running` entry, and by the supervisor while it
+    # decides to interrupt that task: so a timeout is never injected into the next task.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    run: deque[Task] = field(default_factory=deque)
+    done: deque[tuple[Task, float]] = field(default_factory=deque)  # successes, with durations
+    flushed_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -159,7 +179,14 @@ class Worker:
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
         self.held: dict[Token, Task] = {}  # every lease we hold and have not settled
-        self.running: dict[int, Task] = {}  # thread ident (or id) -> task
+        # Thread ident (or the task's id on asyncio) -> running task. A thread executor sets its
+        # own entry without a lock and clears it under its lane's lock (see _Lane); readers copy.
+        self.running: dict[int, Task] = {}
+        self.lanes: dict[int, _Lane] = {}  # thread executor's ident -> its lane
+        # Batches go to thread executors in runs (see _receive); asyncio and process mode take
+        # one message at a time (a child's round trip dwarfs the hand-off).
+        self.runs = not self.is_async and self.pool is None
+        self.run_length = 1  # of the last batch's runs: the ready queue holds about this many per item
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Finished and not yet settled; appended by any thread, taken only under exchange_lock.
         self.unsettled: deque[Settlement] = deque()
@@ -293,6 +320,8 @@ class Worker:
                 break
             if isinstance(item, Task):
                 unstarted.append(item)
+            elif isinstance(item, list):  # a run
+                unstarted += item
         self._give_back(unstarted, "not started before shutdown", return_slots=True)
         # Wait for running tasks and for their settlements to reach Redis.
         while time.monotonic() < deadline:
@@ -405,7 +434,7 @@ class Worker:
                 return self.ready.get(timeout=wait) if wait > 0 else self.ready.get_nowait()
             except queue.Empty:
                 return None
-        if self.in_transit is None and self.ready.qsize() < self.send_ahead_below:
+        if self.in_transit is None and self.ready.qsize() * self.run_length < self.send_ahead_below:
             self._send_ahead()
         return item
 
@@ -575,7 +604,15 @@ class Worker:
             if batch.slots is not None:
                 self.last_slots = batch.slots
         # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO
-        # queue hands executors their messages in slot order too.
+        # queue hands executors their messages in slot order too. Without slots to keep, a batch
+        # goes out in runs, a few per executor (a batch no bigger than that goes out one by one).
+        if self.runs and batch.slots is None and len(tasks) > 1:
+            self.run_length = n = -(-len(tasks) // (RUNS_PER_EXECUTOR * self.s.concurrency))
+            if n > 1:
+                for i in range(0, len(tasks), n):
+                    self.ready.put(tasks[i : i + n])
+                return len(tasks)
+        self.run_length = 1
         for t in tasks:
             self.ready.put(t)
         return len(tasks)
@@ -653,6 +690,7 @@ class Worker:
     def _executor_loop(self) -> None:
         me = threading.get_ident()
         child = self.pool.claim() if self.pool is not None else None
+        lane = self.lanes[me] = _Lane()
         while me not in self.retired:
             try:
                 item = self._next_task()
@@ -660,6 +698,10 @@ class Worker:
                     continue
                 if item is _STOP:
                     return
+                if isinstance(item, list):
+                    lane.run.extend(item)
+                    self._run_lane(lane, me)
+                    continue
                 task: Task = item
                 # Without a rate limit there is no slot to wait for (the common fast path).
                 if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
@@ -670,11 +712,106 @@ class Worker:
                     continue
                 self._run_sync(task, me, child)
             except TaskTimeout:
-                # The supervisor already settled the timed-out task and started our replacement;
-                # the injected exception surfaced outside the function, so just leave.
+                # The supervisor already settled the timed-out task, took back the rest of its
+                # run and started our replacement; the injected exception surfaced outside the
+                # function, so just leave (after anything that finished since).
                 if me in self.retired:
+                    self._release_lane(lane)
                     return
                 raise
+
+    def _run_lane(self, lane: _Lane, me: int) -> None:
+        """Run the tasks of ``lane.run`` one after another in this thread.
+
+        A success is finished with the rest of the run (``_finish_lane``), at the end of the run
+        or once SETTLE_LATENCY has passed since the last time; a failure takes the usual
+        per-message path. While this thread is inside a long task, the supervisor finishes what
+        succeeded before it and moves the unstarted rest of the run to other executors."""
+        run, done, running, fn = lane.run, lane.done, self.running, self.fn
+        stopping = self.stopping
+        lane.flushed_at = time.monotonic()
+        while True:
+            try:
+                task = run.popleft()
+            except IndexError:
+                break
+            if stopping.is_set():
+                rest = [task]
+                with contextlib.suppress(IndexError):
+                    while True:
+                        rest.append(run.popleft())
+                self._give_back(rest, "not started before shutdown", return_slots=False)
+                break
+            try:
+                verdict = self._prepare(task)
+            except TaskTimeout:
+                raise  # injected for an earlier task: not this message's fault
+            except Exception as exc:
+                self._internal_error(task, "decoding the message", exc)
+                continue
+            if verdict is not None:
+                self._finish(verdict)
+                continue
+            msg = task.message
+            assert msg is not None
+            task.started = started = time.monotonic()
+            running[me] = task
+            try:
+                task.value = fn(**msg.kwargs)
+                error: BaseException | None = None
+            except BaseException as exc:
+                error = exc
+            with lane.lock:
+                running.pop(me, None)
+            if error is not None:
+                self._settle_outcome(task, error)
+                continue
+            now = time.monotonic()
+            if msg.meta.reply is not None:  # a call: its result is built with the settlement
+                self._finish(Settlement(task, Outcome.OK), now - started, "", now)
+                continue
+            done.append((task, now - started))
+            if now - lane.flushed_at >= SETTLE_LATENCY:
+                self._finish_lane(lane, now)
+        self._finish_lane(lane, time.monotonic())
+
+    def _finish_lane(self, lane: _Lane, now: float) -> None:
+        """Finish the successes waiting in ``lane.done`` together: one lock for all of them."""
+        lane.flushed_at = now
+        items: list[tuple[Task, float]] = []
+        with contextlib.suppress(IndexError):
+            popleft = lane.done.popleft
+            while True:
+                items.append(popleft())
+        if not items:
+            return
+        ok = Outcome.OK
+        settlements = [Settlement(t, ok) for t, _ in items]
+        with self.lock:
+            fresh = [(p, d) for p, (t, d) in zip(settlements, items, strict=True) if not t.finished]
+            for p, _ in fresh:
+                p.task.finished = True
+            self.processed += len(fresh)
+            self.uncounted += [d for _, d in fresh]
+            self.unsettled += [p for p, _ in fresh]
+            if self.awaiting_room and fresh:
+                self.awaiting_room = False
+                self.ready.put(_WAKE)
+
+    def _release_lane(self, lane: _Lane) -> None:
+        """Finish a lane's successes and hand its unstarted tasks to other executors (or back to
+        the broker when draining): its executor is inside a long task, or retired."""
+        self._finish_lane(lane, time.monotonic())
+        rest: list[Task] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                rest.append(lane.run.popleft())
+        if not rest:
+            return
+        if self.stopping.is_set():
+            self._give_back(rest, "not started before shutdown", return_slots=False)
+        else:
+            self.ready.put(rest)
 
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
@@ -710,6 +847,8 @@ class Worker:
     def _run_sync(self, task: Task, thread_id: int, child: procpool.Child | None = None) -> None:
         try:
             verdict = self._prepare(task)
+        except TaskTimeout:
+            raise  # injected for an earlier task: not this message's fault
         except Exception as exc:
             self._internal_error(task, "decoding the message", exc)
             return
@@ -720,8 +859,7 @@ class Worker:
         task.started = time.monotonic()
         if task.slots is not None:
             self.metrics.start_lag.observe(task.started - task.due)
-        with self.lock:
-            self.running[thread_id] = task
+        self.running[thread_id] = task  # cleared under the lane's lock (see _Lane)
         if child is not None:
             self._run_in_child(task, thread_id, child)
             return
@@ -731,7 +869,7 @@ class Worker:
         except BaseException as exc:
             error = exc
         finally:
-            with self.lock:
+            with self.lanes[thread_id].lock:
                 self.running.pop(thread_id, None)
         if error is None:
             # What _settle_outcome does for a success, without its two calls: this is the path
@@ -755,7 +893,7 @@ class Worker:
             try:
                 raw = child.run(task.delivery.payload, self.s.timeout_seconds)
             finally:
-                with self.lock:
+                with self.lanes[thread_id].lock:
                     self.running.pop(thread_id, None)
         except procpool.ChildTimedOut:
             self.log.warning(
@@ -1110,21 +1248,29 @@ class Worker:
         if self.is_async or self.pool is not None:
             return  # asyncio.wait_for cancels the coroutine itself; a child is killed by its thread
         now = time.monotonic()
-        with self.lock:
-            late = [
-                (ident, t) for ident, t in self.running.items() if now - t.started > self.s.timeout_seconds
-            ]
+        running = self.running.copy()  # one C call: executors set their entries without a lock
+        # A task running this long holds back the rest of its run: others may take it.
+        for ident, t in running.items():
+            if now - t.started > SETTLE_LATENCY:
+                lane = self.lanes.get(ident)
+                if lane is not None and (lane.run or lane.done):
+                    self._release_lane(lane)
+        late = [(ident, t) for ident, t in running.items() if now - t.started > self.s.timeout_seconds]
         for ident, task in late:
-            with self.lock:
+            lane = self.lanes.get(ident)
+            with lane.lock if lane is not None else self.lock:
                 if self.running.get(ident) is not task:
                     continue  # it finished while we looked
                 self.running.pop(ident)
                 # A thread cannot be killed; ask it to raise, and replace it so capacity is kept.
-                # Retire it first, so the thread knows to leave wherever the exception surfaces.
+                # Retire it first, so the thread knows to leave wherever the exception surfaces,
+                # and take the rest of its run while it cannot start any of it.
                 self.retired.add(ident)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
                 )
+                if lane is not None:
+                    self._release_lane(lane)
             self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
             self._settle_outcome(
                 task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
