@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -40,10 +40,11 @@ class MemoryLink:
     def __init__(self, messages: int) -> None:
         self.queue = list(range(messages))
         self.lock = threading.Lock()
-        self.acked: Counter[Token] = Counter()
-        self.retried: list[Token] = []
-        self.dead: list[tuple[Token, str]] = []
-        self.given_back: list[Token] = []
+        # Tokens are the message numbers.
+        self.acked: Counter[int] = Counter()
+        self.retried: list[int] = []
+        self.dead: list[tuple[int, str]] = []
+        self.given_back: list[int] = []
         self.batches: list[int] = []
 
     def add(self, messages: int) -> None:
@@ -53,9 +54,9 @@ class MemoryLink:
 
     def begin_exchange(self, outcomes: Outcomes, wanted: int) -> PendingExchange:
         with self.lock:
-            self.acked.update(outcomes.acks)
-            self.retried += [r.token for r in outcomes.retries]
-            self.dead += [(d.token, d.reason) for d in outcomes.deads]
+            self.acked.update(cast(Sequence[int], outcomes.acks))
+            self.retried += [cast(int, r.token) for r in outcomes.retries]
+            self.dead += [(cast(int, d.token), d.reason) for d in outcomes.deads]
             taken, self.queue = self.queue[:wanted], self.queue[wanted:]
             if taken:
                 self.batches.append(len(taken))
@@ -71,7 +72,7 @@ class MemoryLink:
         redelivered: bool = False,
     ) -> int:
         with self.lock:
-            self.given_back += tokens
+            self.given_back += cast(Sequence[int], tokens)
         return len(tokens)
 
     def acquire_slot(self) -> float:
