@@ -6,11 +6,12 @@ Threads, each with one job:
   no message waiting makes the worker's round trip to the broker: it settles everything finished
   since the last one and leases the next batch with its rate-limit slots, in one pipeline. No
   thread exists only to move messages, so a fast task pays for no hand-off between threads.
-  Without a rate limit, thread executors take a batch in runs (a few per executor) and finish a
-  run's successes together: one hand-off and one lock per run instead of per message;
+  Without a rate limit, thread executors take messages from a shared deque (one atomic
+  ``popleft`` each, in the order fetched, which Kafka's commits need) and finish successes
+  together: no blocking hand-off and no shared lock per message;
 - the supervisor renews leases, writes heartbeats, returns expired leases of dead workers,
-  enforces task timeouts, settles finished work when no executor came by to do it, and moves the
-  rest of a run stuck behind a long task back to the queue for idle executors.
+  enforces task timeouts, and settles finished work when no executor came by to do it (also
+  what an executor finished before it entered a long task).
 The main thread waits for a signal and then drains.
 """
 
@@ -109,21 +110,17 @@ RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the
 RECENT = 4096  # task durations the heartbeat's latency quantiles are taken from, at most
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
-# Runs a batch is cut into per executor: enough that one slow run leaves work for the others, few
-# enough that a run's hand-off and settle lock are shared by many fast tasks.
-RUNS_PER_EXECUTOR = 2
 
 
 @dataclass(slots=True)
 class _Lane:
-    """One thread executor's run in progress, shared with the supervisor: it may finish the
-    run's successes and take back its unstarted tasks while the executor is inside a long task.
-    Both sides only ``popleft`` and ``append``, which are atomic, so each task is taken once."""
+    """A thread executor's state shared with the supervisor, which may finish the executor's
+    successes while it is inside a long task. Both sides only ``popleft`` and ``append``, which
+    are atomic, so each success is finished once."""
 
     # Held by the executor while it clears its `running` entry, and by the supervisor while it
     # decides to interrupt that task: so a timeout is never injected into the next task.
     lock: threading.Lock = field(default_factory=threading.Lock)
-    run: deque[Task] = field(default_factory=deque)
     done: deque[tuple[Task, float]] = field(default_factory=deque)  # successes, with durations
     flushed_at: float = 0.0
 
@@ -183,10 +180,10 @@ class Worker:
         # own entry without a lock and clears it under its lane's lock (see _Lane); readers copy.
         self.running: dict[int, Task] = {}
         self.lanes: dict[int, _Lane] = {}  # thread executor's ident -> its lane
-        # Batches go to thread executors in runs (see _receive); asyncio and process mode take
-        # one message at a time (a child's round trip dwarfs the hand-off).
-        self.runs = not self.is_async and self.pool is None
-        self.run_length = 1  # of the last batch's runs: the ready queue holds about this many per item
+        # Unlimited batches for thread executors (see _run_pending); asyncio and process mode
+        # take theirs from `ready` (a child's round trip dwarfs the hand-off).
+        self.pending: deque[Task] = deque()
+        self.use_pending = not self.is_async and self.pool is None
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Finished and not yet settled; appended by any thread, taken only under exchange_lock.
         self.unsettled: deque[Settlement] = deque()
@@ -320,8 +317,9 @@ class Worker:
                 break
             if isinstance(item, Task):
                 unstarted.append(item)
-            elif isinstance(item, list):  # a run
-                unstarted += item
+        with contextlib.suppress(IndexError):
+            while True:
+                unstarted.append(self.pending.popleft())
         self._give_back(unstarted, "not started before shutdown", return_slots=True)
         # Wait for running tasks and for their settlements to reach Redis.
         while time.monotonic() < deadline:
@@ -434,7 +432,7 @@ class Worker:
                 return self.ready.get(timeout=wait) if wait > 0 else self.ready.get_nowait()
             except queue.Empty:
                 return None
-        if self.in_transit is None and self.ready.qsize() * self.run_length < self.send_ahead_below:
+        if self.in_transit is None and self.ready.qsize() < self.send_ahead_below:
             self._send_ahead()
         return item
 
@@ -448,7 +446,7 @@ class Worker:
         try:
             if self.in_transit is not None and self._receive():
                 return 0.0
-            if not self.ready.empty():
+            if self.pending or not self.ready.empty():
                 return 0.0
             now = time.monotonic()
             if now < self.next_exchange:
@@ -604,15 +602,13 @@ class Worker:
             if batch.slots is not None:
                 self.last_slots = batch.slots
         # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO
-        # queue hands executors their messages in slot order too. Without slots to keep, a batch
-        # goes out in runs, a few per executor (a batch no bigger than that goes out one by one).
-        if self.runs and batch.slots is None and len(tasks) > 1:
-            self.run_length = n = -(-len(tasks) // (RUNS_PER_EXECUTOR * self.s.concurrency))
-            if n > 1:
-                for i in range(0, len(tasks), n):
-                    self.ready.put(tasks[i : i + n])
-                return len(tasks)
-        self.run_length = 1
+        # queue hands executors their messages in slot order too. Without slots to wait for, they
+        # go to the shared deque, and only as many wake-ups as there are executors to wake.
+        if self.use_pending and batch.slots is None:
+            self.pending.extend(tasks)
+            for _ in range(min(len(tasks), self.s.concurrency)):
+                self.ready.put(_WAKE)
+            return len(tasks)
         for t in tasks:
             self.ready.put(t)
         return len(tasks)
@@ -693,15 +689,14 @@ class Worker:
         lane = self.lanes[me] = _Lane()
         while me not in self.retired:
             try:
+                if self.pending:
+                    self._run_pending(lane, me)
+                    continue
                 item = self._next_task()
                 if item is None or item is _WAKE:
                     continue
                 if item is _STOP:
                     return
-                if isinstance(item, list):
-                    lane.run.extend(item)
-                    self._run_lane(lane, me)
-                    continue
                 task: Task = item
                 # Without a rate limit there is no slot to wait for (the common fast path).
                 if self.stopping.is_set() or (task.slots is not None and not self._wait_for_slot(task)):
@@ -712,36 +707,35 @@ class Worker:
                     continue
                 self._run_sync(task, me, child)
             except TaskTimeout:
-                # The supervisor already settled the timed-out task, took back the rest of its
-                # run and started our replacement; the injected exception surfaced outside the
-                # function, so just leave (after anything that finished since).
+                # The supervisor already settled the timed-out task and started our replacement;
+                # the injected exception surfaced outside the function, so just leave (after
+                # finishing what succeeded before it).
                 if me in self.retired:
-                    self._release_lane(lane)
+                    self._finish_lane(lane, time.monotonic())
                     return
                 raise
 
-    def _run_lane(self, lane: _Lane, me: int) -> None:
-        """Run the tasks of ``lane.run`` one after another in this thread.
+    def _run_pending(self, lane: _Lane, me: int) -> None:
+        """Run tasks from the shared deque until it is empty, each taken with one ``popleft``.
 
-        A success is finished with the rest of the run (``_finish_lane``), at the end of the run
-        or once SETTLE_LATENCY has passed since the last time; a failure takes the usual
-        per-message path. While this thread is inside a long task, the supervisor finishes what
-        succeeded before it and moves the unstarted rest of the run to other executors."""
-        run, done, running, fn = lane.run, lane.done, self.running, self.fn
-        stopping = self.stopping
+        Executors take tasks one at a time and in the order fetched, as from `ready`, so a long
+        task holds back nothing and a drain leaves only the last-fetched unstarted (on Kafka, no
+        finished record sits behind an unstarted one, which the next owner would redo). A
+        success is finished with others (``_finish_lane``) once SETTLE_LATENCY has passed or the
+        deque is empty; the supervisor finishes them when this thread is in a long task."""
+        pending, done, running, fn = self.pending, lane.done, self.running, self.fn
+        stopping, retired = self.stopping, self.retired
         lane.flushed_at = time.monotonic()
-        while True:
+        while me not in retired:
             try:
-                task = run.popleft()
+                task = pending.popleft()
             except IndexError:
                 break
             if stopping.is_set():
-                rest = [task]
-                with contextlib.suppress(IndexError):
-                    while True:
-                        rest.append(run.popleft())
-                self._give_back(rest, "not started before shutdown", return_slots=False)
+                self._give_back([task], "not started before shutdown", return_slots=False)
                 break
+            if self.in_transit is None and len(pending) < self.send_ahead_below:
+                self._send_ahead()
             try:
                 verdict = self._prepare(task)
             except TaskTimeout:
@@ -797,21 +791,6 @@ class Worker:
             if self.awaiting_room and fresh:
                 self.awaiting_room = False
                 self.ready.put(_WAKE)
-
-    def _release_lane(self, lane: _Lane) -> None:
-        """Finish a lane's successes and hand its unstarted tasks to other executors (or back to
-        the broker when draining): its executor is inside a long task, or retired."""
-        self._finish_lane(lane, time.monotonic())
-        rest: list[Task] = []
-        with contextlib.suppress(IndexError):
-            while True:
-                rest.append(lane.run.popleft())
-        if not rest:
-            return
-        if self.stopping.is_set():
-            self._give_back(rest, "not started before shutdown", return_slots=False)
-        else:
-            self.ready.put(rest)
 
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
@@ -1249,12 +1228,12 @@ class Worker:
             return  # asyncio.wait_for cancels the coroutine itself; a child is killed by its thread
         now = time.monotonic()
         running = self.running.copy()  # one C call: executors set their entries without a lock
-        # A task running this long holds back the rest of its run: others may take it.
+        # What an executor finished before it entered a long task must not wait for that task.
         for ident, t in running.items():
             if now - t.started > SETTLE_LATENCY:
                 lane = self.lanes.get(ident)
-                if lane is not None and (lane.run or lane.done):
-                    self._release_lane(lane)
+                if lane is not None and lane.done:
+                    self._finish_lane(lane, now)
         late = [(ident, t) for ident, t in running.items() if now - t.started > self.s.timeout_seconds]
         for ident, task in late:
             lane = self.lanes.get(ident)
@@ -1263,14 +1242,13 @@ class Worker:
                     continue  # it finished while we looked
                 self.running.pop(ident)
                 # A thread cannot be killed; ask it to raise, and replace it so capacity is kept.
-                # Retire it first, so the thread knows to leave wherever the exception surfaces,
-                # and take the rest of its run while it cannot start any of it.
+                # Retire it first, so the thread knows to leave wherever the exception surfaces.
                 self.retired.add(ident)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
                 )
                 if lane is not None:
-                    self._release_lane(lane)
+                    self._finish_lane(lane, now)
             self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
             self._settle_outcome(
                 task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
