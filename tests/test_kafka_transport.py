@@ -7,9 +7,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from sluiceway.transports import kafka_common as kc
@@ -88,6 +89,54 @@ def test_commits_only_the_finished_prefix_when_tasks_finish_out_of_order(
     t.settle(Outcomes(acks=[ds[3].token]))
     wait_for(lambda: committed(kafka_url, queue, 1) == [20], what="commit at 20")
     print("[figures] messages=20 committed=20 held_at=3 while record 3 ran")
+
+
+class _FailingAfterRecords:
+    """Stands in for the retry consumer: its consume() raises (as a client error would) right
+    after the work consumer's consume() returned records, the first ``times`` times."""
+
+    def __init__(self, real: Any, work: Any, times: int) -> None:
+        self.real, self.work, self.left = real, work, times
+
+    def consume(self, *args: Any, **kwargs: Any) -> Any:
+        if self.work.last and self.left > 0:
+            self.left -= 1
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "injected"))
+        return self.real.consume(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _Counting:
+    def __init__(self, real: Any) -> None:
+        self.real, self.last = real, 0
+
+    def consume(self, *args: Any, **kwargs: Any) -> Any:
+        msgs = self.real.consume(*args, **kwargs)
+        self.last = len(msgs)
+        return msgs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_records_consumed_just_before_a_client_error_are_not_skipped(
+    kafka_url: str, queue: str, transports: Callable[..., KafkaTransport]
+) -> None:
+    """A record consumed but not buffered would never run, and the records after it would carry
+    the commit past it: lost. The retry consumer's error comes after the work consumer's records."""
+    create(kafka_url, queue, 1)
+    t = transports(queue)
+    work = _Counting(t.consumer)
+    t.consumer = work  # type: ignore[assignment]
+    t.retry_consumer = _FailingAfterRecords(t.retry_consumer, work, times=3)  # type: ignore[assignment]
+    KafkaSink(kafka_url).send(NS, queue, [json.dumps({"i": i}).encode() for i in range(50)])
+    ds = fetch_until(t, 50)
+    assert t.retry_consumer.left == 0, "the error was never injected: this test proved nothing"  # type: ignore[attr-defined]
+    assert sorted(json.loads(d.payload)["i"] for d in ds) == list(range(50))
+    t.settle(Outcomes(acks=[d.token for d in ds]))
+    wait_for(lambda: committed(kafka_url, queue, 1) == [50], what="commit at 50")
 
 
 def test_retry_comes_back_after_its_delay_and_dead_letters_carry_the_reason(

@@ -5,9 +5,13 @@ Threads, each with one job:
   (threads, or one asyncio loop fed by a pump thread for ``async def``). The executor that finds
   no message waiting makes the worker's round trip to the broker: it settles everything finished
   since the last one and leases the next batch with its rate-limit slots, in one pipeline. No
-  thread exists only to move messages, so a fast task pays for no hand-off between threads;
+  thread exists only to move messages, so a fast task pays for no hand-off between threads.
+  Without a rate limit, thread executors take messages from a shared deque (one atomic
+  ``popleft`` each, in the order fetched, which Kafka's commits need) and finish successes
+  together: no blocking hand-off and no shared lock per message;
 - the supervisor renews leases, writes heartbeats, returns expired leases of dead workers,
-  enforces task timeouts, and settles finished work when no executor came by to do it.
+  enforces task timeouts, and settles finished work when no executor came by to do it (also
+  what an executor finished before it entered a long task).
 The main thread waits for a signal and then drains.
 """
 
@@ -26,7 +30,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import repeat
 from typing import Any
@@ -109,6 +113,19 @@ _RESLOTTED = SlotLease(tat="", interval_us=0.0)
 
 
 @dataclass(slots=True)
+class _Lane:
+    """A thread executor's state shared with the supervisor, which may finish the executor's
+    successes while it is inside a long task. Both sides only ``popleft`` and ``append``, which
+    are atomic, so each success is finished once."""
+
+    # Held by the executor while it clears its `running` entry, and by the supervisor while it
+    # decides to interrupt that task: so a timeout is never injected into the next task.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: deque[tuple[Task, float]] = field(default_factory=deque)  # successes, with durations
+    flushed_at: float = 0.0
+
+
+@dataclass(slots=True)
 class _InTransit:
     pending: PendingExchange
     done: list[Settlement]  # the outcomes it settles
@@ -159,7 +176,14 @@ class Worker:
         self.capacity = settings.concurrency + self._prefetch(0.0)
         self.lock = threading.Lock()
         self.held: dict[Token, Task] = {}  # every lease we hold and have not settled
-        self.running: dict[int, Task] = {}  # thread ident (or id) -> task
+        # Thread ident (or the task's id on asyncio) -> running task. A thread executor sets its
+        # own entry without a lock and clears it under its lane's lock (see _Lane); readers copy.
+        self.running: dict[int, Task] = {}
+        self.lanes: dict[int, _Lane] = {}  # thread executor's ident -> its lane
+        # Unlimited batches for thread executors (see _run_pending); asyncio and process mode
+        # take theirs from `ready` (a child's round trip dwarfs the hand-off).
+        self.pending: deque[Task] = deque()
+        self.use_pending = not self.is_async and self.pool is None
         self.ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Finished and not yet settled; appended by any thread, taken only under exchange_lock.
         self.unsettled: deque[Settlement] = deque()
@@ -293,6 +317,9 @@ class Worker:
                 break
             if isinstance(item, Task):
                 unstarted.append(item)
+        with contextlib.suppress(IndexError):
+            while True:
+                unstarted.append(self.pending.popleft())
         self._give_back(unstarted, "not started before shutdown", return_slots=True)
         # Wait for running tasks and for their settlements to reach Redis.
         while time.monotonic() < deadline:
@@ -419,7 +446,7 @@ class Worker:
         try:
             if self.in_transit is not None and self._receive():
                 return 0.0
-            if not self.ready.empty():
+            if self.pending or not self.ready.empty():
                 return 0.0
             now = time.monotonic()
             if now < self.next_exchange:
@@ -575,7 +602,13 @@ class Worker:
             if batch.slots is not None:
                 self.last_slots = batch.slots
         # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO
-        # queue hands executors their messages in slot order too.
+        # queue hands executors their messages in slot order too. Without slots to wait for, they
+        # go to the shared deque, and only as many wake-ups as there are executors to wake.
+        if self.use_pending and batch.slots is None:
+            self.pending.extend(tasks)
+            for _ in range(min(len(tasks), self.s.concurrency)):
+                self.ready.put(_WAKE)
+            return len(tasks)
         for t in tasks:
             self.ready.put(t)
         return len(tasks)
@@ -653,8 +686,12 @@ class Worker:
     def _executor_loop(self) -> None:
         me = threading.get_ident()
         child = self.pool.claim() if self.pool is not None else None
+        lane = self.lanes[me] = _Lane()
         while me not in self.retired:
             try:
+                if self.pending:
+                    self._run_pending(lane, me)
+                    continue
                 item = self._next_task()
                 if item is None or item is _WAKE:
                     continue
@@ -671,10 +708,89 @@ class Worker:
                 self._run_sync(task, me, child)
             except TaskTimeout:
                 # The supervisor already settled the timed-out task and started our replacement;
-                # the injected exception surfaced outside the function, so just leave.
+                # the injected exception surfaced outside the function, so just leave (after
+                # finishing what succeeded before it).
                 if me in self.retired:
+                    self._finish_lane(lane, time.monotonic())
                     return
                 raise
+
+    def _run_pending(self, lane: _Lane, me: int) -> None:
+        """Run tasks from the shared deque until it is empty, each taken with one ``popleft``.
+
+        Executors take tasks one at a time and in the order fetched, as from `ready`, so a long
+        task holds back nothing and a drain leaves only the last-fetched unstarted (on Kafka, no
+        finished record sits behind an unstarted one, which the next owner would redo). A
+        success is finished with others (``_finish_lane``) once SETTLE_LATENCY has passed or the
+        deque is empty; the supervisor finishes them when this thread is in a long task."""
+        pending, done, running, fn = self.pending, lane.done, self.running, self.fn
+        stopping, retired = self.stopping, self.retired
+        lane.flushed_at = time.monotonic()
+        while me not in retired:
+            try:
+                task = pending.popleft()
+            except IndexError:
+                break
+            if stopping.is_set():
+                self._give_back([task], "not started before shutdown", return_slots=False)
+                break
+            if self.in_transit is None and len(pending) < self.send_ahead_below:
+                self._send_ahead()
+            try:
+                verdict = self._prepare(task)
+            except TaskTimeout:
+                raise  # injected for an earlier task: not this message's fault
+            except Exception as exc:
+                self._internal_error(task, "decoding the message", exc)
+                continue
+            if verdict is not None:
+                self._finish(verdict)
+                continue
+            msg = task.message
+            assert msg is not None
+            task.started = started = time.monotonic()
+            running[me] = task
+            try:
+                task.value = fn(**msg.kwargs)
+                error: BaseException | None = None
+            except BaseException as exc:
+                error = exc
+            with lane.lock:
+                running.pop(me, None)
+            if error is not None:
+                self._settle_outcome(task, error)
+                continue
+            now = time.monotonic()
+            if msg.meta.reply is not None:  # a call: its result is built with the settlement
+                self._finish(Settlement(task, Outcome.OK), now - started, "", now)
+                continue
+            done.append((task, now - started))
+            if now - lane.flushed_at >= SETTLE_LATENCY:
+                self._finish_lane(lane, now)
+        self._finish_lane(lane, time.monotonic())
+
+    def _finish_lane(self, lane: _Lane, now: float) -> None:
+        """Finish the successes waiting in ``lane.done`` together: one lock for all of them."""
+        lane.flushed_at = now
+        items: list[tuple[Task, float]] = []
+        with contextlib.suppress(IndexError):
+            popleft = lane.done.popleft
+            while True:
+                items.append(popleft())
+        if not items:
+            return
+        ok = Outcome.OK
+        settlements = [Settlement(t, ok) for t, _ in items]
+        with self.lock:
+            fresh = [(p, d) for p, (t, d) in zip(settlements, items, strict=True) if not t.finished]
+            for p, _ in fresh:
+                p.task.finished = True
+            self.processed += len(fresh)
+            self.uncounted += [d for _, d in fresh]
+            self.unsettled += [p for p, _ in fresh]
+            if self.awaiting_room and fresh:
+                self.awaiting_room = False
+                self.ready.put(_WAKE)
 
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
@@ -710,6 +826,8 @@ class Worker:
     def _run_sync(self, task: Task, thread_id: int, child: procpool.Child | None = None) -> None:
         try:
             verdict = self._prepare(task)
+        except TaskTimeout:
+            raise  # injected for an earlier task: not this message's fault
         except Exception as exc:
             self._internal_error(task, "decoding the message", exc)
             return
@@ -720,8 +838,7 @@ class Worker:
         task.started = time.monotonic()
         if task.slots is not None:
             self.metrics.start_lag.observe(task.started - task.due)
-        with self.lock:
-            self.running[thread_id] = task
+        self.running[thread_id] = task  # cleared under the lane's lock (see _Lane)
         if child is not None:
             self._run_in_child(task, thread_id, child)
             return
@@ -731,7 +848,7 @@ class Worker:
         except BaseException as exc:
             error = exc
         finally:
-            with self.lock:
+            with self.lanes[thread_id].lock:
                 self.running.pop(thread_id, None)
         if error is None:
             # What _settle_outcome does for a success, without its two calls: this is the path
@@ -755,7 +872,7 @@ class Worker:
             try:
                 raw = child.run(task.delivery.payload, self.s.timeout_seconds)
             finally:
-                with self.lock:
+                with self.lanes[thread_id].lock:
                     self.running.pop(thread_id, None)
         except procpool.ChildTimedOut:
             self.log.warning(
@@ -1110,12 +1227,17 @@ class Worker:
         if self.is_async or self.pool is not None:
             return  # asyncio.wait_for cancels the coroutine itself; a child is killed by its thread
         now = time.monotonic()
-        with self.lock:
-            late = [
-                (ident, t) for ident, t in self.running.items() if now - t.started > self.s.timeout_seconds
-            ]
+        running = self.running.copy()  # one C call: executors set their entries without a lock
+        # What an executor finished before it entered a long task must not wait for that task.
+        for ident, t in running.items():
+            if now - t.started > SETTLE_LATENCY:
+                lane = self.lanes.get(ident)
+                if lane is not None and lane.done:
+                    self._finish_lane(lane, now)
+        late = [(ident, t) for ident, t in running.items() if now - t.started > self.s.timeout_seconds]
         for ident, task in late:
-            with self.lock:
+            lane = self.lanes.get(ident)
+            with lane.lock if lane is not None else self.lock:
                 if self.running.get(ident) is not task:
                     continue  # it finished while we looked
                 self.running.pop(ident)
@@ -1125,6 +1247,8 @@ class Worker:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
                 )
+                if lane is not None:
+                    self._finish_lane(lane, now)
             self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
             self._settle_outcome(
                 task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")

@@ -432,14 +432,18 @@ class KafkaTransport:
                     msgs = self.consumer.consume(num_messages=max(1, min(room, CONSUME_MAX)), timeout=0)
                 else:
                     msgs = self.consumer.consume(num_messages=1, timeout=POLL_TIMEOUT)
+                # Buffered before anything else can raise: a consumed record that is not tracked
+                # would be committed past by the records after it.
+                if msgs:
+                    self._take(msgs, self.topic)
                 # The retry consumer never blocks: the wait above paces the loop for both (a
                 # retry is due after its back-off anyway), and its consume() serves its group.
                 retries = self.retry_consumer.consume(
                     num_messages=max(1, min(room - len(msgs), CONSUME_MAX)), timeout=0
                 )
                 if retries:
-                    msgs = msgs + retries if msgs else retries
-                had_records = bool(msgs)
+                    self._take(retries, self.retry_topic)
+                had_records = bool(msgs or retries)
             except KafkaException as exc:
                 self.errors.append(str(exc))
                 time.sleep(POLL_TIMEOUT)
@@ -454,30 +458,24 @@ class KafkaTransport:
                 self.log.error("kafka_poll_error", error=repr(exc))
                 time.sleep(POLL_TIMEOUT)
                 continue
-            if msgs:
-                self._take(msgs)
 
-    def _take(self, msgs: list[Message]) -> None:
+    def _take(self, msgs: list[Message], topic: str) -> None:
+        """Buffer ``msgs``, all of ``topic`` (each consumer reads one topic): the topic is not
+        read per record, which would build a string per record and compare it."""
         now_ms = int(time.time() * 1000)
         # The per-record path of every message: names bound locally, no call that can be spared,
         # and the partition's lookups (assignment, track, generation) made once per run of
         # records from one partition, which is how consume() returns them. A run's new offsets
         # are started in one call (PartitionTrack.start_new); only a record below the track's
         # next offset (fetched again) goes through holds() and start() on its own.
-        assigned, tracks, generation, retry_topic = (
-            self.assigned,
-            self.tracks,
-            self.generation,
-            self.retry_topic,
-        )
+        assigned, tracks, generation = self.assigned, self.tracks, self.generation
+        retry = topic == self.retry_topic
         partition_eof = KafkaError._PARTITION_EOF
-        run_topic: str | None = None
         run_partition: int | None = -1
         track: PartitionTrack | None = None
         started: list[int] = []  # the run's new offsets, not yet started in the track
         next_new = 0
         gen = 0
-        retry = False
         with self.cond:
             append = self.buffer.append  # under the lock: a revoke replaces the buffer
             for m in msgs:
@@ -486,20 +484,19 @@ class KafkaTransport:
                     if err.code() != partition_eof:
                         self.errors.append(str(err))
                     continue
-                topic, partition, offset = m.topic(), m.partition(), m.offset()
-                if partition != run_partition or topic != run_topic:
+                partition, offset = m.partition(), m.offset()
+                if partition != run_partition:
                     if track is not None:
                         track.start_new(started)
                     started = []
-                    run_topic, run_partition = topic, partition
+                    run_partition = partition
                     track = None
-                    if topic is not None and partition is not None and (topic, partition) in assigned:
+                    if partition is not None and (topic, partition) in assigned:
                         tp = (topic, partition)
                         track = tracks.get(tp)
                         if track is None and offset is not None:
                             track = tracks[tp] = PartitionTrack(committed=offset)
                         gen = generation[tp]
-                        retry = topic == retry_topic
                         next_new = track.next_offset if track is not None else 0
                 if track is None or offset is None:
                     continue  # revoked while in flight to us
