@@ -118,8 +118,9 @@ class _Lane:
     successes while it is inside a long task. Both sides only ``popleft`` and ``append``, which
     are atomic, so each success is finished once."""
 
-    # Held by the executor while it clears its `running` entry, and by the supervisor while it
-    # decides to interrupt that task: so a timeout is never injected into the next task.
+    # Held by the executor while it clears its `running` entry or finishes successes, and by the
+    # supervisor while it decides to interrupt that task: so a timeout is never injected into the
+    # next task, nor between taking successes from `done` and finishing them.
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: deque[tuple[Task, float]] = field(default_factory=deque)  # successes, with durations
     flushed_at: float = 0.0
@@ -770,27 +771,32 @@ class Worker:
         self._finish_lane(lane, time.monotonic())
 
     def _finish_lane(self, lane: _Lane, now: float) -> None:
-        """Finish the successes waiting in ``lane.done`` together: one lock for all of them."""
-        lane.flushed_at = now
-        items: list[tuple[Task, float]] = []
-        with contextlib.suppress(IndexError):
-            popleft = lane.done.popleft
-            while True:
-                items.append(popleft())
-        if not items:
-            return
-        ok = Outcome.OK
-        settlements = [Settlement(t, ok) for t, _ in items]
-        with self.lock:
-            fresh = [(p, d) for p, (t, d) in zip(settlements, items, strict=True) if not t.finished]
-            for p, _ in fresh:
-                p.task.finished = True
-            self.processed += len(fresh)
-            self.uncounted += [d for _, d in fresh]
-            self.unsettled += [p for p, _ in fresh]
-            if self.awaiting_room and fresh:
-                self.awaiting_room = False
-                self.ready.put(_WAKE)
+        """Finish the successes waiting in ``lane.done`` together: one lock for all of them.
+
+        Under the lane's lock, which the supervisor needs to inject a timeout: an exception
+        raised in this thread between taking the successes and finishing them would lose them
+        (never acked, renewed for ever, and on Kafka a partition's commit stuck behind them)."""
+        with lane.lock:
+            lane.flushed_at = now
+            items: list[tuple[Task, float]] = []
+            with contextlib.suppress(IndexError):
+                popleft = lane.done.popleft
+                while True:
+                    items.append(popleft())
+            if not items:
+                return
+            ok = Outcome.OK
+            settlements = [Settlement(t, ok) for t, _ in items]
+            with self.lock:
+                fresh = [(p, d) for p, (t, d) in zip(settlements, items, strict=True) if not t.finished]
+                for p, _ in fresh:
+                    p.task.finished = True
+                self.processed += len(fresh)
+                self.uncounted += [d for _, d in fresh]
+                self.unsettled += [p for p, _ in fresh]
+                if self.awaiting_room and fresh:
+                    self.awaiting_room = False
+                    self.ready.put(_WAKE)
 
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
@@ -1247,8 +1253,8 @@ class Worker:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(ident), ctypes.py_object(TaskTimeout)
                 )
-                if lane is not None:
-                    self._finish_lane(lane, now)
+            if lane is not None:  # what it finished before, which its thread may not reach
+                self._finish_lane(lane, now)
             self.log.warning("task timed out", message_id=task.message.meta.id if task.message else None)
             self._settle_outcome(
                 task, TaskTimeout(f"task ran longer than its timeout of {self.s.timeout_seconds} s")
