@@ -349,8 +349,11 @@ class KafkaTransport:
         with self.cond:
             self.buffer.clear()
             offsets = self._committable(self.tracks.keys())
+        # One budget for both groups' commits: a stopping worker with the broker down waits
+        # COMMIT_RETRY_SECONDS once, not once per consumer.
+        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
         for consumer, some in self._by_consumer(offsets):
-            self._commit_now(consumer, some, "kafka_final_commit_failed")
+            self._commit_now(consumer, some, "kafka_final_commit_failed", deadline)
         # close() leaves the group now, so nobody waits out a session timeout. After a broker
         # restart fenced this member (its partitions lost and never given back) it was seen to
         # block for minutes, waiting on a group it is no longer in; a worker told to stop must
@@ -549,21 +552,36 @@ class KafkaTransport:
         retry = [tp for tp in tps if tp.topic == self.retry_topic]
         return [(c, some) for c, some in ((self.consumer, work), (self.retry_consumer, retry)) if some]
 
-    def _commit_now(self, consumer: Any, offsets: list[TopicPartition], event: str) -> None:
-        """A synchronous commit (revoke, close), tried again for COMMIT_RETRY_SECONDS while the
-        broker answers with a retriable error (a restart, NOT_COORDINATOR just after one): what
-        it fails to commit, the next owner redoes."""
-        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+    def _commit_now(
+        self, consumer: Any, offsets: list[TopicPartition], event: str, deadline: float | None = None
+    ) -> bool:
+        """A synchronous commit (revoke, close), tried again until ``deadline`` (by default
+        COMMIT_RETRY_SECONDS from now) while the broker answers with a retriable error (a
+        restart, NOT_COORDINATOR just after one). Whether it committed; what it fails to commit,
+        the next owner redoes.
+
+        confluent-kafka's synchronous commit takes no timeout: with the broker down one call
+        blocked ~10 s (until the client gave its session up) before the deadline was even looked
+        at, and with the broker stalled (SIGSTOP, its connections open) one had not returned
+        after 6 minutes. So each try waits only for what is left of the deadline
+        (:func:`_commit_within`)."""
+        if deadline is None:
+            deadline = time.monotonic() + COMMIT_RETRY_SECONDS
         while True:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-                return
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if error is None or not error.retriable() or time.monotonic() >= deadline:
-                    self.log.warning(event, error=str(exc))
-                    return
-            time.sleep(POLL_TIMEOUT)
+            left = deadline - time.monotonic()
+            outcome = _commit_within(consumer, offsets, left)
+            if outcome is None:
+                return True
+            if isinstance(outcome, KafkaException):
+                error = outcome.args[0] if outcome.args and isinstance(outcome.args[0], KafkaError) else None
+                retry = error is not None and error.retriable()
+            else:
+                retry = False  # no answer in time, or the client itself failed
+            left = deadline - time.monotonic()
+            if not retry or left <= 0:
+                self.log.warning(event, error=str(outcome))
+                return False
+            time.sleep(min(POLL_TIMEOUT, left))
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """An asynchronous commit's outcome (on the poll thread, inside consume). A failed one
@@ -703,6 +721,34 @@ class KafkaTransport:
         left = self.producer.flush(PRODUCE_TIMEOUT)
         if left:
             raise KafkaOutageError(f"{left} records not acknowledged by Kafka within {PRODUCE_TIMEOUT:.0f} s")
+
+
+def _commit_within(consumer: Any, offsets: list[TopicPartition], timeout: float) -> Exception | None:
+    """One synchronous commit, waited for at most ``timeout`` seconds: None once committed, the
+    exception it raised, or a TimeoutError if it had not returned by then.
+
+    The commit runs in a thread of its own because confluent-kafka cannot bound it (an
+    asynchronous commit's outcome would come only through a poll, which neither a rebalance
+    callback, already inside consume(), nor close(), after the poll thread ended, can make). A
+    commit still waiting at the timeout is left to finish in that daemon thread: if it lands
+    late it still covers only records this worker finished: it can make work be redone, never
+    skipped."""
+    outcome: list[Exception | None] = []
+
+    def commit() -> None:
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # the caller's to judge: retriable, or logged as failed
+            outcome.append(exc)
+            return
+        outcome.append(None)
+
+    thread = threading.Thread(target=commit, name="sluiceway-kafka-commit", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout))
+    if not outcome:
+        return TimeoutError(f"no answer to a synchronous commit within {max(0.0, timeout):.1f} s")
+    return outcome[0]
 
 
 def _describe(tps: Any) -> str:
