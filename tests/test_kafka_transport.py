@@ -253,6 +253,9 @@ def test_revoke_waits_for_running_tasks_then_commits(
     )
     assert a.revokes >= 1
     assert a.redone_on_revoke == 0
+    # The revoke's commit is made inside the rebalance callback, where the client answers it; a
+    # commit from another thread there timed out, and the new owner could start before it.
+    assert a.revoke_commit_failures == 0 and b.revoke_commit_failures == 0
     assert extra == [], "a drained partition was redone by its new owner"
     wait_for(lambda: sum(committed(kafka_url, queue, partitions)) == n, 30, "all committed")
     assert sorted(done) == sorted(b'{"i": %d}' % i for i in range(n))

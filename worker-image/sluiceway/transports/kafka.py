@@ -149,6 +149,7 @@ class KafkaTransport:
         self.revokes = 0
         self.lost = 0
         self.commit_failures = 0  # asynchronous commits the broker refused (each sent again)
+        self.revoke_commit_failures = 0  # revokes whose commit failed: the next owner redoes those
         self.errors: deque[str] = deque(maxlen=50)
 
         for consumer, topic in ((self.consumer, self.topic), (self.retry_consumer, self.retry_topic)):
@@ -553,7 +554,13 @@ class KafkaTransport:
         return [(c, some) for c, some in ((self.consumer, work), (self.retry_consumer, retry)) if some]
 
     def _commit_now(
-        self, consumer: Any, offsets: list[TopicPartition], event: str, deadline: float | None = None
+        self,
+        consumer: Any,
+        offsets: list[TopicPartition],
+        event: str,
+        deadline: float | None = None,
+        *,
+        in_callback: bool = False,
     ) -> bool:
         """A synchronous commit (revoke, close), tried again until ``deadline`` (by default
         COMMIT_RETRY_SECONDS from now) while the broker answers with a retriable error (a
@@ -563,13 +570,18 @@ class KafkaTransport:
         confluent-kafka's synchronous commit takes no timeout: with the broker down one call
         blocked ~10 s (until the client gave its session up) before the deadline was even looked
         at, and with the broker stalled (SIGSTOP, its connections open) one had not returned
-        after 6 minutes. So each try waits only for what is left of the deadline
-        (:func:`_commit_within`)."""
+        after 6 minutes. So at close each try waits only for what is left of the deadline
+        (:func:`_commit_within`). Not ``in_callback`` (a revoke, inside consume()): there a
+        commit from another thread gets no answer until the callback returns (measured: every
+        revoke's commit timed out at 5 s and came after the new owner's start), so the
+        callback's own thread commits, which the client serves."""
         if deadline is None:
             deadline = time.monotonic() + COMMIT_RETRY_SECONDS
         while True:
             left = deadline - time.monotonic()
-            outcome = _commit_within(consumer, offsets, left)
+            outcome = (
+                _commit_here(consumer, offsets) if in_callback else _commit_within(consumer, offsets, left)
+            )
             if outcome is None:
                 return True
             if isinstance(outcome, KafkaException):
@@ -679,8 +691,10 @@ class KafkaTransport:
             unfinished = self._running_on(revoked)
             self.redone_on_revoke += unfinished
             offsets = self._committable(revoked)
-        if offsets:
-            self._commit_now(consumer, offsets, "kafka_revoke_commit_failed")
+        if offsets and not self._commit_now(
+            consumer, offsets, "kafka_revoke_commit_failed", in_callback=True
+        ):
+            self.revoke_commit_failures += 1
         if unfinished:
             self.log.info("kafka_revoked_unfinished", redone_by_next_owner=unfinished)
         with self.cond:
@@ -723,6 +737,15 @@ class KafkaTransport:
             raise KafkaOutageError(f"{left} records not acknowledged by Kafka within {PRODUCE_TIMEOUT:.0f} s")
 
 
+def _commit_here(consumer: Any, offsets: list[TopicPartition]) -> Exception | None:
+    """One synchronous commit in this thread: None once committed, or the exception it raised."""
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except Exception as exc:  # the caller's to judge: retriable, or logged as failed
+        return exc
+    return None
+
+
 def _commit_within(consumer: Any, offsets: list[TopicPartition], timeout: float) -> Exception | None:
     """One synchronous commit, waited for at most ``timeout`` seconds: None once committed, the
     exception it raised, or a TimeoutError if it had not returned by then.
@@ -734,16 +757,11 @@ def _commit_within(consumer: Any, offsets: list[TopicPartition], timeout: float)
     late it still covers only records this worker finished: it can make work be redone, never
     skipped."""
     outcome: list[Exception | None] = []
-
-    def commit() -> None:
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception as exc:  # the caller's to judge: retriable, or logged as failed
-            outcome.append(exc)
-            return
-        outcome.append(None)
-
-    thread = threading.Thread(target=commit, name="sluiceway-kafka-commit", daemon=True)
+    thread = threading.Thread(
+        target=lambda: outcome.append(_commit_here(consumer, offsets)),
+        name="sluiceway-kafka-commit",
+        daemon=True,
+    )
     thread.start()
     thread.join(max(0.0, timeout))
     if not outcome:
