@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 from structlog.testing import capture_logs
 
 from sluiceway.transports import kafka_common as kc
@@ -29,6 +27,7 @@ from sluiceway.transports.kafka import (
     KafkaSink,
     KafkaTransport,
 )
+from tests.support import kafka_topics
 from tests.support.kafka_server import KafkaServer
 from tests.support.workers import wait_for
 
@@ -55,19 +54,11 @@ def broker(kafka_server: KafkaServer, kafka_url: str) -> Iterator[KafkaServer]:
 
 
 def create(url: str, queue: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": kc.bootstrap(url)})
-    kc.ensure_topics(
-        admin, {kc.topic(NS, queue): partitions, kc.retry_topic(NS, queue): 1, kc.dead_topic(NS, queue): 1}
-    )
+    kafka_topics.create(url, NS, queue, partitions)
 
 
 def committed(url: str, queue: str, partitions: int) -> list[int]:
-    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
-    try:
-        tps = c.committed([TopicPartition(kc.topic(NS, queue), p) for p in range(partitions)], timeout=30)
-        return [tp.offset for tp in tps]
-    finally:
-        c.close()
+    return kafka_topics.committed(url, NS, queue, partitions)
 
 
 def work_partitions(t: KafkaTransport) -> int:

@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from sluiceway.transports import kafka_common as kc
 from sluiceway.transports.base import Outcomes
 from sluiceway.transports.kafka import KafkaSink, KafkaTransport
+from tests.support import kafka_topics
 from tests.support.kafka_server import KafkaServer
 
 pytestmark = pytest.mark.slow
@@ -31,23 +30,11 @@ def payloads(n: int) -> list[bytes]:
 
 
 def create(url: str, queue: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": kc.bootstrap(url)})
-    kc.ensure_topics(
-        admin, {kc.topic(NS, queue): partitions, kc.retry_topic(NS, queue): 1, kc.dead_topic(NS, queue): 1}
-    )
+    kafka_topics.create(url, NS, queue, partitions)
 
 
 def committed(url: str, queue: str, partitions: int) -> list[int]:
-    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
-    try:
-        return [
-            tp.offset
-            for tp in c.committed(
-                [TopicPartition(kc.topic(NS, queue), p) for p in range(partitions)], timeout=30
-            )
-        ]
-    finally:
-        c.close()
+    return kafka_topics.committed(url, NS, queue, partitions)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from sluiceway.transports import kafka_common as kc
 from sluiceway.transports.base import DeadLetter, Delivery, Outcomes, Retry
 from sluiceway.transports.kafka import KafkaSink, KafkaTransport
+from tests.support import kafka_topics
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +28,11 @@ def queue() -> str:
 
 
 def create(url: str, queue: str, partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": kc.bootstrap(url)})
-    kc.ensure_topics(
-        admin, {kc.topic(NS, queue): partitions, kc.retry_topic(NS, queue): 1, kc.dead_topic(NS, queue): 1}
-    )
+    kafka_topics.create(url, NS, queue, partitions)
 
 
 def committed(url: str, queue: str, partitions: int) -> list[int]:
-    c = Consumer({"bootstrap.servers": kc.bootstrap(url), "group.id": kc.group(NS, queue)})
-    try:
-        tps = c.committed([TopicPartition(kc.topic(NS, queue), p) for p in range(partitions)], timeout=10)
-        return [tp.offset for tp in tps]
-    finally:
-        c.close()
+    return kafka_topics.committed(url, NS, queue, partitions)
 
 
 def fetch_until(t: KafkaTransport, n: int, timeout: float = 60.0) -> list[Delivery]:

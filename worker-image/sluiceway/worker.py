@@ -737,15 +737,7 @@ class Worker:
                 break
             if self.in_transit is None and len(pending) < self.send_ahead_below:
                 self._send_ahead()
-            try:
-                verdict = self._prepare(task)
-            except TaskTimeout:
-                raise  # injected for an earlier task: not this message's fault
-            except Exception as exc:
-                self._internal_error(task, "decoding the message", exc)
-                continue
-            if verdict is not None:
-                self._finish(verdict)
+            if not self._admit(task):
                 continue
             msg = task.message
             assert msg is not None
@@ -798,6 +790,20 @@ class Worker:
                     self.awaiting_room = False
                     self.ready.put(_WAKE)
 
+    def _admit(self, task: Task) -> bool:
+        """Whether ``task`` may run; when not, it is settled here (dead-lettered with its reason)."""
+        try:
+            verdict = self._prepare(task)
+        except TaskTimeout:
+            raise  # injected for an earlier task: not this message's fault
+        except Exception as exc:
+            self._internal_error(task, "decoding the message", exc)
+            return False
+        if verdict is not None:
+            self._finish(verdict)
+            return False
+        return True
+
     def _prepare(self, task: Task) -> Settlement | None:
         """Decode and vet a message; a Settlement means it must not run."""
         d = task.delivery
@@ -830,15 +836,7 @@ class Worker:
         return None
 
     def _run_sync(self, task: Task, thread_id: int, child: procpool.Child | None = None) -> None:
-        try:
-            verdict = self._prepare(task)
-        except TaskTimeout:
-            raise  # injected for an earlier task: not this message's fault
-        except Exception as exc:
-            self._internal_error(task, "decoding the message", exc)
-            return
-        if verdict is not None:
-            self._finish(verdict)
+        if not self._admit(task):
             return
         assert task.message is not None
         task.started = time.monotonic()
@@ -967,13 +965,7 @@ class Worker:
 
     async def _run_async(self, task: Task) -> None:
         try:
-            try:
-                verdict = self._prepare(task)
-            except Exception as exc:
-                self._internal_error(task, "decoding the message", exc)
-                return
-            if verdict is not None:
-                self._finish(verdict)
+            if not self._admit(task):
                 return
             assert task.message is not None
             task.started = time.monotonic()
