@@ -135,26 +135,32 @@ def test_every_message_is_acked_once_from_the_shared_deque() -> None:
 def test_a_long_task_holds_back_neither_later_messages_nor_what_its_thread_finished_before() -> None:
     release = threading.Event()
     started_long = threading.Event()
+    long_thread: list[int] = []
+    ran_on: dict[int, int] = {}
 
     def task(i: int) -> None:
-        if i == 0:
+        ran_on[i] = threading.get_ident()
+        if i == 100:
+            long_thread.append(threading.get_ident())
             started_long.set()
             release.wait(30)
 
     link = MemoryLink(200)
     with running_worker(link, task, concurrency=2, prefetch=198):
-        started_long.wait(10)
-        # While the long task runs, every other message runs on the other thread and is acked;
-        # what the long task's thread finished before it, the supervisor finished.
-        wait_for(lambda: sum(link.acked.values()) == 199, 15, what="199 acks while task 0 runs")
-        assert 0 not in link.acked
+        assert started_long.wait(10)
+        # While the long task runs, every other message runs on the other thread and is acked,
+        # and so is what the long task's thread finished before it: the supervisor finished it.
+        wait_for(lambda: sum(link.acked.values()) == 199, 15, what="199 acks while task 100 runs")
+        assert 100 not in link.acked
         release.set()
         wait_for(lambda: sum(link.acked.values()) == 200, 15, what="the long task's ack")
+    # Or this test proved nothing: the long task's thread had successes waiting behind it.
+    assert [i for i in range(100) if ran_on[i] == long_thread[0]]
     assert link.batches[0] > 2 * 2
     assert max(link.acked.values()) == 1
 
 
-def test_a_timed_out_task_in_a_run_fails_alone_and_the_worker_goes_on() -> None:
+def test_a_timed_out_task_fails_alone_and_the_worker_goes_on() -> None:
     def task(i: int) -> None:
         if i == 3:
             while True:  # Python-level, so the injected TaskTimeout can surface
@@ -202,7 +208,7 @@ def test_draining_hands_back_only_the_last_fetched_and_loses_nothing() -> None:
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_failures_in_a_run_keep_their_own_path(concurrency: int) -> None:
+def test_failures_among_batched_successes_keep_their_own_path(concurrency: int) -> None:
     def task(i: int) -> None:
         if i % 7 == 0:
             raise ValueError(f"no {i}")

@@ -115,8 +115,8 @@ _RESLOTTED = SlotLease(tat="", interval_us=0.0)
 @dataclass(slots=True)
 class _Lane:
     """A thread executor's state shared with the supervisor, which may finish the executor's
-    successes while it is inside a long task. Both sides only ``popleft`` and ``append``, which
-    are atomic, so each success is finished once."""
+    successes while it is inside a long task. The executor appends to ``done`` without a lock;
+    whoever finishes them takes them out under ``lock``, so each success is finished once."""
 
     # Held by the executor while it clears its `running` entry or finishes successes, and by the
     # supervisor while it decides to interrupt that task: so a timeout is never injected into the
@@ -1152,6 +1152,7 @@ class Worker:
     def _supervise_loop(self) -> None:
         next_beat = 0.0
         while not self.stopped.is_set():
+            self._finish_behind_long_tasks()
             self._enforce_timeouts()
             self._settle_now(block=False, quiet_for=SETTLE_LATENCY)
             now = time.monotonic()
@@ -1221,17 +1222,20 @@ class Worker:
             version=__version__,
         )
 
+    def _finish_behind_long_tasks(self) -> None:
+        """Finish what a thread executor finished before it entered a task that is still running
+        after SETTLE_LATENCY: those successes must not wait for that task."""
+        now = time.monotonic()
+        for ident, t in self.running.copy().items():  # a copy: executors set entries lock-free
+            lane = self.lanes.get(ident)
+            if lane is not None and lane.done and now - t.started > SETTLE_LATENCY:
+                self._finish_lane(lane, now)
+
     def _enforce_timeouts(self) -> None:
         if self.is_async or self.pool is not None:
             return  # asyncio.wait_for cancels the coroutine itself; a child is killed by its thread
         now = time.monotonic()
         running = self.running.copy()  # one C call: executors set their entries without a lock
-        # What an executor finished before it entered a long task must not wait for that task.
-        for ident, t in running.items():
-            if now - t.started > SETTLE_LATENCY:
-                lane = self.lanes.get(ident)
-                if lane is not None and lane.done:
-                    self._finish_lane(lane, now)
         late = [(ident, t) for ident, t in running.items() if now - t.started > self.s.timeout_seconds]
         for ident, task in late:
             lane = self.lanes.get(ident)
