@@ -82,7 +82,7 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
         # json recurses once per level, so far past the bound it fails by the caller's stack
         # depth; there the bound is what refuses. Within it, the stack really is too deep.
         if _too_deep(body):
-            raise _encode_depth_error() from None
+            raise ValueError(_DEPTH_LIMIT) from None
         raise
     try:
         data = text.encode()
@@ -93,12 +93,8 @@ def encode(kwargs: dict[str, Any], meta: Meta | None = None) -> bytes:
     # The bound is checked on the bytes decode() reads, by decode()'s own test, so what is encoded
     # decodes again, and an ordinary message pays a length comparison instead of a walk of every
     # value (the walk cost the publish path a few hundred ns a message).
-    if (
-        len(data) >= 2 * MAX_DEPTH
-        and len(data) - len(data.translate(None, _OPENERS)) > MAX_DEPTH
-        and _depth_of(data) > MAX_DEPTH
-    ):
-        raise _encode_depth_error()
+    if _past_bound(data):
+        raise ValueError(_DEPTH_LIMIT)
     return data
 
 
@@ -123,12 +119,8 @@ def decode(payload: bytes | str) -> Message:
             # A deleted bracket joins two digit runs only inside a string (or in what is not
             # JSON), which sends the payload to the stdlib: slower, the same outcome.
             marked = payload.translate(_DIGITS, _OPENERS)
-            if (
-                len(payload) - len(marked) > MAX_DEPTH
-                and len(payload) >= 2 * MAX_DEPTH
-                and _depth_of(payload) > MAX_DEPTH
-            ):
-                raise _depth_error()
+            if _past_bound(payload, openers=len(payload) - len(marked)):
+                raise DecodeError("invalid_json", _DEPTH_LIMIT)
             fast = _RUN not in marked
         if fast:
             try:
@@ -138,8 +130,8 @@ def decode(payload: bytes | str) -> Message:
         else:
             body = _decode_stdlib(payload)
     else:
-        if len(payload) >= 2 * MAX_DEPTH and _openers(payload) > MAX_DEPTH and _depth_of(payload) > MAX_DEPTH:
-            raise _depth_error()
+        if _past_bound(payload):
+            raise DecodeError("invalid_json", _DEPTH_LIMIT)
         body = _decode_stdlib(payload)
     if type(body) is not dict:
         raise DecodeError(
@@ -217,21 +209,22 @@ _NOT_BRACKET = bytes(i for i in range(256) if i not in b"[]{}")
 _OPENERS = b"[{"
 
 
-def _depth_error() -> DecodeError:
-    return DecodeError(
-        "invalid_json", f"nesting depth limit: the message is nested deeper than {MAX_DEPTH} levels"
-    )
+_DEPTH_LIMIT = f"nesting depth limit: the message is nested deeper than {MAX_DEPTH} levels"
 
 
-def _encode_depth_error() -> ValueError:
-    return ValueError(f"nesting depth limit: the message is nested deeper than {MAX_DEPTH} levels")
-
-
-def _openers(payload: bytes | bytearray | str) -> int:
-    """The opening brackets of ``payload``, strings included: an upper bound of its depth."""
-    if isinstance(payload, str):
-        return payload.count("[") + payload.count("{")
-    return payload.count(b"[") + payload.count(b"{")
+def _past_bound(payload: bytes | str, openers: int | None = None) -> bool:
+    """Whether ``payload`` nests deeper than MAX_DEPTH, cheapest test first: nesting that deep
+    takes twice as many bytes, and as many opening brackets (strings included, so a count of
+    them is an upper bound; ``openers`` when the caller counted them already). Only then the
+    exact, string-aware walk."""
+    if len(payload) < 2 * MAX_DEPTH:
+        return False
+    if openers is None:
+        if isinstance(payload, str):
+            openers = payload.count("[") + payload.count("{")
+        else:
+            openers = payload.count(b"[") + payload.count(b"{")
+    return openers > MAX_DEPTH and _depth_of(payload) > MAX_DEPTH
 
 
 def _depth_of(payload: bytes | bytearray | str) -> int:
