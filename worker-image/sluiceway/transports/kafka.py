@@ -750,12 +750,12 @@ def _commit_within(consumer: Any, offsets: list[TopicPartition], timeout: float)
     """One synchronous commit, waited for at most ``timeout`` seconds: None once committed, the
     exception it raised, or a TimeoutError if it had not returned by then.
 
-    The commit runs in a thread of its own because confluent-kafka cannot bound it (an
-    asynchronous commit's outcome would come only through a poll, which neither a rebalance
-    callback, already inside consume(), nor close(), after the poll thread ended, can make). A
-    commit still waiting at the timeout is left to finish in that daemon thread: if it lands
-    late it still covers only records this worker finished: it can make work be redone, never
-    skipped."""
+    For close(): the commit runs in a thread of its own because confluent-kafka cannot bound it,
+    and an asynchronous commit's outcome would come only through a poll, which nobody makes once
+    the poll thread has ended. (Not for a revoke: inside the rebalance callback such a commit
+    gets no answer until the callback returns; see _commit_now.) A commit still waiting at the
+    timeout is left to finish in that daemon thread: if it lands late it still covers only
+    records this worker finished, so it can make work be redone, never skipped."""
     outcome: list[Exception | None] = []
     thread = threading.Thread(
         target=lambda: outcome.append(_commit_here(consumer, offsets)),
