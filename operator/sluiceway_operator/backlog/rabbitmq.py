@@ -25,7 +25,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 from sluiceway.transports import rabbitmq_topology as topo
-from sluiceway.transports.rabbitmq import connection_parameters, declare
+from sluiceway.transports.rabbitmq import connection_name, connection_parameters, declare
 
 from .base import Backlog
 
@@ -45,7 +45,9 @@ class RabbitMQSource:
 
     def _channel(self) -> BlockingChannel:
         if self.conn is None or not self.conn.is_open:
-            self.conn = BlockingConnection(connection_parameters(self.url))
+            self.conn = BlockingConnection(
+                connection_parameters(self.url, connection_name("operator", self.queue))
+            )
             self.channel = None
             self.declared = False
         if self.channel is None or not self.channel.is_open:
@@ -114,7 +116,9 @@ class RabbitMQSource:
 
     def _channel_no_declare(self) -> BlockingChannel:
         if self.conn is None or not self.conn.is_open:
-            self.conn = BlockingConnection(connection_parameters(self.url))
+            self.conn = BlockingConnection(
+                connection_parameters(self.url, connection_name("operator", self.queue))
+            )
             self.channel = None
         if self.channel is None or not self.channel.is_open:
             self.channel = self.conn.channel()

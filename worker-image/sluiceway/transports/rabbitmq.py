@@ -56,7 +56,9 @@ import bisect
 import contextlib
 import json
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -97,8 +99,20 @@ class RabbitMQUnavailableError(ConnectionError):
 outage_errors: tuple[type[BaseException], ...] = (RabbitMQUnavailableError, pika.exceptions.AMQPError)
 
 
-def connection_parameters(url: str) -> pika.URLParameters:
+def connection_name(role: str, queue: str | None = None) -> str:
+    """What RabbitMQ's management UI and ``rabbitmqctl list_connections user_provided_name`` show
+    for a connection: its role, its queue, and the pod (a pod's hostname is its name) and process
+    holding it, so an operator can tell which worker holds which connection, and close one."""
+    where = f"{socket.gethostname()}/{os.getpid()}"
+    return " ".join(part for part in ("sluiceway", role, queue, where) if part)
+
+
+def connection_parameters(url: str, name: str) -> pika.URLParameters:
     params = pika.URLParameters(url)
+    # A name the URL already gives (its client_properties) wins.
+    properties = dict(params.client_properties or {})
+    properties.setdefault("connection_name", name)
+    params.client_properties = properties
     # The I/O thread turns the loop every few ms, so a short heartbeat costs nothing and finds a
     # dead broker (or a half-open TCP connection) in seconds rather than minutes.
     if params.heartbeat is None:
@@ -480,7 +494,7 @@ class RabbitMQTransport:
                 self.io_lock.release()
 
     def _connect(self) -> None:
-        conn = BlockingConnection(connection_parameters(self.url))
+        conn = BlockingConnection(connection_parameters(self.url, connection_name("worker", self.queue)))
         try:
             channel = declare(conn.channel, self.queue, topo.work_arguments(self.queue, self.queue_type))
             first = channel
@@ -895,7 +909,7 @@ class RabbitMQSink:
 
     def _open(self) -> BlockingChannel:
         if self.conn is None or not self.conn.is_open:
-            self.conn = BlockingConnection(connection_parameters(self.url))
+            self.conn = BlockingConnection(connection_parameters(self.url, connection_name("publisher")))
             self.channel = None
             self.declared.clear()
         if self.channel is None or not self.channel.is_open:
