@@ -7,7 +7,6 @@ what a user sees: Redis keys, exit codes, logs and metrics, never the worker's i
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 import urllib.request
@@ -20,7 +19,7 @@ from sluiceway import fleet
 from sluiceway.contract import Keys
 from sluiceway.ratelimit import max_in_window
 from tests.support.redis_server import RedisServer, free_port
-from tests.support.starts import worst_window
+from tests.support.starts import start_bound, worst_window
 from tests.support.workers import SpawnWorker, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.redis
@@ -55,11 +54,6 @@ def log_lines(w: WorkerProcess) -> list[dict[str, object]]:
 
 def events(w: WorkerProcess, text: str) -> list[dict[str, object]]:
     return [e for e in log_lines(w) if text in str(e.get("event", ""))]
-
-
-def bound(qps: float, burst: int = 0) -> int:
-    """docs/worker.md, "Fleet-wide QPS": most starts any 1-second window may hold."""
-    return math.floor(qps) + burst + 1 + math.floor(qps * 0.01)
 
 
 def metric(port: int, name: str) -> float:
@@ -132,9 +126,9 @@ def test_a_stalled_worker_takes_fresh_slots_instead_of_bunching_late_starts(
     raw = max_in_window(starts(r), 1.0)
     worst = worst_window(starts(r))
     print(
-        f"\n[figures] stalled worker at {qps} QPS: worst 1-s window {raw} recorded, {worst} allowing the record lag (bound {bound(qps)})"
+        f"\n[figures] stalled worker at {qps} QPS: worst 1-s window {raw} recorded, {worst} allowing the record lag (bound {start_bound(qps)})"
     )
-    assert worst <= bound(qps)
+    assert worst <= start_bound(qps)
     for w in (stalled, other):
         w.terminate()
         assert w.wait() == 0
@@ -187,9 +181,9 @@ def test_burst_allows_extra_starts_after_idling_then_holds_the_rate(
     worst = max_in_window(s, 1.0)
     print(f"\n[figures] qps {qps} burst {burst}: first second {first_second} starts, worst window {worst}")
     assert first_second > qps + 1, "the burst allowance was not used"
-    assert worst <= bound(qps, burst)
+    assert worst <= start_bound(qps, burst)
     # After the burst the rate is the limit: 35 starts need at least (35 - burst - qps - 1) / qps s.
-    assert s[-1] - s[0] >= (35 - bound(qps, burst)) / qps - 0.05
+    assert s[-1] - s[0] >= (35 - start_bound(qps, burst)) / qps - 0.05
     w.terminate()
     assert w.wait() == 0
 
