@@ -110,6 +110,13 @@ def noop(n: int = 0) -> None:
     return None
 
 
+def leaves_a_thread(n: int) -> None:
+    """Starts a non-daemon thread that never ends, as a client library may, then succeeds (a
+    thread inherits daemon from its creator, and the executors are daemons: hence the flag)."""
+    threading.Thread(target=threading.Event().wait, name=f"left-behind-{n}", daemon=False).start()
+    _r().hincrby("test:done", str(n), 1)
+
+
 async def noop_async(n: int = 0) -> None:
     return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -251,6 +252,43 @@ def test_sigterm_stops_a_worker_that_never_reached_redis(spawn_worker: SpawnWork
     wait_for(lambda: "failed; retrying" in w.output(), 30, what="a failed start-up attempt")
     w.terminate()
     assert w.wait(15) == 0, w.output()
+
+
+def test_a_thread_the_function_left_running_does_not_keep_the_worker_from_exiting(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    """The interpreter waits at exit for every non-daemon thread; a worker whose function left
+    one behind would never exit, and its pod would stay Terminating until SIGKILL."""
+    w = spawn_worker("-f", "tests.tasks:leaves_a_thread", "-q", "jobs", *FAST)
+    publish(redis_url, 2)
+    wait_for(lambda: all_done(r, 2), 30, what="both messages")
+    w.terminate()
+    assert w.wait(15) == 0
+    assert "worker stopped" in w.output()
+
+
+def test_sigusr1_prints_every_thread_and_the_worker_goes_on(
+    r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker
+) -> None:
+    """docs/worker.md, "A worker that will not stop": `kill -USR1` writes each thread's stack to
+    the log, before the broker answers and while the worker runs, and stops nothing."""
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    early = spawn_worker("-f", "tests.tasks:noop", "-q", "jobs", *FAST, SLUICEWAY_REDIS_URL=down)
+    wait_for(lambda: "failed; retrying" in early.output(), 30, what="a failed start-up attempt")
+    early.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "most recent call first" in early.output(), 30, what="the stacks before start-up")
+    assert early.proc.poll() is None
+    early.terminate()
+    assert early.wait(15) == 0, early.output()
+    w = spawn_worker("-f", "tests.tasks:record", "-q", "jobs", *FAST)
+    publish(redis_url, 1)
+    wait_for(lambda: all_done(r, 1), 30, what="the first message")
+    w.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: " in _executor_loop" in w.output(), 30, what="the stacks")
+    publish(redis_url, 1, start=1)
+    wait_for(lambda: all_done(r, 2), 30, what="a message after the dump")
+    w.terminate()
+    assert w.wait(15) == 0
 
 
 def test_long_task_keeps_its_lease(r: redis.Redis, redis_url: str, spawn_worker: SpawnWorker) -> None:

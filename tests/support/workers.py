@@ -56,8 +56,19 @@ class WorkerProcess:
         self.proc.kill()
 
     def wait(self, timeout: float = 30) -> int:
+        """The exit code; a worker still running after ``timeout`` fails the test with its
+        threads' stacks (``kill -USR1``, see docs/worker.md) and the end of its log, so the
+        failure says what it was waiting on."""
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)  # faulthandler writes from a signal handler; give it the moment
+            tail = "\n".join(self.output().splitlines()[-150:])
+            raise AssertionError(
+                f"worker {self.pid} still running {timeout:g} s after it was told to stop; "
+                f"its stacks and log:\n{tail}"
+            ) from None
         finally:
             self._log_file.close()
 

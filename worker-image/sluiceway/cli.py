@@ -317,7 +317,14 @@ def _worker(args: argparse.Namespace) -> int:
     from sluiceway.run import run_worker
 
     overrides = {k: v for k, v in vars(args).items() if k != "command"}
-    return run_worker(overrides)
+    code = run_worker(overrides)
+    # Everything the worker owns is settled and closed by now, so its exit code is final, and
+    # nothing may hold the pod in Terminating past it: not a thread the task function left
+    # running (the interpreter would wait for it for ever), nor a client's teardown in a
+    # finalizer (a Kafka handle still leaving its group blocks its destructor).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _CommandError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import random
 import signal
 import sys
@@ -30,6 +31,10 @@ def run_worker(overrides: dict[str, Any]) -> int:
         return ExitCode.USAGE
     configure(fmt=settings.log_format, level=settings.log_level)
     log = get_logger(queue=settings.queue, worker=settings.effective_worker_id)
+    # `kill -USR1` prints every thread's stack to stderr (the pod's log) and the worker goes on:
+    # what a worker that does not stop, or does not progress, waits on. A C-level handler, so it
+    # answers while a stuck client call holds the GIL, where a Python handler could not run.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         function = load_function(settings.function)
     except ImportError as exc:
