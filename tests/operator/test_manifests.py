@@ -192,6 +192,16 @@ def test_grace_period_follows_the_task_timeout() -> None:
     assert pod["terminationGracePeriodSeconds"] == 120 + SETTINGS.termination_margin_seconds
 
 
+def test_the_grace_margin_holds_what_a_worker_does_after_its_drain() -> None:
+    """Past the task timeout (the drain), a worker retries failed settlements for
+    SETTLE_AFTER_GRACE, then closes its broker link; Kafka's close() is the longest, bounded by
+    CLOSE_SECONDS. Both must fit the margin, or a pod is killed mid-commit."""
+    from sluiceway.transports.kafka import CLOSE_SECONDS
+    from sluiceway.worker import SETTLE_AFTER_GRACE
+
+    assert SETTINGS.termination_margin_seconds >= SETTLE_AFTER_GRACE + CLOSE_SECONDS
+
+
 def test_command_probe_and_port() -> None:
     c = container(deployment())
     assert c["command"] == ["sluiceway", "worker"]

@@ -107,6 +107,7 @@ SEND_AHEAD_MIN_PREFETCH = 16
 SETTLE_BATCH = 1000  # outcomes per round trip at most, so one round trip stays short
 REFILL_POLL = 0.005  # seconds to wait for a refill another thread is making
 RATE_INTERVAL = 0.1  # seconds between estimates of the processing rate, for the prefetch
+SETTLE_AFTER_GRACE = 5.0  # seconds past the drain's grace that failed settlements are retried
 RECENT = 4096  # task durations the heartbeat's latency quantiles are taken from, at most
 # Marks a task whose slot came from a single-slot request after its leased slot went stale.
 _RESLOTTED = SlotLease(tat="", interval_us=0.0)
@@ -346,10 +347,10 @@ class Worker:
                 return_slots=False,
                 redelivered=True,
             )
-        # Outcomes that failed to reach Redis are retried until a few seconds past the grace
+        # Outcomes that failed to reach the broker are retried until SETTLE_AFTER_GRACE past the grace
         # period. Blocking takes the lock, so a round trip another thread is making has landed
         # (or put its outcomes back) before this decides that nothing is left.
-        while time.monotonic() < deadline + 5:
+        while time.monotonic() < deadline + SETTLE_AFTER_GRACE:
             self._settle_now(block=True)
             if not self.unsettled and self.in_transit is None:
                 break

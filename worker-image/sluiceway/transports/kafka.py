@@ -61,7 +61,12 @@ PAUSE_AFTER = 0.5  # a buffer full this long pauses the partitions (see _poll_lo
 PRODUCE_TIMEOUT = 30.0
 BUFFER = 1000  # records fetched ahead of the worker, at most
 CONSUME_MAX = 500  # records per consume() call, at most
-CONSUMER_CLOSE_SECONDS = 10.0  # the most a stopping worker waits for its consumers to leave
+# A stopping worker's whole close(): the poll thread's end, the final commits, leaving the group
+# and the producer's flush. It must fit the pod's termination margin after the drain (a test
+# checks the operator's margin against it); what it cuts short the next owner redoes.
+CLOSE_SECONDS = 10.0
+POLL_JOIN_SECONDS = 3.0  # of it, the most spent waiting for the poll thread (a callback) to end
+LEAVE_SECONDS = 2.0  # of it, kept for leaving the group however long the commits took
 COMMIT_RETRY_SECONDS = 5.0  # a revoke's or close's commit, tried again on retriable errors
 DELAYED_MAX = 10_000  # retry records held until due; past this the retry topic is paused
 
@@ -341,34 +346,65 @@ class KafkaTransport:
         return 0  # a dead consumer's partitions are reassigned by the group coordinator
 
     def close(self) -> None:
+        """Stop within CLOSE_SECONDS, whatever the broker does: each step below is a join or a
+        deadline inside that one budget, and the steps' times are logged (``kafka_closed``)."""
         with self.cond:
             if self.closing:
                 return
             self.closing = True
             self.cond.notify_all()
-        self.thread.join(30)
+        started = time.monotonic()
+        deadline = started + CLOSE_SECONDS
+        self.thread.join(POLL_JOIN_SECONDS)
+        polled = time.monotonic()
+        if self.thread.is_alive():
+            # Still inside consume(), in a rebalance callback (its commit has no timeout):
+            # closing the consumers under it could free the handle it runs on. Leave them to the
+            # session timeout, which moves the partitions within SESSION_TIMEOUT_MS.
+            self.log.warning("kafka_close_timeout", step="poll thread", waited_s=POLL_JOIN_SECONDS)
+            self._log_closed(started, polled, polled, polled, left=self._flush_within(deadline))
+            return
         with self.cond:
             self.buffer.clear()
             offsets = self._committable(self.tracks.keys())
         # One budget for both groups' commits: a stopping worker with the broker down waits
-        # COMMIT_RETRY_SECONDS once, not once per consumer.
-        deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+        # COMMIT_RETRY_SECONDS once, not once per consumer, and leaves LEAVE_SECONDS to leave.
+        commit_deadline = min(polled + COMMIT_RETRY_SECONDS, deadline - LEAVE_SECONDS)
         for consumer, some in self._by_consumer(offsets):
-            self._commit_now(consumer, some, "kafka_final_commit_failed", deadline)
+            self._commit_now(consumer, some, "kafka_final_commit_failed", commit_deadline)
+        committed = time.monotonic()
         # close() leaves the group now, so nobody waits out a session timeout. After a broker
         # restart fenced this member (its partitions lost and never given back) it was seen to
         # block for minutes, waiting on a group it is no longer in; a worker told to stop must
-        # stop, so it gets CONSUMER_CLOSE_SECONDS in its own thread. What it did not commit is
-        # redone by the next owner.
+        # stop, so it runs in its own thread, for what is left of the budget. What it did not
+        # commit is redone by the next owner.
         closer = threading.Thread(target=self._close_consumers, name="sluiceway-kafka-close", daemon=True)
         closer.start()
-        closer.join(CONSUMER_CLOSE_SECONDS)
+        closer.join(max(0.0, deadline - time.monotonic()))
+        left_group = time.monotonic()
         if closer.is_alive():
             self.log.warning(
-                "kafka_close_timeout",
-                waited_s=CONSUMER_CLOSE_SECONDS,
+                "kafka_close_timeout", step="leave the group", waited_s=round(left_group - committed, 2)
             )
-        self.producer.flush(PRODUCE_TIMEOUT)
+        self._log_closed(started, polled, committed, left_group, left=self._flush_within(deadline))
+
+    def _flush_within(self, deadline: float) -> int:
+        """Flush the producer for what is left of the budget; how many records it still held.
+        Those are retries or dead letters whose source records were not committed (a settle
+        commits only after its produce was acknowledged), so they are redone, not lost."""
+        return int(self.producer.flush(max(0.0, deadline - time.monotonic())))
+
+    def _log_closed(
+        self, started: float, polled: float, committed: float, left_group: float, *, left: int
+    ) -> None:
+        self.log.info(
+            "kafka_closed",
+            poll_thread_s=round(polled - started, 3),
+            commits_s=round(committed - polled, 3),
+            leave_s=round(left_group - committed, 3),
+            flush_s=round(time.monotonic() - left_group, 3),
+            unflushed=left,
+        )
 
     def _close_consumers(self) -> None:
         for consumer in (self.consumer, self.retry_consumer):
