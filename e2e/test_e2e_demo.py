@@ -176,3 +176,25 @@ def test_keep_leaves_the_cluster_up_to_explore_until_ctrl_c(tmp_path: Path) -> N
     finally:
         term.close()
     _assert_no_strays(started_processes(run_dir))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself
+def test_an_interrupt_a_finalizer_dropped_is_raised_again_at_the_next_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signal handler's KeyboardInterrupt raised inside an object's __del__ is printed and
+    dropped by Python; the demo's next checkpoint raises it again, until the teardown answers."""
+    import clusterdemo
+
+    monkeypatch.setattr(clusterdemo, "_interrupted", False)
+    monkeypatch.setattr(clusterdemo, "_unanswered", False)
+
+    class Finalized:
+        def __del__(self) -> None:
+            clusterdemo._interrupt(signal.SIGINT, None)
+
+    Finalized()  # collected at once: the interrupt is raised inside __del__, and lost there
+    with pytest.raises(KeyboardInterrupt):
+        clusterdemo._checkpoint()
+    clusterdemo._answered()
+    clusterdemo._checkpoint()  # the teardown has it: nothing is raised twice
