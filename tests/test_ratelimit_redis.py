@@ -8,6 +8,7 @@ offsets, the new limiter state and the retry-after exactly (to the scripts' 3 de
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -180,5 +181,38 @@ def test_the_fused_fetch_takes_slots_as_the_model_does(
                 assert b.start_after >= a.start_after
         else:
             assert batch.retry_after > 0
+    transport.client.close()
+    r.close()
+
+
+def test_slots_are_dated_on_the_servers_clock_not_when_their_reply_is_read(redis_url: str) -> None:
+    """A fetch's reply that waits 50 ms before it is read (a busy or descheduled worker) still
+    places its slots where the server granted them: before ratelimit.clock every one of them
+    started 50 ms late, bunched against the slots other workers started on time. Redis runs on
+    this host, so its TIME and time.time() read the same clock and the placement can be checked
+    exactly."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    r.lpush(KEYS.ready, *[f'{{"n":{i}}}' for i in range(40)])
+    transport = RedisTransport(
+        connection.client(redis_url), KEYS, "w", lease_seconds=30, qps=100, burst=0, horizon_seconds=0.1
+    )
+    for _ in range(10):  # fetches read at once: what pins the clocks' offset
+        transport.begin_exchange(Outcomes(), 1).result()
+    time.sleep(0.2)  # past the slots those took, so the next grant starts at the server's now
+    pending = transport.begin_exchange(Outcomes(), 10)
+    time.sleep(0.05)
+    batch = pending.result().batch
+    read_wall = time.time()
+    width = transport.clock.width(time.monotonic())
+    assert width < 0.02, f"no quick round trip to date slots by (width {width * 1000:.1f} ms)"
+    assert batch.slots is not None and len(batch.deliveries) == 10
+    step, tat = batch.slots.interval_us, float(batch.slots.tat)
+    for i, d in enumerate(batch.deliveries):
+        granted = (tat - (10 - i) * step) / 1e6  # slot i on the server's clock
+        placed = read_wall + d.start_after
+        # Never early (beyond the two clock reads' own distance), late by at most the width.
+        assert placed >= granted - 0.001, f"slot {i} placed {1000 * (granted - placed):.1f} ms early"
+        assert placed - granted <= width + 0.002, f"slot {i} placed {1000 * (placed - granted):.1f} ms late"
     transport.client.close()
     r.close()

@@ -5,7 +5,8 @@
 --       7 redelivered
 -- ARGV: 1 worker id  2 wanted  3 lease ms  4 qps (0 = unlimited)  5 burst  6 horizon µs
 --       7 promote limit
--- Returns: {first_offset_us, interval_us, retry_after_us, new_tat, {redelivery counts}, member...}
+-- Returns: {first_offset_us, interval_us, retry_after_us, new_tat, now_us, {redelivery counts},
+--           member...}; now_us (the server's clock when it ran) lets the worker date the slots.
 -- A member is "<lease seq>[.<redeliveries>]:<payload>": the sequence keeps identical payloads
 -- distinct, and the count travels with the message. Everything after the first ':' is the
 -- payload, as in the members of earlier versions, so workers of both versions can reap each
@@ -50,10 +51,10 @@ if qps > 0 and take > 0 then
 end
 
 local out = {string.format('%.3f', first_offset), string.format('%.3f', step),
-             string.format('%.3f', retry_after), new_tat_s, {}}
+             string.format('%.3f', retry_after), new_tat_s, string.format('%.0f', now_us), {}}
 if take <= 0 then return out end
 
-local payloads, counts = {}, out[5]
+local payloads, counts = {}, out[6]
 if returned > 0 then
   for _, e in ipairs(redis.call('RPOP', KEYS[7], math.min(take, returned))) do
     local c = string.find(e, ':', 1, true)

@@ -3,9 +3,11 @@ slots are granted (RabbitMQ, Kafka), and for the single-slot re-slot of any work
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from sluiceway.ratelimit.clock import ServerClock
 from sluiceway.transports.base import SlotLease
 
 
@@ -18,6 +20,7 @@ class Slots:
     interval_us: float
     retry_after_us: float  # when nothing was granted: until a slot falls inside the horizon
     lease: SlotLease | None  # hands unused slots back; None when nothing was granted
+    granted: float  # the grant's moment on the local monotonic clock (see ratelimit.clock)
 
     def start_after(self, i: int) -> float:
         """Seconds after the grant until slot ``i`` starts (0 when it may start now)."""
@@ -40,18 +43,25 @@ class RedisLimiter:
         self.horizon_us = int(horizon_seconds * 1_000_000)
         self._acquire = client.register_script(source("acquire"))
         self._release = client.register_script(source("release"))
+        self.clock = ServerClock()
 
     @property
     def limited(self) -> bool:
         return self.qps > 0
 
     def acquire(self, wanted: int) -> Slots:
-        count, first, step, retry_after, tat = self._acquire(
+        sent = time.monotonic()
+        count, first, step, retry_after, tat, server_us = self._acquire(
             keys=[self.key], args=[self.qps, self.burst, self.horizon_us, wanted]
         )
+        received = time.monotonic()
+        server = float(server_us) / 1e6
+        self.clock.observe(sent, received, server)
         n = int(count)
         lease = SlotLease(tat.decode() if isinstance(tat, bytes) else str(tat), float(step)) if n else None
-        return Slots(n, float(first), float(step), float(retry_after), lease)
+        return Slots(
+            n, float(first), float(step), float(retry_after), lease, self.clock.local(server, received)
+        )
 
     def release(self, lease: SlotLease | None, count: int) -> bool:
         """Hand back the last ``count`` slots of ``lease``; False when a later lease exists."""

@@ -67,7 +67,6 @@ class Gated:
             if wanted <= 0:
                 return Batch()
         slots = self.limiter.acquire(wanted)
-        granted = time.monotonic()
         if slots.count == 0:
             return Batch(retry_after=slots.retry_after_us / 1e6)
         try:
@@ -77,10 +76,11 @@ class Gated:
             raise
         if len(deliveries) < slots.count:
             self.limiter.release(slots.lease, slots.count - len(deliveries))
-        # Slot offsets count from the grant; the worker counts from when this returns, so the
-        # time the fetch took (a basic_get round trip per message on RabbitMQ) comes off, or
-        # every slot would start that much late and overlap the next lease's.
-        late = time.monotonic() - granted
+        # Slot offsets count from the grant (dated on the limiter's clock, not when its reply
+        # was read); the worker counts from when this returns, so the time since the grant (a
+        # basic_get round trip per message on RabbitMQ) comes off, or every slot would start
+        # that much late and overlap the next lease's.
+        late = time.monotonic() - slots.granted
         for i, d in enumerate(deliveries):
             d.start_after = slots.start_after(i) - late
         # A partial hand-back changed the limiter's state, so this lease can no longer return
@@ -109,7 +109,7 @@ class Gated:
         slots = self.limiter.acquire(1)
         if slots.count == 0:
             return -max(slots.retry_after_us / 1e6, 0.001)
-        return slots.start_after(0)
+        return slots.start_after(0) - (time.monotonic() - slots.granted)
 
     def renew(self, tokens: Sequence[Token]) -> int:
         return self.transport.renew(tokens)

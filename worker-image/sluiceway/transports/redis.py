@@ -17,6 +17,7 @@ messages, and the redelivery count travels with the message, not with its payloa
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
@@ -25,6 +26,7 @@ from redis.commands.core import Script
 
 from sluiceway import connection
 from sluiceway.contract import Keys
+from sluiceway.ratelimit.clock import ServerClock
 from sluiceway.scripts import Scripts
 from sluiceway.transports.base import (
     AsyncSink,
@@ -77,6 +79,7 @@ class RedisTransport:
         self.qps = qps
         self.burst = burst
         self.horizon_us = int(horizon_seconds * 1_000_000)
+        self.clock = ServerClock()  # the limiter's clock on ours, for dating slots
         self.scripts = Scripts.register(client)
         self._inflight = keys.inflight(worker_id)
         self.cluster = connection.is_cluster(client)
@@ -170,12 +173,22 @@ class RedisTransport:
     def acquire_slot(self) -> float:
         """Take one fresh rate-limit slot; returns seconds until it starts, or minus the wait
         with none granted. For a message whose slot went stale while its worker stalled."""
-        count, first_offset_us, _, retry_after_us, _ = self.scripts.acquire(
+        sent = time.monotonic()
+        count, first_offset_us, _, retry_after_us, _, server_us = self.scripts.acquire(
             keys=[self.keys.ratelimit], args=[self.qps, self.burst, self.horizon_us, 1]
         )
+        shift = self._slot_shift(sent, time.monotonic(), float(server_us) / 1e6)
         if int(count) == 0:
             return -max(float(retry_after_us) / 1e6, 0.001)
-        return max(float(first_offset_us) / 1e6, 0.0)
+        return max(float(first_offset_us) / 1e6, 0.0) + shift
+
+    def _slot_shift(self, sent: float, received: float, server: float) -> float:
+        """What to add to a slot's offset from the server's ``server`` (its clock when the script
+        ran) to count it from now instead: at most 0, by however long the reply waited to be
+        read beyond the best round trip seen (ratelimit.clock)."""
+        self.clock.observe(sent, received, server)
+        now = time.monotonic()
+        return self.clock.local(server, now) - now
 
     def renew(self, tokens: Sequence[Token]) -> int:
         if not tokens:
@@ -216,6 +229,7 @@ class RedisExchange:
         self.pool: Any = transport.pool()
         conn: Any = self.pool.get_connection()  # redis-py's connection methods are untyped
         self.conn: Any = conn
+        self.sent = time.monotonic()  # dates the fetch's slots (see ratelimit.clock)
         try:
             conn.send_packed_command(
                 conn.pack_commands([("EVALSHA", script.sha, *args) for script, args in calls])
@@ -242,6 +256,7 @@ class RedisExchange:
         except BaseException:
             self._release(broken=True)
             raise
+        sent, received = self.sent, time.monotonic()
         self._release(broken=False)
         for i, err in list(errors.items()):
             if isinstance(err, _RUN_AGAIN):
@@ -249,14 +264,22 @@ class RedisExchange:
                 # the command did not run; in index order, settles still come before the fetch.
                 script, args = self.calls[i]
                 try:
+                    again_sent = time.monotonic()
                     replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
+                    sent, received = again_sent, time.monotonic()
                     del errors[i]
                 except redis_lib.ResponseError as again:
                     errors[i] = again
         fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
         if fetch_index in errors:
             raise errors[fetch_index]
-        batch = _batch(replies[fetch_index], self.transport.qps) if fetch_index >= 0 else Batch()
+        batch = Batch()
+        if fetch_index >= 0:
+            reply = replies[fetch_index]
+            shift = 0.0
+            if self.transport.qps > 0:
+                shift = self.transport._slot_shift(sent, received, float(reply[4]) / 1e6)
+            batch = _batch(reply, self.transport.qps, shift)
         # An ack call's arguments are the key count, two keys, then one token per ack.
         gone = sum(
             len(self.calls[i][1]) - 3 - int(replies[i]) for i in range(self.ack_calls) if i not in errors
@@ -323,13 +346,14 @@ def delivery(member: bytes, start_after: float = 0.0) -> Delivery:
     return Delivery(payload=member[a + 1 :], token=member, start_after=start_after, redeliveries=count)
 
 
-def _batch(reply: list[Any], qps: float) -> Batch:
-    """The fetch script's reply as a batch of deliveries."""
+def _batch(reply: list[Any], qps: float, shift: float = 0.0) -> Batch:
+    """The fetch script's reply as a batch of deliveries; ``shift`` (see _slot_shift) is added to
+    every slot's start, so a slot whose time passed while its reply waited can come out below 0."""
     first_offset_us = float(reply[0])
     interval_us = float(reply[1])
     retry_after_us = float(reply[2])
     tat = reply[3]
-    members: list[bytes] = reply[5:]
+    members: list[bytes] = reply[6:]
     if not members:
         return Batch(retry_after=retry_after_us / 1e6)
     if first_offset_us <= 0 and interval_us == 0:  # no rate limit: every message may start now
@@ -345,7 +369,7 @@ def _batch(reply: list[Any], qps: float) -> Batch:
         deliveries = []
         for i, member in enumerate(members):
             offset = first_offset_us + i * interval_us
-            deliveries.append(delivery(member, offset / 1e6 if offset > 0 else 0.0))
+            deliveries.append(delivery(member, (offset / 1e6 if offset > 0 else 0.0) + shift))
     slots = SlotLease(tat.decode(), interval_us) if qps > 0 and tat else None
     return Batch(deliveries=deliveries, slots=slots)
 
