@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from tests.support.starts import RECORD_LAG
+
 from sluiceway.ratelimit import max_in_window
 
 RATES = (10, 100, 1000)
 # Skip the first second: workers are still starting (on Kafka, joining the group) and the
 # bucket fills from empty.
 SETTLE_SECONDS = 1.0
-
-
-# Seconds a task's own timestamp may trail the worker's start of it on a loaded machine; the
-# tests' value (tests/support/starts.py), which says why.
-RECORD_LAG = 0.05
 
 
 def window_figures(starts: Sequence[float], qps: int, seconds: float) -> tuple[float, int]:

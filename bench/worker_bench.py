@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import redis
+from tests.support.starts import start_bound
 
 import sluiceway
-from bench.report import qps_table, window_figures
+from bench.report import lag_tolerant, qps_table, window_figures
 from sluiceway import fleet
 from sluiceway.contract import Keys
 
@@ -170,7 +171,9 @@ def worker_throughput(url: str, n: int, concurrency: int, tree: Path | None = No
     return rate, round_trips / n
 
 
-def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[float, int]:
+def qps_precision(
+    url: str, qps: int, workers: int, seconds: float, tree: Path | None = None
+) -> tuple[float, int]:
     client = redis.Redis.from_url(url)
     client.flushall()
     _fill(url, int(qps * (seconds + 5)) + 100)
@@ -178,7 +181,7 @@ def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[flo
         subprocess.Popen(
             [sys.executable, "-m", "sluiceway", "worker", "-f", "bench.tasks:stamp", "-q", "bench", "-c", "16",
              "--qps", str(qps)],
-            env=_env(url),
+            env=_env(url, tree),
         )
         for _ in range(workers)
     ]  # fmt: skip
@@ -190,6 +193,39 @@ def qps_precision(url: str, qps: int, workers: int, seconds: float) -> tuple[flo
     for p in procs:
         p.wait()
     return window_figures([float(x) for x in client.lrange("bench:starts", 0, -1)], qps, seconds)
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def qps_compare(url: str, ref: str, qps: int, workers: int, seconds: float, rounds: int, load: int) -> None:
+    """This tree's and ``ref``'s workers at one QPS cell, alternating which goes first, with
+    ``load`` busy processes beside them (a loaded node: replies wait to be read); prints each
+    round's mean and worst 1-s window (recorded, and allowing the record lag)."""
+    import multiprocessing
+
+    base = reference_tree(ref)
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(load)]
+    for sp in spinners:
+        sp.start()
+    try:
+        for i in range(rounds):
+            runs: list[tuple[str, Path | None]] = [("this tree", None), (ref, base)]
+            for name, tree in runs if i % 2 == 0 else reversed(runs):
+                qps_precision(url, qps, workers, seconds, tree)
+                starts = [float(x) for x in redis.Redis.from_url(url).lrange("bench:starts", 0, -1)]
+                mean, worst = window_figures(starts, qps, seconds)
+                print(
+                    f"round {i + 1} {name}: {qps} QPS x {workers} workers, load {load}: mean {mean:.4f} of the "
+                    f"target, worst 1-s window {worst} recorded, {lag_tolerant(starts, qps, seconds)} allowing "
+                    f"the record lag (bound {start_bound(qps)})",
+                    flush=True,
+                )
+    finally:
+        for sp in spinners:
+            sp.kill()
 
 
 # CPU time (user + system) the worker process spent per message in the last throughput run, µs.
@@ -229,9 +265,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-qps", action="store_true")
     p.add_argument("--compare-with", metavar="REF", help="also compare with the worker at this git ref")
     p.add_argument("--compare-only", action="store_true", help="run only the --compare-with rounds")
+    p.add_argument(
+        "--qps-compare-with",
+        metavar="REF",
+        help="only: QPS precision of this tree against REF (see qps_compare)",
+    )
+    p.add_argument("--qps", type=int, default=1000, help="with --qps-compare-with: the rate")
+    p.add_argument("--workers", type=int, default=8, help="with --qps-compare-with: worker processes")
+    p.add_argument("--rounds", type=int, default=3, help="with --qps-compare-with: alternating rounds")
+    p.add_argument("--load", type=int, default=0, help="with --qps-compare-with: busy processes beside")
     args = p.parse_args(argv)
     proc, url = _server()
     try:
+        if args.qps_compare_with:
+            qps_compare(
+                url, args.qps_compare_with, args.qps, args.workers, args.qps_seconds, args.rounds, args.load
+            )
+            return
         if args.compare_with:
             for c in (1, 8):
                 (now, now_cpu), (then, then_cpu) = compare(url, args.messages, c, args.compare_with)
