@@ -109,7 +109,9 @@ class Gated:
         slots = self.limiter.acquire(1)
         if slots.count == 0:
             return -max(slots.retry_after_us / 1e6, 0.001)
-        return slots.start_after(0) - (time.monotonic() - slots.granted)
+        # Granted, so never below 0 (that would read as "none granted"): a slot that passed
+        # while its reply waited starts at once.
+        return max(0.0, slots.start_after(0) - (time.monotonic() - slots.granted))
 
     def renew(self, tokens: Sequence[Token]) -> int:
         return self.transport.renew(tokens)

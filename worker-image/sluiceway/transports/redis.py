@@ -180,7 +180,9 @@ class RedisTransport:
         shift = self._slot_shift(sent, time.monotonic(), float(server_us) / 1e6)
         if int(count) == 0:
             return -max(float(retry_after_us) / 1e6, 0.001)
-        return max(float(first_offset_us) / 1e6, 0.0) + shift
+        # Granted, so never below 0 (that would read as "none granted"): a slot that passed
+        # while its reply waited starts at once.
+        return max(0.0, max(float(first_offset_us) / 1e6, 0.0) + shift)
 
     def _slot_shift(self, sent: float, received: float, server: float) -> float:
         """What to add to a slot's offset from the server's ``server`` (its clock when the script
