@@ -260,6 +260,7 @@ class RedisExchange:
             raise
         sent, received = self.sent, time.monotonic()
         self._release(broken=False)
+        fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
         for i, err in list(errors.items()):
             if isinstance(err, _RUN_AGAIN):
                 # Redis lost its scripts (a restart), or on a cluster the slot moved. Either way
@@ -268,11 +269,11 @@ class RedisExchange:
                 try:
                     again_sent = time.monotonic()
                     replies[i] = script(keys=args[1 : 1 + args[0]], args=args[1 + args[0] :])
-                    sent, received = again_sent, time.monotonic()
+                    if i == fetch_index:  # the fetch's clock was read in this round trip
+                        sent, received = again_sent, time.monotonic()
                     del errors[i]
                 except redis_lib.ResponseError as again:
                     errors[i] = again
-        fetch_index = len(self.calls) - 1 if self.wanted > 0 else -1
         if fetch_index in errors:
             raise errors[fetch_index]
         batch = Batch()
