@@ -214,10 +214,10 @@ def test_fast_tasks_share_round_trips_and_the_worker_counts_them(
     line = next(x for x in body.splitlines() if x.startswith("sluiceway_redis_round_trips_total"))
     round_trips = float(line.rsplit(" ", 1)[1])
     # Settling and fetching share round trips, many messages each: one round trip per message
-    # (or two, fetch and ack) would read 20,000 to 40,000 here. docs/benchmarks.md states 0.011
-    # to 0.014 per message at the default settings, start-up included (20,000 messages amortize
-    # it as the benchmark does); 0.02 leaves a loaded machine's smaller batches some room.
-    assert 0 < round_trips < total * 0.02
+    # (or two, fetch and ack) would read 20,000 to 40,000 here. How few is a benchmark figure
+    # (docs/benchmarks.md: 0.011 to 0.014 per message at the default settings); a loaded machine
+    # makes smaller batches (CI read 0.021), so this checks the sharing, not the figure.
+    assert 0 < round_trips < total * 0.1
     print(
         f"\n[figures] {total} no-op messages: {round_trips:.0f} Redis round trips ({round_trips / total:.4f} per message)"
     )
