@@ -53,7 +53,7 @@ from localcluster.binaries import (
     go_directive,
     godebug_lines,
 )
-from localcluster.procs import ManagedProcess, Registry, free_port, port_free, wait_until
+from localcluster.procs import ClusterError, ManagedProcess, Registry, free_port, port_free, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTH_LUA = REPO / "deploy" / "argocd" / "health.lua"
@@ -350,8 +350,11 @@ class GitOps:
         )
         self.procs.append(redis)
         common = ["--redis", f"127.0.0.1:{redis_port}", "--loglevel", "info", "--logformat", "text"]
-        self.procs.append(
-            ManagedProcess(
+        # Ports are picked free, yet another process (a parallel test session's) can bind one
+        # before the repo-server does, which then exits "address already in use": CI saw it. Such
+        # a race is retried with fresh ports, as the control plane's own start does.
+        for attempt in range(3):
+            repo = ManagedProcess(
                 "argocd-repo-server",
                 [
                     str(self.argocd.binary),
@@ -362,12 +365,24 @@ class GitOps:
                     str(free_port()),
                     *common,
                 ],
-                self.run_dir / "repo-server.log",
+                self.run_dir / f"repo-server{'' if attempt == 0 else f'-{attempt}'}.log",
                 registry,
                 env={**env, "ARGOCD_BINARY_NAME": "argocd-repo-server"},
             )
-        )
-        wait_until(lambda: not port_free(repo_port), 60, "the repo-server's port", watch=self.procs)
+            self.procs.append(repo)
+
+            def listening(port: int = repo_port) -> bool:
+                return not port_free(port)
+
+            try:
+                wait_until(listening, 60, "the repo-server's port", watch=self.procs)
+                break
+            except ClusterError:
+                lost_race = not repo.alive() and "address already in use" in repo.log_tail(40)
+                if not lost_race or attempt == 2:
+                    raise
+                self.procs.remove(repo)
+                repo_port = free_port()
         self.procs.append(
             ManagedProcess(
                 "argocd-application-controller",
