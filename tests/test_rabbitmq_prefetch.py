@@ -62,3 +62,32 @@ def test_shrinking_waits_for_the_interval(current: int, since: float) -> None:
 def test_a_worker_starting_on_a_full_queue_reaches_its_window_in_one_step() -> None:
     # -c 1 starts with a prefetch of 2; once its engine reports room for 256, one re-subscription.
     assert topo.new_prefetch(2, topo.prefetch_target(1, 256, 0.0), since_last=0.01) == 257
+
+
+@given(
+    st.integers(min_value=1, max_value=65_535),
+    st.integers(min_value=1, max_value=65_535),
+    st.integers(min_value=1, max_value=10),
+)
+def test_a_growth_adds_a_consumer_for_the_difference_and_anything_else_resubscribes(
+    current: int, want: int, consumers: int
+) -> None:
+    added = topo.added_consumer_prefetch(current, want, consumers)
+    if want > current and consumers < topo.MAX_CONSUMERS:
+        assert added is not None
+        assert current + added == want  # the consumers together hold exactly the new window
+        assert 1 <= added <= topo.MAX_PREFETCH
+    else:
+        assert added is None
+
+
+def test_a_worker_growing_step_by_step_holds_at_most_max_consumers() -> None:
+    window, consumers = 16, 1
+    for want in (24, 40, 80, 200, 500, 1000):
+        added = topo.added_consumer_prefetch(window, want, consumers)
+        if added is None:
+            window, consumers = want, 1  # re-subscribed as one consumer
+        else:
+            window, consumers = window + added, consumers + 1
+        assert window == want
+        assert consumers <= topo.MAX_CONSUMERS

@@ -158,11 +158,8 @@ def test_publish_fetch_ack_roundtrip(rabbitmq_url: str, queue_type: str) -> None
 def test_deliveries_skip_pikas_frame_objects_and_keep_their_headers(rabbitmq_url: str) -> None:
     """Deliveries are read by rabbitmq_frames, not by pika's per-frame decoding (which counts
     each frame it processes), and the headers they carry still count."""
-    # A window of all 200 from the start: growing it re-subscribes, and a quorum queue whose
-    # consumer is cancelled while it has deliveries checked out but not yet sent returns them,
-    # counted and behind the rest, which this test's order and counts would read as a parsing
-    # fault (docs/brokers/rabbitmq.md, "Re-subscribing can return deliveries").
-    tr = RabbitMQTransport(rabbitmq_url, "fast", initial_prefetch=200)
+    # The window grows from 16 while the 200 arrive, by more consumers on the one channel.
+    tr = RabbitMQTransport(rabbitmq_url, "fast", initial_prefetch=16)
     conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
         ch = conn.channel()
@@ -182,6 +179,58 @@ def test_deliveries_skip_pikas_frame_objects_and_keep_their_headers(rabbitmq_url
     finally:
         conn.close()
         tr.close()
+
+
+def _consumer_count(url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
+    finally:
+        conn.close()
+
+
+@pytest.mark.rabbitmq
+def test_a_growing_window_opens_consumers_and_cancels_none(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose window grows from its first 16 to hundreds adds a consumer for each
+    difference: cancelling one would let the quorum queue return what it had checked out to it,
+    each counted in x-delivery-count (docs/brokers/rabbitmq.md)."""
+    # How many growth steps the loop's timing makes is not this test's to fix, and past the cap
+    # the window re-subscribes (tests/test_rabbitmq_prefetch.py): here every step adds one.
+    monkeypatch.setattr(topo, "MAX_CONSUMERS", 1000)
+    sink = RabbitMQSink(rabbitmq_url)
+    bodies = [b'{"i": %d}' % i for i in range(600)]
+    sink.send("default", "grow", bodies)
+    sink.close()
+    tr = RabbitMQTransport(rabbitmq_url, "grow", initial_prefetch=16)
+    cancels: list[int] = []
+    cancel = tr._cancel
+
+    def counting_cancel() -> None:
+        cancels.append(len(tr.consumer_tags))
+        cancel()
+
+    tr._cancel = counting_cancel  # type: ignore[method-assign]
+    try:
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        # Nothing settled, so each fetch's room adds to what is held: the window keeps growing.
+        while len(got) < len(bodies) and time.monotonic() < deadline:
+            got += tr.fetch(300, 0.2)
+        assert sorted(d.payload for d in got) == sorted(bodies)
+        assert [d.redeliveries for d in got] == [0] * len(bodies)
+        assert cancels == []
+        consumers = len(tr.consumer_tags)
+        assert consumers > 1
+        assert tr.prefetch >= len(bodies)
+        assert _consumer_count(rabbitmq_url, "grow") == consumers
+        print(f"window {tr.prefetch} over {consumers} consumers")
+        assert tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
+        wait_for(lambda: _ready(rabbitmq_url, "grow") == 0, 10, what="queue empty")
+    finally:
+        tr.close()
+    assert _consumer_count(rabbitmq_url, "grow") == 0
 
 
 @pytest.mark.rabbitmq

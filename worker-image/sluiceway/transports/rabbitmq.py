@@ -14,9 +14,11 @@ How many messages a worker holds:
 
 - **Without a rate limit** it consumes (``basic_consume``) with a prefetch that follows the
   worker's free capacity: each ``fetch(n)`` says the worker has room for ``n`` beyond what it
-  holds, and the consumer is re-subscribed with a new ``basic_qos`` by the rule of
+  holds, and the window changes by the rule of
   :func:`~sluiceway.transports.rabbitmq_topology.new_prefetch` (a large growth at once, small
-  changes and shrinking at most once a second). A delivery that waits in the local buffer
+  changes and shrinking at most once a second). A growth opens one more consumer for the
+  difference (a quorum queue can return, counted, what a cancelled consumer had checked out);
+  a shrink re-subscribes one consumer with a new ``basic_qos``. A delivery that waits in the local buffer
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
 - **With a rate limit** the worker takes its slots from the fleet limiter first
@@ -178,9 +180,10 @@ class RabbitMQTransport:
         self.channel: BlockingChannel | None = None  # declares
         self.ch: Channel | None = None  # an asynchronous channel: consuming and acking
         self.pub: BlockingChannel | None = None  # publishing with confirms (retries, dead letters)
-        self.consumer_tag: str | None = None
+        # The consumers of the window, oldest first: a growing window adds one (see _grow).
+        self.consumer_tags: list[str] = []
         self.channel_closed: BaseException | None = None  # why the broker closed self.ch
-        self.cancelled = threading.Event()  # set by the broker's CancelOk of the last cancel
+        self.cancelled = threading.Event()  # set by the broker's CancelOks of the last cancel
         self.cond = threading.Condition()
         self.buffer: deque[_Buffered] = deque()
         self.handed: dict[int, _Buffered] = {}  # handed to the worker, unsettled
@@ -601,7 +604,7 @@ class RabbitMQTransport:
         self.connected.clear()
         conn, ch = self.conn, self.ch
         self.conn, self.channel, self.ch, self.pub = None, None, None, None
-        self.consumer_tag = None
+        self.consumer_tags = []
         with self.cond:
             # Every unacked delivery goes back with its channel; forget them all.
             self.buffer.clear()
@@ -623,36 +626,60 @@ class RabbitMQTransport:
     def _subscribe(self, prefetch: int) -> None:
         """(Re)start consuming with ``prefetch``; nothing here waits for the broker. The
         cancel, qos and consume are pipelined (pika sends each once the one before is
-        answered), and deliveries of the old consumer keep coming to the same callback."""
+        answered), and deliveries of the old consumers keep coming to the same callback."""
         assert self.ch is not None
         self._cancel()
+        self._add_consumer(prefetch)
+        self.prefetch = prefetch
+
+    def _resize(self, want: int) -> None:
+        """Make the window ``want``: a growth by one more consumer for the difference, which
+        cancels none of the ones there (see
+        :func:`~sluiceway.transports.rabbitmq_topology.added_consumer_prefetch`); a shrink, or a
+        growth past the consumers allowed, by re-subscribing."""
+        added = topo.added_consumer_prefetch(self.prefetch, want, len(self.consumer_tags))
+        if added is None:
+            self._subscribe(want)
+            return
+        self._add_consumer(added)
+        self.prefetch += added
+
+    def _add_consumer(self, prefetch: int) -> None:
+        assert self.ch is not None
+        # basic.qos without global applies to the consumers opened after it on the channel,
+        # each with its own count; the ones already open keep theirs.
         if prefetch != self.qos:
             self.ch.basic_qos(prefetch_count=prefetch)
             self.qos = prefetch
-        self.consumer_tag = self.ch.basic_consume(self.queue, self._on_message, auto_ack=False)
-        self.prefetch = prefetch
+        self.consumer_tags.append(self.ch.basic_consume(self.queue, self._on_message, auto_ack=False))
         self.last_reqos = time.monotonic()
 
     def _cancel(self) -> None:
-        """Cancel the consumer, keeping what it still delivers before the broker's CancelOk
+        """Cancel every consumer, keeping what they still deliver before the broker's CancelOk
         (pika's basic_cancel would reject those with requeue: a counted redelivery each on a
-        quorum queue). Sets ``cancelled`` on the CancelOk, or at once if there is no consumer."""
-        tag, self.consumer_tag = self.consumer_tag, None
-        if tag is None or self.ch is None:
+        quorum queue). Sets ``cancelled`` on the last CancelOk, or at once if there is no
+        consumer."""
+        tags, self.consumer_tags = self.consumer_tags, []
+        if not tags or self.ch is None:
             self.cancelled.set()
             return
         self.cancelled.clear()
         ch = self.ch
+        waiting = set(tags)
 
-        def on_cancel_ok(_frame: Any) -> None:
+        def on_cancel_ok(frame: Any) -> None:
+            tag = frame.method.consumer_tag
             ch._cleanup_consumer_ref(tag)
-            self.cancelled.set()
+            waiting.discard(tag)
+            if not waiting:
+                self.cancelled.set()
 
-        ch._rpc(
-            pika.spec.Basic.Cancel(consumer_tag=tag),
-            on_cancel_ok,
-            [(pika.spec.Basic.CancelOk, {"consumer_tag": tag})],
-        )
+        for tag in tags:
+            ch._rpc(
+                pika.spec.Basic.Cancel(consumer_tag=tag),
+                on_cancel_ok,
+                [(pika.spec.Basic.CancelOk, {"consumer_tag": tag})],
+            )
 
     def _on_message(self, _ch: Channel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
         self._arrived(method.delivery_tag, method.redelivered, props.headers, body, time.monotonic())
@@ -699,7 +726,7 @@ class RabbitMQTransport:
             self.last_reqos = now
             # An outage is reported by the fetch that follows.
             with contextlib.suppress(RabbitMQUnavailableError):
-                self._call(lambda: self._subscribe(want))
+                self._call(lambda: self._resize(want))
 
     # --- run in the I/O thread --------------------------------------------------------------------
 

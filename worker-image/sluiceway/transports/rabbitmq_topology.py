@@ -194,6 +194,9 @@ MAX_IN_FLIGHT_AHEAD: Final = 2000
 # Growth by more than this fraction re-subscribes at once; smaller changes wait REQOS_INTERVAL.
 REQOS_GROWTH: Final = 1 / 4
 REQOS_INTERVAL: Final = 1.0
+# A growing window adds a consumer for the difference, up to this many consumers; past it the
+# window is re-subscribed as one consumer.
+MAX_CONSUMERS: Final = 4
 
 
 def prefetch_target(held: int, room: int, rate: float) -> int:
@@ -222,3 +225,18 @@ def new_prefetch(current: int, target: int, since_last: float) -> int | None:
     if target < current / 2 and since_last >= REQOS_INTERVAL:
         return target
     return None
+
+
+def added_consumer_prefetch(current: int, want: int, consumers: int) -> int | None:
+    """The prefetch of one more consumer that grows a window of ``current`` (held by
+    ``consumers`` consumers) to ``want``, or None when the window must be re-subscribed instead.
+
+    With ``basic.qos`` per consumer, a window is the sum of its consumers' prefetches, so a
+    growth needs no cancel. A cancel is what costs: a quorum queue returns the deliveries it had
+    checked out to a cancelled consumer and not yet sent, each counted in ``x-delivery-count``
+    and behind the rest of the queue (docs/brokers/rabbitmq.md, "Re-subscribing can return
+    deliveries"). A shrink still cancels, as does a growth past :data:`MAX_CONSUMERS`, which keeps
+    a worker that grows in many small steps from collecting consumers."""
+    if want <= current or consumers < 1 or consumers >= MAX_CONSUMERS:
+        return None
+    return min(MAX_PREFETCH, want - current)
