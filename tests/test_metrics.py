@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from sluiceway.metrics import WorkerMetrics
 
 
@@ -29,6 +32,25 @@ def test_a_batch_of_successes_counts_each_one_in_its_bucket() -> None:
     assert s["sluiceway_task_duration_seconds_bucket{le=+Inf}"] == 5
     assert s["sluiceway_task_duration_seconds_count{}"] == 5
     assert abs(s["sluiceway_task_duration_seconds_sum{}"] - 700.0245) < 1e-9
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=0, max_value=1e5, allow_nan=False),
+            st.sampled_from([0.0, 0.001, 0.005, 0.025, 600.0]),  # on the bounds themselves
+        ),
+        max_size=300,
+    )
+)
+def test_a_batch_lands_in_the_buckets_each_figure_would_alone(durations: list[float]) -> None:
+    batch, alone = WorkerMetrics("tq", "q"), WorkerMetrics("tq", "q")
+    batch.observe_ok(durations)
+    for d in durations:
+        alone.observe(d, "ok")
+    assert batch.duration.counts == alone.duration.counts
+    if durations:  # an empty batch leaves a zero count where no observe left any
+        assert _scrape(batch) == _scrape(alone)
 
 
 def test_failures_and_successes_share_the_counter_and_the_histogram() -> None:

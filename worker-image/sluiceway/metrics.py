@@ -71,8 +71,16 @@ class WorkerMetrics:
         self.outcomes[_OK] += len(durations)
         d = self.duration
         counts, bounds = d.counts, d.bounds
-        for value in durations:
-            counts[bisect.bisect_left(bounds, value)] += 1
+        # Bucketed from the sorted figures, one search per bucket rather than one per figure:
+        # the sort is in C, and a loop of bisects per message was a twentieth of a no-op task's
+        # CPU. A figure equal to a bound counts in that bound's bucket, as bisect_left places it.
+        ordered = sorted(durations)
+        below = 0
+        for i, bound in enumerate(bounds):
+            upto = bisect.bisect_right(ordered, bound)
+            counts[i] += upto - below
+            below = upto
+        counts[len(bounds)] += len(ordered) - below
         d.total += sum(durations)
 
     def set_state(self, *, busy: int, in_flight: int) -> None:
