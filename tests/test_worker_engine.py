@@ -38,8 +38,9 @@ class MemoryLink:
 
     outage_errors: tuple[type[BaseException], ...] = (ConnectionError,)
 
-    def __init__(self, messages: int) -> None:
+    def __init__(self, messages: int, kwargs: Callable[[int], dict[str, Any]] = lambda i: {"i": i}) -> None:
         self.queue = list(range(messages))
+        self.kwargs = kwargs
         self.lock = threading.Lock()
         # Tokens are the message numbers.
         self.acked: Counter[int] = Counter()
@@ -61,7 +62,7 @@ class MemoryLink:
             taken, self.queue = self.queue[:wanted], self.queue[wanted:]
             if taken:
                 self.batches.append(len(taken))
-        deliveries = [Delivery(codec.encode({"i": i}), i) for i in taken]
+        deliveries = [Delivery(codec.encode(self.kwargs(i)), i) for i in taken]
         return Done(Exchanged(Batch(deliveries)))
 
     def give_back(
@@ -219,3 +220,33 @@ def test_failures_among_batched_successes_keep_their_own_path(concurrency: int) 
     assert sorted(t for t, _ in link.dead) == list(range(0, 700, 7))
     assert {r for _, r in link.dead} == {"error"}
     assert set(link.acked) == set(range(700)) - set(range(0, 700, 7))
+
+
+def _required_only(i: int) -> None:
+    return None
+
+
+def _with_a_default(i: int, j: int = 0) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("fn", "shapes"),
+    [
+        # Every parameter required: the names must be exactly those.
+        (_required_only, [({"i": 1}, True), ({"i": 1, "x": 2}, False), ({}, False), ({"x": 1}, False)]),
+        (
+            _with_a_default,
+            [({"i": 1}, True), ({"i": 1, "j": 2}, True), ({"j": 2}, False), ({"i": 1, "x": 2}, False)],
+        ),
+    ],
+)
+def test_arguments_that_do_not_fit_the_function_are_dead_lettered_and_the_rest_run(
+    fn: Callable[..., None], shapes: list[tuple[dict[str, Any], bool]]
+) -> None:
+    link = MemoryLink(400, lambda i: shapes[i % len(shapes)][0])
+    with running_worker(link, fn, concurrency=2):
+        wait_for(lambda: link.settled() == 400, 30, what="every message settled")
+    fits = {i for i in range(400) if shapes[i % len(shapes)][1]}
+    assert set(link.acked) == fits
+    assert sorted(link.dead) == sorted((i, "bad_arguments") for i in range(400) if i not in fits)
