@@ -124,12 +124,18 @@ def _fetch_all(tr: RabbitMQTransport, n: int, timeout: float = 30.0) -> list[Del
     return got
 
 
-def _ready(url: str, queue: str) -> int:
+def _declared(url: str, queue: str) -> pika.spec.Queue.DeclareOk:
+    """The broker's figures for ``queue`` (a passive declare)."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+        method: pika.spec.Queue.DeclareOk = conn.channel().queue_declare(queue, passive=True).method
+        return method
     finally:
         conn.close()
+
+
+def _ready(url: str, queue: str) -> int:
+    return int(_declared(url, queue).message_count)
 
 
 @pytest.mark.rabbitmq
@@ -181,14 +187,6 @@ def test_deliveries_skip_pikas_frame_objects_and_keep_their_headers(rabbitmq_url
         tr.close()
 
 
-def _consumer_count(url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
-    finally:
-        conn.close()
-
-
 @pytest.mark.rabbitmq
 def test_a_growing_window_opens_consumers_and_cancels_none(
     rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
@@ -224,13 +222,13 @@ def test_a_growing_window_opens_consumers_and_cancels_none(
         consumers = len(tr.consumer_tags)
         assert consumers > 1
         assert tr.prefetch >= len(bodies)
-        assert _consumer_count(rabbitmq_url, "grow") == consumers
+        assert int(_declared(rabbitmq_url, "grow").consumer_count) == consumers
         print(f"window {tr.prefetch} over {consumers} consumers")
         assert tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
         wait_for(lambda: _ready(rabbitmq_url, "grow") == 0, 10, what="queue empty")
     finally:
         tr.close()
-    assert _consumer_count(rabbitmq_url, "grow") == 0
+    assert int(_declared(rabbitmq_url, "grow").consumer_count) == 0
 
 
 @pytest.mark.rabbitmq
