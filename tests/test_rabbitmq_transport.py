@@ -365,6 +365,45 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
 
 
 @pytest.mark.rabbitmq
+def test_a_rate_limited_fetch_opens_no_consumer_on_an_idle_queue_and_one_it_can_fill(
+    rabbitmq_url: str,
+) -> None:
+    """A consumer cancelled before it filled is where a quorum queue can return a delivery it
+    had checked out, counted: so a grant larger than the queue opens a consumer for what is
+    ready, and an idle queue opens none."""
+    sink = RabbitMQSink(rabbitmq_url)
+    tr = RabbitMQTransport(rabbitmq_url, "idle", consume=False)  # declares the queue
+    opened: list[int] = []
+    subscribe = tr._subscribe
+
+    def counting_subscribe(prefetch: int) -> None:
+        opened.append(prefetch)
+        subscribe(prefetch)
+
+    tr._subscribe = counting_subscribe  # type: ignore[method-assign]
+    try:
+        for _ in range(5):
+            assert tr.fetch(10, 0.2) == []
+        assert opened == []  # idle polls: no consume, no cancel
+        sink.send("default", "idle", _bodies(4))
+        wait_for(lambda: _ready(rabbitmq_url, "idle") == 4, 10, what="4 ready")
+        got = tr.fetch(10, 5.0)
+        assert sorted(d.payload for d in got) == sorted(_bodies(4))
+        assert opened == [4]  # sized to what was ready, so it filled before its cancel
+        sink.send("default", "idle", _bodies(2, "later"))
+        wait_for(lambda: _ready(rabbitmq_url, "idle") == 2, 10, what="2 ready")
+        got += tr.fetch(10, 5.0)
+        assert sorted(d.payload for d in got[4:]) == sorted(_bodies(2, "later"))
+        assert opened == [4]  # two ready: basic_get, as for a grant of two
+        assert all(d.redeliveries == 0 for d in got)
+        tr.settle(Outcomes(acks=[d.token for d in got]))
+        wait_for(lambda: _ready(rabbitmq_url, "idle") == 0, 10, what="queue empty")
+    finally:
+        tr.close()
+        sink.close()
+
+
+@pytest.mark.rabbitmq
 def test_a_filled_grant_acked_at_once_lets_nothing_else_through(rabbitmq_url: str) -> None:
     """Grant after grant, acked as soon as the fetch returns: no delivery beyond the granted
     count reaches the transport (the consumer is gone before the acks free its credit)."""

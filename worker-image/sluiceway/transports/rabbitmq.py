@@ -22,9 +22,9 @@ How many messages a worker holds:
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
 - **With a rate limit** the worker takes its slots from the fleet limiter first
-  (:class:`~sluiceway.transports.gated.Gated`), then ``fetch(n)`` opens a consumer whose prefetch
-  is exactly ``n``, waits for ``n`` deliveries (or the fetch's timeout) and cancels it before it
-  returns. The broker cannot send a consumer more than its prefetch, so every delivery has a
+  (:class:`~sluiceway.transports.gated.Gated`), then ``fetch(n)`` reads how many messages are
+  ready (a passive declare), opens a consumer whose prefetch is exactly ``n`` or that many, waits
+  for them (or the fetch's timeout) and cancels it before it returns; an idle queue opens none. The broker cannot send a consumer more than its prefetch, so every delivery has a
   granted slot, and none is held for a slot that has not been granted: a slow queue under a low
   QPS cannot run into ``consumer_timeout``. This replaced one ``basic_get`` per message, which on
   a quorum queue is a Raft command each (about 300 gets/s for a whole fleet on the benchmark
@@ -264,14 +264,27 @@ class RabbitMQTransport:
         return out
 
     def _fetch_exactly(self, count: int, timeout: float) -> list[Delivery]:
-        """Under a rate limit: a consumer with prefetch ``count`` (the granted slots), open until
-        ``count`` deliveries came or ``timeout`` passed, cancelled before this returns. Every
-        delivery that came before the broker confirmed the cancel is returned: at most ``count``,
-        since the broker sends a consumer no more than its prefetch."""
+        """Under a rate limit: a consumer with prefetch ``count`` (the granted slots, at most
+        the messages ready), open until ``count`` deliveries came or ``timeout`` passed,
+        cancelled before this returns. Every delivery that came before the broker confirmed the
+        cancel is returned: at most ``count``, since the broker sends a consumer no more than
+        its prefetch.
+
+        The ready count comes first (a passive declare: a query, not a command of a quorum
+        queue's log), so an idle queue opens no consumer, and one with fewer messages than slots
+        opens one it can fill. A consumer cancelled unfilled is where a quorum queue can return
+        a delivery it had checked out, counted (docs/brokers/rabbitmq.md); before this, every
+        poll of an idle queue was such a cancel."""
         self._check_connected()
         if not self.io_lock.acquire(timeout=COMMAND_TIMEOUT):
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
         try:
+            count = min(count, self._run(self._ready_count, flush=False))
+            if count <= 0:
+                return []
+            if count <= GET_AT_MOST:
+                got: list[Delivery] = self._run(lambda: self._get(count))
+                return got
             self._run(lambda: self._subscribe(count))
             deadline = time.monotonic() + timeout
             while len(self.buffer) < count:
@@ -729,6 +742,10 @@ class RabbitMQTransport:
                 self._call(lambda: self._resize(want))
 
     # --- run in the I/O thread --------------------------------------------------------------------
+
+    def _ready_count(self) -> int:
+        assert self.channel is not None
+        return int(self.channel.queue_declare(self.queue, passive=True).method.message_count)
 
     def _get(self, count: int) -> list[Delivery]:
         assert self.channel is not None and self.ch is not None
