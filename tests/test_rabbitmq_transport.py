@@ -385,8 +385,10 @@ def test_a_rate_limited_fetch_opens_no_consumer_on_an_idle_queue_and_one_it_can_
         for _ in range(5):
             assert tr.fetch(10, 0.2) == []
         assert opened == []  # idle polls: no consume, no cancel
+        assert tr.available(0.2) == 0  # what the rate-limited link asks before taking slots
         sink.send("default", "idle", _bodies(4))
         wait_for(lambda: _ready(rabbitmq_url, "idle") == 4, 10, what="4 ready")
+        assert tr.available(0.2) == 4
         got = tr.fetch(10, 5.0)
         assert sorted(d.payload for d in got) == sorted(_bodies(4))
         assert opened == [4]  # sized to what was ready, so it filled before its cancel

@@ -58,9 +58,10 @@ class Gated:
     def _fetch(self, wanted: int) -> Batch:
         if self.limiter is None:
             return Batch(deliveries=self.transport.fetch(wanted, FETCH_WAIT))
-        # A transport that buffers records (Kafka) says how many it holds, so slots are taken
-        # only for records there are: a worker whose partitions are elsewhere (or not assigned
-        # yet) would otherwise take slots the fleet then loses.
+        # A transport that can tell how many messages there are (Kafka's buffer, RabbitMQ's
+        # ready count) is asked first, so slots are taken only for messages there are: a worker
+        # whose partitions are elsewhere (or not assigned yet) would otherwise take slots the
+        # fleet then loses, and an idle queue would cost every poll slots taken and handed back.
         available = getattr(self.transport, "available", None)
         if available is not None:
             wanted = min(wanted, available(FETCH_WAIT))

@@ -251,6 +251,15 @@ class RabbitMQTransport:
         self.handed_total += len(out)
         return out
 
+    def available(self, timeout: float) -> int:
+        """The messages ready in the queue now (a passive declare; ``timeout`` is not waited),
+        so that under a rate limit the link takes slots only for messages there are
+        (transports/gated.py): an idle queue then costs a poll no slots taken and handed back."""
+        if self.consume:
+            return topo.MAX_PREFETCH  # an unlimited worker consumes; no link asks it
+        ready: int = self._call(self._ready_count, flush=False)
+        return ready
+
     def _hand(self, max_count: int) -> list[Delivery]:
         """Move up to ``max_count`` buffered deliveries to ``handed``; under ``cond``."""
         gen = self.generation
