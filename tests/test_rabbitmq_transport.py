@@ -397,6 +397,24 @@ def test_a_rate_limited_fetch_opens_no_consumer_on_an_idle_queue_and_one_it_can_
         got += tr.fetch(10, 5.0)
         assert sorted(d.payload for d in got[4:]) == sorted(_bodies(2, "later"))
         assert opened == [4]  # two ready: basic_get, as for a grant of two
+        # A backlog: the first grant is read against the ready count and filled; from then on
+        # the count is not read (a round trip per fetch), until a grant comes back short.
+        sink.send("default", "idle", _bodies(25, "backlog"))
+        wait_for(lambda: _ready(rabbitmq_url, "idle") == 25, 10, what="25 ready")
+        counts: list[int] = []
+        ready_count = tr._ready_count
+
+        def counting_ready_count() -> int:
+            counts.append(ready := ready_count())
+            return ready
+
+        tr._ready_count = counting_ready_count  # type: ignore[method-assign]
+        for _ in range(2):
+            got += tr.fetch(10, 5.0)
+        assert tr.available(0.2) >= 10 and counts == [25]
+        got += tr.fetch(10, 0.2)  # 5 left: short, so the next fetch reads the count again
+        assert opened == [4, 10, 10, 10] and tr.fetch(10, 0.2) == [] and counts == [25, 0]
+        assert sorted(d.payload for d in got[6:]) == sorted(_bodies(25, "backlog"))
         assert all(d.redeliveries == 0 for d in got)
         tr.settle(Outcomes(acks=[d.token for d in got]))
         wait_for(lambda: _ready(rabbitmq_url, "idle") == 0, 10, what="queue empty")
