@@ -22,11 +22,13 @@ How many messages a worker holds:
   longer than :data:`BUFFER_MAX_AGE` goes back to the queue, so ``consumer_timeout`` (30 min,
   node-wide on 3.10) never fires on a message that never started.
 - **With a rate limit** the worker takes its slots from the fleet limiter first
-  (:class:`~sluiceway.transports.gated.Gated`), then ``fetch(n)`` reads how many messages are
-  ready (a passive declare), opens a consumer whose prefetch is exactly ``n`` or that many, waits
-  for them (or the fetch's timeout) and cancels it before it returns; an idle queue opens none. The broker cannot send a consumer more than its prefetch, so every delivery has a
-  granted slot, and none is held for a slot that has not been granted: a slow queue under a low
-  QPS cannot run into ``consumer_timeout``. This replaced one ``basic_get`` per message, which on
+  (:class:`~sluiceway.transports.gated.Gated`, for at most the messages ready), then
+  ``fetch(n)`` opens a consumer whose prefetch is exactly ``n`` (or the ready count, read with a
+  passive declare unless the last fetch filled its grant), waits for them (or the fetch's
+  timeout) and cancels it before it returns; an idle queue opens none. The broker cannot send
+  a consumer more than its prefetch, so every delivery has a granted slot, and none is held
+  for a slot that has not been granted: a slow queue under a low QPS cannot run into
+  ``consumer_timeout``. This replaced one ``basic_get`` per message, which on
   a quorum queue is a Raft command each (about 300 gets/s for a whole fleet on the benchmark
   machine); a consume and a cancel cost two per batch, so a fetch of at most
   :data:`GET_AT_MOST` still uses ``basic_get``.
