@@ -91,3 +91,21 @@ def test_a_worker_growing_step_by_step_holds_at_most_max_consumers() -> None:
             window, consumers = window + added, consumers + 1
         assert window == want
         assert consumers <= topo.MAX_CONSUMERS
+
+
+@given(
+    st.integers(min_value=1, max_value=1000),
+    st.integers(min_value=0, max_value=1000),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=2000)),
+)
+def test_only_a_grant_filled_from_a_queue_that_held_more_skips_the_next_count(
+    granted: int, taken: int, ready: int | None
+) -> None:
+    taken = min(taken, granted)
+    backlog = topo.backlog_after(granted, taken, ready)
+    if taken < granted:
+        assert not backlog  # short: the queue ran out (or others took it)
+    elif ready is not None and ready <= granted:
+        assert not backlog  # it took all that was ready: the queue may be empty now
+    else:
+        assert backlog

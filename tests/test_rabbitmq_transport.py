@@ -364,57 +364,64 @@ def test_rate_limited_mode_takes_exactly_what_it_asks(rabbitmq_url: str) -> None
         tr.close()
 
 
+def _as_the_link_fetches(tr: RabbitMQTransport, wanted: int, timeout: float) -> list[Delivery]:
+    """What the rate-limited link does (transports/gated.py): slots only for what is available."""
+    n = tr.available(0.02)
+    return tr.fetch(min(wanted, n), timeout) if n > 0 else []
+
+
 @pytest.mark.rabbitmq
 def test_a_rate_limited_fetch_opens_no_consumer_on_an_idle_queue_and_one_it_can_fill(
     rabbitmq_url: str,
 ) -> None:
     """A consumer cancelled before it filled is where a quorum queue can return a delivery it
-    had checked out, counted: so a grant larger than the queue opens a consumer for what is
-    ready, and an idle queue opens none."""
+    had checked out, counted: so an idle queue opens no consumer, a queue with fewer messages
+    than slots opens one for what is ready, and only a grant filled from a queue that held more
+    lets the next fetch skip the count."""
     sink = RabbitMQSink(rabbitmq_url)
     tr = RabbitMQTransport(rabbitmq_url, "idle", consume=False)  # declares the queue
     opened: list[int] = []
-    subscribe = tr._subscribe
+    counts: list[int] = []
+    subscribe, ready_count = tr._subscribe, tr._ready_count
 
     def counting_subscribe(prefetch: int) -> None:
         opened.append(prefetch)
         subscribe(prefetch)
 
+    def counting_ready_count() -> int:
+        counts.append(ready := ready_count())
+        return ready
+
     tr._subscribe = counting_subscribe  # type: ignore[method-assign]
+    tr._ready_count = counting_ready_count  # type: ignore[method-assign]
+
+    def publish(n: int, tag: str) -> list[bytes]:
+        sink.send("default", "idle", _bodies(n, tag))
+        wait_for(lambda: _ready(rabbitmq_url, "idle") == n, 10, what=f"{n} ready")
+        return _bodies(n, tag)
+
     try:
         for _ in range(5):
-            assert tr.fetch(10, 0.2) == []
-        assert opened == []  # idle polls: no consume, no cancel
-        assert tr.available(0.2) == 0  # what the rate-limited link asks before taking slots
-        sink.send("default", "idle", _bodies(4))
-        wait_for(lambda: _ready(rabbitmq_url, "idle") == 4, 10, what="4 ready")
-        assert tr.available(0.2) == 4
-        got = tr.fetch(10, 5.0)
-        assert sorted(d.payload for d in got) == sorted(_bodies(4))
-        assert opened == [4]  # sized to what was ready, so it filled before its cancel
-        sink.send("default", "idle", _bodies(2, "later"))
-        wait_for(lambda: _ready(rabbitmq_url, "idle") == 2, 10, what="2 ready")
-        got += tr.fetch(10, 5.0)
-        assert sorted(d.payload for d in got[4:]) == sorted(_bodies(2, "later"))
-        assert opened == [4]  # two ready: basic_get, as for a grant of two
-        # A backlog: the first grant is read against the ready count and filled; from then on
-        # the count is not read (a round trip per fetch), until a grant comes back short.
-        sink.send("default", "idle", _bodies(25, "backlog"))
-        wait_for(lambda: _ready(rabbitmq_url, "idle") == 25, 10, what="25 ready")
-        counts: list[int] = []
-        ready_count = tr._ready_count
-
-        def counting_ready_count() -> int:
-            counts.append(ready := ready_count())
-            return ready
-
-        tr._ready_count = counting_ready_count  # type: ignore[method-assign]
-        for _ in range(2):
-            got += tr.fetch(10, 5.0)
-        assert tr.available(0.2) >= 10 and counts == [25]
-        got += tr.fetch(10, 0.2)  # 5 left: short, so the next fetch reads the count again
-        assert opened == [4, 10, 10, 10] and tr.fetch(10, 0.2) == [] and counts == [25, 0]
-        assert sorted(d.payload for d in got[6:]) == sorted(_bodies(25, "backlog"))
+            assert _as_the_link_fetches(tr, 10, 0.2) == []
+        assert opened == [] and counts == [0] * 5  # idle polls: a declare each, no consume
+        sent = publish(4, "a")
+        got = _as_the_link_fetches(tr, 10, 5.0)
+        assert opened == [4] and counts[5:] == [4]  # sized to what was ready; one count read
+        # It emptied the queue: the next poll reads the count again instead of opening a
+        # consumer on nothing.
+        assert _as_the_link_fetches(tr, 10, 0.2) == []
+        assert opened == [4] and counts[6:] == [0]
+        sent += publish(2, "b")
+        got += _as_the_link_fetches(tr, 10, 5.0)
+        assert opened == [4] and counts[7:] == [2]  # two ready: basic_get, as for a grant of two
+        # A backlog: a grant filled from a queue that held more skips the next count, until a
+        # grant comes back short.
+        sent += publish(25, "c")
+        for _ in range(3):
+            got += _as_the_link_fetches(tr, 10, 0.5)
+        assert opened == [4, 10, 10, 10] and counts[8:] == [25]
+        assert _as_the_link_fetches(tr, 10, 0.2) == [] and counts[9:] == [0]
+        assert sorted(d.payload for d in got) == sorted(sent)
         assert all(d.redeliveries == 0 for d in got)
         tr.settle(Outcomes(acks=[d.token for d in got]))
         wait_for(lambda: _ready(rabbitmq_url, "idle") == 0, 10, what="queue empty")

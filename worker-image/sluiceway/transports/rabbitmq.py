@@ -175,9 +175,12 @@ class RabbitMQTransport:
         self.queue_type = topo.check_queue_type(queue_type)
         # False under a rate limit: each fetch takes exactly the granted count (see the module doc).
         self.consume = consume
-        # Under a rate limit: the last fetch filled its whole grant, so the queue is read as
-        # holding more and the next fetch skips the ready count (see _fetch_exactly).
+        # Under a rate limit: the last fetch filled its whole grant from a queue that held more,
+        # so the next fetch skips the ready count (see _fetch_exactly and topo.backlog_after).
         self.backlog = False
+        # The ready count available() read for the fetch the link makes next (it asks right
+        # before each one), so that fetch does not read it again.
+        self.known_ready: int | None = None
         self.prefetch = max(1, min(initial_prefetch, topo.MAX_PREFETCH))
         self.qos = 0  # the prefetch last sent with basic_qos on this channel; I/O thread only
         self.generation = 0
@@ -229,8 +232,9 @@ class RabbitMQTransport:
             return []
         if not self.consume:
             if max_count <= GET_AT_MOST:
+                ready, self.known_ready = self.known_ready, None
                 got: list[Delivery] = self._call(lambda: self._get(max_count))
-                self.backlog = len(got) == max_count
+                self.backlog = topo.backlog_after(max_count, len(got), ready)
                 return got
             return self._fetch_exactly(min(max_count, topo.MAX_PREFETCH), timeout)
         self._maybe_reqos(max_count)
@@ -261,11 +265,14 @@ class RabbitMQTransport:
         """The messages ready in the queue now (a passive declare; ``timeout`` is not waited),
         so that under a rate limit the link takes slots only for messages there are
         (transports/gated.py): an idle queue then costs a poll no slots taken and handed back.
-        On a backlog (the last fetch filled its grant) it is not asked: a round trip per fetch
-        cost a single worker at 1,000 QPS a tenth of its rate."""
+        The fetch that follows uses this count instead of reading its own. On a backlog (the
+        last fetch filled its grant from a queue that held more) it is not asked: two round
+        trips per fetch cost a single worker at 1,000 QPS a tenth of its rate."""
+        self.known_ready = None
         if self.consume or self.backlog:
             return topo.MAX_PREFETCH  # no bound from here (an unlimited worker is never asked)
         ready: int = self._call(self._ready_count, flush=False)
+        self.known_ready = ready
         return ready
 
     def _hand(self, max_count: int) -> list[Delivery]:
@@ -287,8 +294,9 @@ class RabbitMQTransport:
         cancel is returned: at most ``count``, since the broker sends a consumer no more than
         its prefetch.
 
-        Unless the last fetch filled its whole grant (``backlog``), the ready count comes first
-        (a passive declare: a query, not a command of a quorum queue's log), so an idle queue
+        Unless the last fetch filled its whole grant from a queue that held more (``backlog``),
+        the ready count comes first (the one :meth:`available` just read for the link, or a
+        passive declare: a query, not a command of a quorum queue's log), so an idle queue
         opens no consumer, and one with fewer messages than slots opens one it can fill. A
         consumer cancelled unfilled is where a quorum queue can return a delivery it had checked
         out, counted (docs/brokers/rabbitmq.md); before this, every poll of an idle queue was
@@ -299,13 +307,18 @@ class RabbitMQTransport:
             raise RabbitMQUnavailableError(f"RabbitMQ did not answer within {COMMAND_TIMEOUT} s")
         try:
             granted = count
-            if not self.backlog:
-                count = min(count, self._run(self._ready_count, flush=False))
+            ready, self.known_ready = self.known_ready, None
+            if self.backlog:
+                ready = None
+            else:
+                if ready is None:
+                    ready = self._run(self._ready_count, flush=False)
+                count = min(count, ready)
                 if count <= 0:
                     return []
                 if count <= GET_AT_MOST:
                     got: list[Delivery] = self._run(lambda: self._get(count))
-                    self.backlog = len(got) == granted
+                    self.backlog = topo.backlog_after(granted, len(got), ready)
                     return got
             self._run(lambda: self._subscribe(count))
             deadline = time.monotonic() + timeout
@@ -321,7 +334,7 @@ class RabbitMQTransport:
                 )
             with self.cond:
                 out = self._hand(count)
-            self.backlog = len(out) == granted
+            self.backlog = topo.backlog_after(granted, len(out), ready)
             return out
         finally:
             self.io_lock.release()

@@ -240,3 +240,15 @@ def added_consumer_prefetch(current: int, want: int, consumers: int) -> int | No
     if want <= current or consumers < 1 or consumers >= MAX_CONSUMERS:
         return None
     return min(MAX_PREFETCH, want - current)
+
+
+def backlog_after(granted: int, taken: int, ready: int | None) -> bool:
+    """Whether a rate-limited fetch leaves the queue read as holding more (so the next fetch
+    skips its ready count): it took its whole grant, and the queue was not seen to hold only
+    that. ``ready`` is the count read for this fetch, None when it was skipped.
+
+    A fetch that emptied what was ready must leave it False: the link sizes its grant to the
+    ready count, so "took everything granted" is also what emptying the queue looks like, and a
+    next fetch that skipped the count would open a consumer on an empty queue and cancel it
+    unfilled (the race this count is there to avoid)."""
+    return taken >= granted and (ready is None or ready > granted)
