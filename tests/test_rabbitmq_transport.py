@@ -232,6 +232,34 @@ def test_a_growing_window_opens_consumers_and_cancels_none(
 
 
 @pytest.mark.rabbitmq
+def test_a_consumer_the_broker_cancels_is_replaced(rabbitmq_url: str) -> None:
+    """Deleting the queue makes the broker cancel its consumers; once the queue is back, the
+    worker consumes from it again instead of holding a window of consumers that are gone."""
+    sink = RabbitMQSink(rabbitmq_url)
+    sink.send("default", "cancelled", _bodies(5, "before"))
+    tr = RabbitMQTransport(rabbitmq_url, "cancelled")
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    try:
+        got = _fetch_all(tr, 5)
+        assert len(got) == 5 and tr.settle(Outcomes(acks=[d.token for d in got])).gone == 0
+        wait_for(lambda: _ready(rabbitmq_url, "cancelled") == 0, 10, what="queue empty")
+        ch = conn.channel()
+        ch.queue_delete("cancelled")
+        wait_for(lambda: not tr.consumer_tags, 10, what="the broker's cancel seen")
+        ch.queue_declare("cancelled", durable=True, arguments=topo.work_arguments("cancelled", tr.queue_type))
+        for body in _bodies(5, "after"):
+            ch.basic_publish("", "cancelled", body, pika.BasicProperties(delivery_mode=2))
+        again = _fetch_all(tr, 5)
+        assert sorted(d.payload for d in again) == sorted(_bodies(5, "after"))
+        assert int(_declared(rabbitmq_url, "cancelled").consumer_count) == len(tr.consumer_tags) == 1
+        tr.settle(Outcomes(acks=[d.token for d in again]))
+    finally:
+        conn.close()
+        tr.close()
+        sink.close()
+
+
+@pytest.mark.rabbitmq
 def test_the_same_queue_declared_with_other_arguments_is_used_as_it_is(rabbitmq_url: str) -> None:
     RabbitMQSink(rabbitmq_url, queue_type="classic").send("default", "mixed", [b"{}"])
     tr = RabbitMQTransport(rabbitmq_url, "mixed", queue_type="quorum")  # inequivalent arg: passive

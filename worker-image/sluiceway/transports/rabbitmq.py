@@ -188,8 +188,9 @@ class RabbitMQTransport:
         self.channel: BlockingChannel | None = None  # declares
         self.ch: Channel | None = None  # an asynchronous channel: consuming and acking
         self.pub: BlockingChannel | None = None  # publishing with confirms (retries, dead letters)
-        # The consumers of the window, oldest first: a growing window adds one (see _grow).
+        # The consumers of the window, oldest first: a growing window adds one (see _resize).
         self.consumer_tags: list[str] = []
+        self.consumer_lost = False  # the broker cancelled one of them; the next fetch re-subscribes
         self.channel_closed: BaseException | None = None  # why the broker closed self.ch
         self.cancelled = threading.Event()  # set by the broker's CancelOks of the last cancel
         self.cond = threading.Condition()
@@ -597,7 +598,17 @@ class RabbitMQTransport:
             if gen == self.generation:
                 self.channel_closed = reason
 
+        def on_broker_cancel(frame: Any) -> None:
+            # The broker ended a consumer (its queue was deleted, say): pika forgets it, and
+            # the window it held is gone. The next fetch re-subscribes the whole window.
+            tag = frame.method.consumer_tag
+            if gen == self.generation and tag in self.consumer_tags:
+                self.consumer_tags.remove(tag)
+                self.consumer_lost = True
+                log.warning("RabbitMQ cancelled consumer %s of queue %s; re-subscribing", tag, self.queue)
+
         ch.add_on_close_callback(on_close)
+        ch.add_on_cancel_callback(on_broker_cancel)
         self.channel_closed = None
         self._read_deliveries_first(conn._impl, ch)
         return ch
@@ -655,6 +666,7 @@ class RabbitMQTransport:
         conn, ch = self.conn, self.ch
         self.conn, self.channel, self.ch, self.pub = None, None, None, None
         self.consumer_tags = []
+        self.consumer_lost = False
         with self.cond:
             # Every unacked delivery goes back with its channel; forget them all.
             self.buffer.clear()
@@ -679,6 +691,7 @@ class RabbitMQTransport:
         answered), and deliveries of the old consumers keep coming to the same callback."""
         assert self.ch is not None
         self._cancel()
+        self.consumer_lost = False
         self._add_consumer(prefetch)
         self.prefetch = prefetch
 
@@ -772,6 +785,12 @@ class RabbitMQTransport:
         want = topo.new_prefetch(
             self.prefetch, topo.prefetch_target(len(self.handed), room, self.rate), now - self.last_reqos
         )
+        if self.consumer_lost:
+            self.consumer_lost = False
+            window = self.prefetch if want is None else want
+            with contextlib.suppress(RabbitMQUnavailableError):
+                self._call(lambda: self._subscribe(window))
+            return
         if want is not None:
             self.last_reqos = now
             # An outage is reported by the fetch that follows.
