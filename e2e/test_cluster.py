@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from localcluster.cluster import LocalCluster
-from localcluster.procs import ClusterError, free_port, pid_alive
+from localcluster.procs import ClusterError, free_port, pid_alive, sweep_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -648,3 +649,26 @@ def test_kubebuilder_assets_are_preferred(tmp_path: Path) -> None:
     done = _binaries_cli(env)
     assert done.returncode == 0, done.stderr
     assert f"kube-apiserver: {assets}/kube-apiserver" in done.stdout
+
+
+def test_a_sweep_ends_what_a_dead_run_started_in_its_directory_but_never_recorded(tmp_path: Path) -> None:
+    """The test kubelet records a pod's pid after starting it: killed in between, it leaves a
+    process no pid file names. It works in the run's directory, which is how the sweep finds it."""
+    run = tmp_path / "run"
+    work = run / "pods" / "p" / "work"
+    work.mkdir(parents=True)
+    owner = subprocess.Popen(["true"])
+    owner.wait()
+    (run / "pids.json").write_text(json.dumps({"owner": {"pid": owner.pid, "start": "gone"}, "groups": []}))
+    stray = subprocess.Popen(["sleep", "300"], cwd=work, start_new_session=True)
+    elsewhere = subprocess.Popen(["sleep", "300"], cwd=tmp_path, start_new_session=True)
+    said: list[str] = []
+    try:
+        assert sweep_run(run, said.append)
+        assert stray.wait(10) == -signal.SIGKILL
+        assert elsewhere.poll() is None  # only what works in the run's own directory
+        assert any(f"pid {stray.pid}, not recorded" in m for m in said), said
+    finally:
+        for p in (stray, elsewhere):
+            p.kill()
+            p.wait()
