@@ -360,7 +360,7 @@ class Worker:
         # (or put its outcomes back) before this decides that nothing is left.
         while time.monotonic() < deadline + SETTLE_AFTER_GRACE:
             self._settle_now(block=True)
-            if not self.unsettled and not self.unsettled_ok and self.in_transit is None:
+            if not self._has_unsettled() and self.in_transit is None:
                 break
             time.sleep(min(0.5, max(0.01, self.next_exchange - time.monotonic())))
         for _ in range(len(self.executors) + (1 if self.is_async else 0)):
@@ -485,7 +485,7 @@ class Worker:
         """Read a round trip left in transit and settle finished work, unless one was sent in
         the last ``quiet_for`` seconds (then the executors are doing it). ``block`` waits for a
         round trip another thread is making, whose outcomes may yet come back unsettled."""
-        if not block and not self.unsettled and not self.unsettled_ok and self.in_transit is None:
+        if not block and not self._has_unsettled() and self.in_transit is None:
             return
         if time.monotonic() - self.last_sent < quiet_for:
             return
@@ -496,10 +496,13 @@ class Worker:
         try:
             if self.in_transit is not None:
                 self._receive()
-            if (self.unsettled or self.unsettled_ok) and time.monotonic() >= self.next_exchange:
+            if self._has_unsettled() and time.monotonic() >= self.next_exchange:
                 self._exchange(fetch=False)
         finally:
             self.exchange_lock.release()
+
+    def _has_unsettled(self) -> bool:
+        return bool(self.unsettled or self.unsettled_ok)
 
     def _exchange(self, *, fetch: bool) -> int:
         """One round trip, sent and read; returns how many messages it leased."""
@@ -622,7 +625,7 @@ class Worker:
             for t in transit.oks:
                 held.pop(t.delivery.token, None)
             for t in tasks:
-                self.held[t.delivery.token] = t
+                held[t.delivery.token] = t
             if batch.slots is not None:
                 self.last_slots = batch.slots
         # Batches arrive in slot order (each lease starts where the last one ended), so a FIFO

@@ -667,6 +667,8 @@ class RabbitMQTransport:
         self.conn, self.channel, self.ch, self.pub = None, None, None, None
         self.consumer_tags = []
         self.consumer_lost = False
+        # What was read of the old connection's queue says nothing after a reconnect.
+        self.backlog, self.known_ready = False, None
         with self.cond:
             # Every unacked delivery goes back with its channel; forget them all.
             self.buffer.clear()
